@@ -1,0 +1,26 @@
+"""lsgd-jax: accurate, large minibatch synchronous SGD (Goyal et al. 2017) in JAX.
+
+Public names are re-exported here once; import them from ``lsgd_jax``.
+The input pipeline lives in ``lsgd_jax.data`` (it needs the ``data`` extra:
+TensorFlow and tfds), so importing this package never imports TensorFlow.
+"""
+
+# --- optimization rules (schedules.py, optim.py) ---
+from lsgd_jax.schedules import goyal_schedule, scaled_learning_rate
+from lsgd_jax.optim import (
+    MomentumState,
+    default_weight_decay_mask,
+    goyal_sgd,
+    momentum_sgd,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MomentumState",
+    "default_weight_decay_mask",
+    "goyal_schedule",
+    "goyal_sgd",
+    "momentum_sgd",
+    "scaled_learning_rate",
+]

@@ -1,0 +1,167 @@
+"""Learning-rate rules of Goyal et al. 2017 (sections 2.1, 2.2 and 5.1).
+
+* Linear scaling rule (section 2.1): when the minibatch is multiplied by k,
+  multiply the learning rate by k. With the reference rate η = 0.1 for a
+  minibatch of 256, the rate for minibatch kn is η · kn / 256.
+* Gradual warmup (section 2.2): start at η and add a constant amount every
+  iteration so that the rate reaches kη after 5 epochs; constant warmup holds
+  η for those epochs instead.
+* Step decay (section 5.1): 90 epochs, rate × 0.1 at epochs 30, 60 and 80.
+
+Durations are given in epochs and converted with ``steps_per_epoch``, so one
+configuration holds at every minibatch size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import optax
+
+WARMUP_KINDS = ("gradual", "constant", "none")
+
+
+def _check_positive(name: str, value, *, integer: bool = False) -> None:
+    bad_type = isinstance(value, bool) or not isinstance(value, (int, float))
+    if integer and not bad_type and not float(value).is_integer():
+        bad_type = True
+    if bad_type or not math.isfinite(value) or value <= 0:
+        kind = "positive integer" if integer else "positive finite number"
+        raise ValueError(f"{name} must be a {kind}, got {value!r}")
+
+
+def scaled_learning_rate(
+    base_lr: float, batch_size: int, reference_batch_size: int = 256
+) -> float:
+    """The linear scaling rule (section 2.1): ``base_lr * batch_size / reference_batch_size``.
+
+    Args:
+      base_lr: the rate η for ``reference_batch_size`` (the paper: 0.1 for 256).
+      batch_size: the total minibatch kn over all workers.
+      reference_batch_size: the minibatch that ``base_lr`` was tuned for.
+
+    Returns:
+      kη, the learning rate for minibatch ``batch_size``.
+
+    Example:
+      >>> scaled_learning_rate(0.1, 8192)
+      3.2
+    """
+    _check_positive("base_lr", base_lr)
+    _check_positive("batch_size", batch_size, integer=True)
+    _check_positive("reference_batch_size", reference_batch_size, integer=True)
+    return base_lr * batch_size / reference_batch_size
+
+
+def goyal_schedule(
+    *,
+    batch_size: int,
+    steps_per_epoch: int,
+    base_lr: float = 0.1,
+    reference_batch_size: int = 256,
+    warmup_epochs: float = 5,
+    warmup: str = "gradual",
+    decay_epochs: Sequence[float] = (30, 60, 80),
+    decay_factor: float = 0.1,
+) -> optax.Schedule:
+    """The paper's learning-rate schedule: linear scaling, warmup, step decay.
+
+    With η = ``base_lr``, k = ``batch_size / reference_batch_size``,
+    W = ``warmup_epochs * steps_per_epoch`` and epoch = ``step // steps_per_epoch``::
+
+      gradual  (sec. 2.2):  lr(t) = η + (kη − η) · t / W         for t < W
+      constant (sec. 2.2):  lr(t) = η                            for t < W
+      none:                 no warmup
+      t >= W   (sec. 5.1):  lr(t) = kη · decay_factor ** #{e in decay_epochs : e <= epoch}
+
+    Gradual warmup starts at η, not at 0, and adds the same increment every
+    iteration. When k <= 1 there is nothing to warm up and the schedule is kη
+    (decayed) from step 0.
+
+    The schedule is a pure function of the step, so a run resumed at any step
+    gets the same rate, and it is jittable on a traced integer step.
+
+    Args:
+      batch_size: total minibatch kn over all workers.
+      steps_per_epoch: iterations per epoch at this minibatch.
+      base_lr: η, the rate for ``reference_batch_size`` (the paper: 0.1).
+      reference_batch_size: the minibatch η was tuned for (the paper: 256).
+      warmup_epochs: warmup length in epochs (the paper: 5).
+      warmup: "gradual", "constant" or "none".
+      decay_epochs: epochs at which the rate is multiplied by ``decay_factor``,
+        in increasing order (the paper: 30, 60, 80).
+      decay_factor: multiplier at each decay epoch (the paper: 0.1).
+
+    Returns:
+      An ``optax.Schedule``: step -> float32 learning rate.
+
+    Example:
+      >>> lr = goyal_schedule(batch_size=8192, steps_per_epoch=156)
+      >>> float(lr(0)), float(lr(5 * 156))
+      (0.1, 3.2)
+
+    References:
+      Goyal et al. 2017, "Accurate, Large Minibatch SGD: Training ImageNet in
+      1 Hour", sections 2.1, 2.2, 5.1.
+    """
+    _check_positive("base_lr", base_lr)
+    _check_positive("batch_size", batch_size, integer=True)
+    _check_positive("steps_per_epoch", steps_per_epoch, integer=True)
+    _check_positive("reference_batch_size", reference_batch_size, integer=True)
+    if warmup not in WARMUP_KINDS:
+        raise ValueError(f"warmup must be one of {WARMUP_KINDS}, got {warmup!r}")
+    if (
+        isinstance(warmup_epochs, bool)
+        or not isinstance(warmup_epochs, (int, float))
+        or not math.isfinite(warmup_epochs)
+        or warmup_epochs < 0
+    ):
+        raise ValueError(
+            f"warmup_epochs must be a finite number >= 0, got {warmup_epochs!r}"
+        )
+    decay_epochs = tuple(decay_epochs)
+    for e in decay_epochs:
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) or e < 0:
+            raise ValueError(
+                f"decay_epochs must hold finite numbers >= 0, got {decay_epochs!r}"
+            )
+    if list(decay_epochs) != sorted(decay_epochs):
+        raise ValueError(
+            f"decay_epochs must be in increasing order, got {decay_epochs!r}"
+        )
+    _check_positive("decay_factor", decay_factor)
+
+    k = batch_size / reference_batch_size
+    peak = base_lr * k
+    warmup_steps = warmup_epochs * steps_per_epoch
+    if k <= 1 or warmup_steps == 0:
+        warmup = "none"
+    # Decayed rates computed once in float64 so each table entry is the
+    # correctly rounded float32 of kη · decay_factor**i.
+    table = jnp.asarray(
+        [peak * decay_factor**i for i in range(len(decay_epochs) + 1)], jnp.float32
+    )
+    boundaries = jnp.asarray(decay_epochs, jnp.float32)
+
+    def schedule(step):
+        step = jnp.asarray(step)
+        epoch = (step // steps_per_epoch).astype(jnp.float32)
+        if boundaries.size:
+            num_decays = jnp.sum(boundaries <= epoch, dtype=jnp.int32)
+        else:
+            num_decays = jnp.zeros((), jnp.int32)
+        lr = table[num_decays]
+        if warmup == "none":
+            return lr
+        in_warmup = step.astype(jnp.float32) < warmup_steps
+        if warmup == "constant":
+            warm = jnp.float32(base_lr)
+        else:  # gradual
+            # The per-iteration increment, rounded once from float64.
+            increment = jnp.float32((peak - base_lr) / warmup_steps)
+            warm = jnp.float32(base_lr) + increment * step.astype(jnp.float32)
+        return jnp.where(in_warmup, warm, lr)
+
+    return schedule

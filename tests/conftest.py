@@ -1,0 +1,19 @@
+"""Test-wide JAX set-up: 8 fake CPU devices and strict dtype promotion.
+
+This must run before JAX initialises its backends, so it sits at the top of
+the conftest that pytest imports first.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Keep TensorFlow (data tests) from grabbing every core and from printing banners.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
