@@ -1,0 +1,36 @@
+"""Input pipeline: Remark 4's global shuffle per epoch, sources, device prefetch.
+
+Importing this package never imports TensorFlow, tfds or grain: the ImageNet reader
+(``lsgd_jax.data.imagenet``) is imported by ``get_source("imagenet", ...)`` only, so
+the synthetic and Fashion-MNIST sources work on hosts without them.
+"""
+
+from lsgd_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from lsgd_jax.data.pipeline import TrainIterator, eval_batches, num_eval_batches
+from lsgd_jax.data.prefetch import DevicePrefetcher, prefetch_to_mesh
+from lsgd_jax.data.sampler import (
+    Position,
+    eval_indices,
+    local_batch_size,
+    shard_indices,
+    steps_per_epoch,
+)
+from lsgd_jax.data.source import SOURCE_NAMES, Source, get_source
+
+__all__ = [
+    "DevicePrefetcher",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Position",
+    "SOURCE_NAMES",
+    "Source",
+    "TrainIterator",
+    "eval_batches",
+    "eval_indices",
+    "get_source",
+    "local_batch_size",
+    "num_eval_batches",
+    "prefetch_to_mesh",
+    "shard_indices",
+    "steps_per_epoch",
+]

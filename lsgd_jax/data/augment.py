@@ -1,0 +1,147 @@
+"""Image preprocessing of Goyal et al. (2017), section 5.1, on the host with PIL.
+
+Train: scale and aspect-ratio augmentation (a random-resized crop covering 8-100 % of
+the image area with aspect ratio in [3/4, 4/3]) resized to 224, and a horizontal flip.
+Eval: shorter side to 256, center crop 224 (fb.resnet.torch). The output is uint8 RGB;
+the per-channel mean/std normalization runs on the device (see ``IMAGENET_MEAN``).
+
+Randomness is a pure function of ``(seed, epoch, example id)`` (a counter-based hash),
+so augmentation is reproducible and independent of the number of processes, of the
+decoding threads, and of the order in which examples are decoded.
+
+Speed: JPEG decoding is the cost. ``Image.draft`` lets libjpeg decode directly at
+1/2, 1/4 or 1/8 scale (in the DCT domain) when the crop, once resized to 224, would
+need at most that resolution; the crop window is chosen first from the header size, so
+only the needed resolution is decoded. PIL releases the GIL while decoding and
+resizing, so threads scale over cores.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+from PIL import Image
+
+# Per-channel RGB statistics of ImageNet in 0-255 units (fb.resnet.torch's values x 255).
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+AREA_RANGE = (0.08, 1.0)
+RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
+CROP_ATTEMPTS = 10
+# 4 uniforms per crop attempt (area, log-ratio, x, y) and one for the flip.
+NUM_TRAIN_UNIFORMS = 4 * CROP_ATTEMPTS + 1
+
+# Errors by which PIL reports undecodable data (UnidentifiedImageError is an OSError;
+# truncated files raise OSError on load; some corrupt headers raise the others).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+_AUGMENT_STREAM = 0xA06_3E47
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64 finalizer: a bijective, well-mixing map of uint64 (wraps on overflow)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def example_uniforms(seed: int, epoch: int, ids, count: int) -> np.ndarray:
+    """Uniform [0, 1) numbers, shape ``(len(ids), count)``, a function of (seed, epoch, id).
+
+    Counter-based (hash of the key and the draw index) rather than a stateful
+    generator, so any example's draws can be computed alone and in any order.
+    """
+    ids = np.asarray(ids, dtype=np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        key = _mix64(np.full(ids.shape, seed, dtype=np.uint64) + np.uint64(_AUGMENT_STREAM))
+        key = _mix64(key ^ np.uint64(epoch) * _GOLDEN)
+        key = _mix64(key ^ ids * _GOLDEN)
+        draws = np.arange(1, count + 1, dtype=np.uint64) * _GOLDEN
+        bits = _mix64(key[:, None] + draws[None, :])
+    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def random_resized_crop_box(
+    width: int,
+    height: int,
+    u: np.ndarray,
+    *,
+    area_range: tuple[float, float] = AREA_RANGE,
+    ratio_range: tuple[float, float] = RATIO_RANGE,
+) -> tuple[int, int, int, int]:
+    """Crop ``(x, y, w, h)`` for scale and aspect-ratio augmentation (section 5.1).
+
+    Tries up to ``CROP_ATTEMPTS`` (area fraction, aspect ratio) pairs, the ratio drawn
+    log-uniformly; the first that fits is placed uniformly. If none fits (very elongated
+    images), falls back to the largest centered crop whose ratio lies in the range.
+    ``u`` holds ``NUM_TRAIN_UNIFORMS`` uniforms (see ``example_uniforms``).
+    """
+    area = width * height
+    log_lo, log_hi = math.log(ratio_range[0]), math.log(ratio_range[1])
+    for k in range(CROP_ATTEMPTS):
+        ua, ur, ux, uy = u[4 * k : 4 * k + 4]
+        target = area * (area_range[0] + (area_range[1] - area_range[0]) * ua)
+        ratio = math.exp(log_lo + (log_hi - log_lo) * ur)
+        w = int(round(math.sqrt(target * ratio)))
+        h = int(round(math.sqrt(target / ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            x = min(int(ux * (width - w + 1)), width - w)
+            y = min(int(uy * (height - h + 1)), height - h)
+            return x, y, w, h
+    ratio = width / height
+    if ratio < ratio_range[0]:
+        w, h = width, int(round(width / ratio_range[0]))
+    elif ratio > ratio_range[1]:
+        w, h = int(round(height * ratio_range[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def center_crop_box(width: int, height: int, *, size: int, resize: int) -> tuple[float, ...]:
+    """Crop ``(x, y, w, h)`` equal to "shorter side to ``resize``, center crop ``size``"."""
+    side = min(width, height) * size / resize
+    return (width - side) / 2, (height - side) / 2, side, side
+
+
+def _crop_resize(img: Image.Image, box, size: int) -> np.ndarray:
+    """Decodes only the needed resolution of ``img``, crops ``box`` and resizes to size."""
+    x, y, w, h = box
+    width, height = img.size
+    # Smallest uniform scale at which the crop still covers size x size pixels.
+    scale = max(size / w, size / h)
+    if scale < 1.0 and img.format == "JPEG":
+        img.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+    sx, sy = img.size[0] / width, img.size[1] / height
+    if img.mode != "RGB":  # CMYK and grayscale JPEGs, PNG (palette, RGBA, ...).
+        img = img.convert("RGB")
+    out = img.resize(
+        (size, size),
+        Image.Resampling.BILINEAR,
+        box=(x * sx, y * sy, (x + w) * sx, (y + h) * sy),
+    )
+    return np.asarray(out, dtype=np.uint8)
+
+
+def decode_train(data: bytes, u: np.ndarray, *, size: int = 224, **crop_kwargs) -> np.ndarray:
+    """Encoded image -> uint8 ``(size, size, 3)``: random-resized crop and flip.
+
+    Raises one of ``DECODE_ERRORS`` when the data cannot be decoded.
+    """
+    img = Image.open(io.BytesIO(data))
+    box = random_resized_crop_box(img.size[0], img.size[1], u, **crop_kwargs)
+    out = _crop_resize(img, box, size)
+    if u[4 * CROP_ATTEMPTS] < 0.5:
+        out = out[:, ::-1]
+    return out
+
+
+def decode_eval(data: bytes, *, size: int = 224, resize: int = 256) -> np.ndarray:
+    """Encoded image -> uint8 ``(size, size, 3)``: shorter side to ``resize``, center crop."""
+    img = Image.open(io.BytesIO(data))
+    box = center_crop_box(img.size[0], img.size[1], size=size, resize=resize)
+    return _crop_resize(img, box, size)

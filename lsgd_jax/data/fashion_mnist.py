@@ -1,0 +1,110 @@
+"""Fashion-MNIST (28x28x1, 10 classes) read with numpy from the IDX ``.gz`` files.
+
+The small real data set of the project: Debian's ``dataset-fashion-mnist`` package
+installs the four files under ``/usr/share/datasets/fashion-mnist``; ``data_dir`` can
+point anywhere else holding the same file names. No TensorFlow is needed.
+
+Train augmentation (standard for 28-32 pixel images, small on purpose): pad 4 pixels
+with zeros (the background value), take a random 28x28 crop, flip horizontally with
+probability 1/2. Its randomness is a function of (seed, epoch, example id)
+(``augment.example_uniforms``). Eval: the image as is. Images stay uint8; the device
+normalizes with ``pixel_mean``/``pixel_std`` (the training set's statistics).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+
+import numpy as np
+
+from lsgd_jax.data.augment import example_uniforms
+
+DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
+_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "validation": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+# Mean and standard deviation of all training pixels, 0-255 units (checked by a test).
+PIXEL_MEAN = (72.940,)
+PIXEL_STD = (90.021,)
+PAD = 4
+
+
+def _read_idx(path: str, ndim: int) -> np.ndarray:
+    """Reads an IDX file (big-endian header: magic 0x0000 08 ndim, then the dims)."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    magic = int.from_bytes(data[:4], "big")
+    if magic != 0x0800 | ndim:
+        raise ValueError(
+            f"{path} is not an IDX file of unsigned bytes with {ndim} dimensions "
+            f"(magic {magic:#010x}, expected {0x0800 | ndim:#010x})"
+        )
+    dims = [int.from_bytes(data[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim)]
+    offset = 4 + 4 * ndim
+    if len(data) != offset + int(np.prod(dims)):
+        raise ValueError(f"{path} is truncated: header says {dims}, got {len(data) - offset} bytes")
+    return np.frombuffer(data, np.uint8, offset=offset).reshape(dims)
+
+
+class FashionMNISTSource:
+    """One split of Fashion-MNIST in memory (47 MB for the training split)."""
+
+    num_classes = 10
+    image_shape = (28, 28, 1)
+    pixel_mean = PIXEL_MEAN
+    pixel_std = PIXEL_STD
+
+    def __init__(self, *, split: str = "train", data_dir: str | None = None):
+        if split == "test":
+            split = "validation"
+        if split not in _FILES:
+            raise ValueError(f"unknown split {split!r}; valid: 'train', 'validation' (or 'test')")
+        data_dir = DEFAULT_DIR if data_dir is None else os.fspath(data_dir)
+        paths = [os.path.join(data_dir, name) for name in _FILES[split]]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(
+                f"Fashion-MNIST files not found: {', '.join(missing)}. Install them with "
+                f"`sudo apt-get install dataset-fashion-mnist` (files go to {DEFAULT_DIR}), "
+                "or pass --data-dir pointing to a folder with "
+                f"{', '.join(sum(_FILES.values(), ()))}."
+            )
+        images = _read_idx(paths[0], 3)
+        labels = _read_idx(paths[1], 1)
+        if images.shape[1:] != (28, 28) or len(images) != len(labels):
+            raise ValueError(
+                f"{paths[0]} / {paths[1]}: expected N 28x28 images and N labels, got "
+                f"images {images.shape} and labels {labels.shape}"
+            )
+        self.split = split
+        self.num_examples = len(labels)
+        self._images = images[..., None]
+        self._labels = labels.astype(np.int32)
+
+    def get_batch(self, ids, *, seed: int, epoch: int, train: bool):
+        """See ``Source.get_batch``."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_examples):
+            raise IndexError(f"example ids must lie in [0, {self.num_examples}), got {ids}")
+        images = self._images[ids]
+        if train:
+            images = _pad_crop_flip(images, example_uniforms(seed, epoch, ids, 3))
+        return {"image": np.ascontiguousarray(images), "label": self._labels[ids]}
+
+    def close(self) -> None:
+        pass
+
+
+def _pad_crop_flip(images: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Zero-pad by PAD, crop back to the original size at a random offset, random flip."""
+    n, h, w, _ = images.shape
+    padded = np.pad(images, ((0, 0), (PAD, PAD), (PAD, PAD), (0, 0)))
+    dy = np.minimum((u[:, 0] * (2 * PAD + 1)).astype(np.int64), 2 * PAD)
+    dx = np.minimum((u[:, 1] * (2 * PAD + 1)).astype(np.int64), 2 * PAD)
+    flip = u[:, 2] < 0.5
+    rows = dy[:, None] + np.arange(h)[None, :]  # (n, h)
+    cols = dx[:, None] + np.arange(w)[None, :]  # (n, w)
+    cols = np.where(flip[:, None], cols[:, ::-1], cols)
+    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]

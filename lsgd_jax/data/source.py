@@ -1,0 +1,94 @@
+"""What the training loop needs from a data set, and the factory that opens one.
+
+A source maps example ids to preprocessed examples. The ids come from the sampler
+(Remark 4's global shuffle, ``sampler.py``), so a source never decides the order.
+
+``get_source`` imports the ImageNet reader (TensorFlow, tfds) only when asked for
+``"imagenet"``: the synthetic and Fashion-MNIST sources run on hosts without them.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+SOURCE_NAMES = ("imagenet", "fashion_mnist", "synthetic")
+
+
+@runtime_checkable
+class Source(Protocol):
+    """A data split with random access.
+
+    Attributes:
+      num_examples: number of examples in the split.
+      num_classes: number of labels.
+      image_shape: ``(H, W, C)`` of a preprocessed image.
+      pixel_mean, pixel_std: per-channel statistics in the units of the uint8 images
+        (0-255); the train/eval steps normalize on device with them.
+    """
+
+    num_examples: int
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    pixel_mean: tuple[float, ...]
+    pixel_std: tuple[float, ...]
+
+    def get_batch(
+        self, ids: np.ndarray, *, seed: int, epoch: int, train: bool
+    ) -> dict[str, np.ndarray]:
+        """Preprocessed examples ``ids`` in order.
+
+        Returns ``{"image": uint8 (len(ids), H, W, C), "label": int32 (len(ids),)}``.
+        With ``train=True`` the augmentation is a function of (seed, epoch, id);
+        with ``train=False`` the result depends on the ids only.
+        """
+        ...
+
+    def close(self) -> None:
+        """Releases threads and files."""
+        ...
+
+
+def get_source(
+    name: str,
+    *,
+    split: str,
+    data_dir: str | None = None,
+    image_size: int | None = None,
+    **kwargs,
+) -> Source:
+    """Opens split ``split`` of data set ``name``.
+
+    Args:
+      name: one of ``SOURCE_NAMES``.
+      split: ``"train"`` or ``"validation"`` (``"test"`` is accepted for
+        Fashion-MNIST and synthetic as a synonym of ``"validation"``).
+      data_dir: where the data lies (tfds data dir for ImageNet; the IDX files for
+        Fashion-MNIST); ``None`` for the default place.
+      image_size: side of the square output image; ``None`` for the data set's
+        default (224 for ImageNet and synthetic, 28 for Fashion-MNIST).
+      **kwargs: source-specific options (see ``ImageNetSource``,
+        ``FashionMNISTSource``, ``SyntheticSource``).
+    """
+    if name == "synthetic":
+        from lsgd_jax.data.synthetic import SyntheticSource
+
+        if data_dir is not None:
+            raise ValueError(f"the synthetic source reads no files; got data_dir={data_dir!r}")
+        if image_size is not None:
+            kwargs["image_size"] = image_size
+        return SyntheticSource(split=split, **kwargs)
+    if name == "fashion_mnist":
+        from lsgd_jax.data.fashion_mnist import FashionMNISTSource
+
+        if image_size not in (None, 28):
+            raise ValueError(f"Fashion-MNIST images are 28x28; got image_size={image_size}")
+        return FashionMNISTSource(split=split, data_dir=data_dir, **kwargs)
+    if name == "imagenet":
+        from lsgd_jax.data.imagenet import ImageNetSource  # imports TensorFlow and tfds
+
+        if image_size is not None:
+            kwargs["image_size"] = image_size
+        return ImageNetSource(split=split, data_dir=data_dir, **kwargs)
+    raise ValueError(f"unknown data set {name!r}; valid: {', '.join(SOURCE_NAMES)}")
