@@ -1,0 +1,138 @@
+"""Section 5.1 preprocessing on the host: crop sampling, draft decoding, eval crop."""
+
+import io
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from lsgd_jax.data.augment import (
+    CROP_ATTEMPTS,
+    NUM_TRAIN_UNIFORMS,
+    center_crop_box,
+    decode_eval,
+    decode_train,
+    example_uniforms,
+    random_resized_crop_box,
+)
+
+
+def smooth_image(width, height, seed=0):
+    """A smooth RGB image (like a photo: low frequencies), so resampling errors are small."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    rng = np.random.default_rng(seed)
+    chans = []
+    for _ in range(3):
+        a, b, c = rng.uniform(0.004, 0.015, 3)
+        chans.append(127 + 120 * np.sin(a * x + b * y + c * x * y / max(width, height)))
+    return np.clip(np.stack(chans, -1), 0, 255).astype(np.uint8)
+
+
+def jpeg_bytes(array, quality=95, mode=None):
+    buf = io.BytesIO()
+    img = Image.fromarray(array)
+    if mode:
+        img = img.convert(mode)
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def test_uniforms_are_a_function_of_seed_epoch_id():
+    ids = np.arange(2000)
+    u = example_uniforms(1, 2, ids, 5)
+    assert u.shape == (2000, 5) and u.min() >= 0 and u.max() < 1
+    # tolerance: mean of 10,000 uniforms, 5 standard errors ~ 0.015.
+    assert abs(u.mean() - 0.5) < 0.015
+    np.testing.assert_array_equal(example_uniforms(1, 2, ids[[7, 3]], 5), u[[7, 3]])
+    assert not np.any(example_uniforms(1, 3, ids, 5) == u)
+    assert not np.any(example_uniforms(2, 2, ids, 5) == u)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(8, 2000), st.integers(8, 2000), st.integers(0, 2**31))
+def test_random_resized_crop_box_respects_area_and_ratio(width, height, seed):
+    u = example_uniforms(seed, 0, [0], NUM_TRAIN_UNIFORMS)[0]
+    x, y, w, h = random_resized_crop_box(width, height, u)
+    assert 0 <= x and 0 <= y and 0 < w and 0 < h and x + w <= width and y + h <= height
+    fallback = True
+    for k in range(CROP_ATTEMPTS):  # independently recompute the first accepted attempt
+        area = width * height * (0.08 + 0.92 * u[4 * k])
+        ratio = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[4 * k + 1])
+        cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if 0 < cw <= width and 0 < ch <= height:
+            assert (w, h) == (cw, ch)
+            fallback = False
+            break
+    if fallback:  # centered crop with the ratio clamped into [3/4, 4/3]
+        assert (x, y) == ((width - w) // 2, (height - h) // 2)
+        assert w == width or h == height
+
+
+def reference_crop_resize(array, box, size):
+    """Full-resolution decode, crop and bilinear resize: what the draft path approximates."""
+    x, y, w, h = box
+    return np.asarray(Image.fromarray(array).resize(
+        (size, size), Image.Resampling.BILINEAR, box=(x, y, x + w, y + h)), np.float64)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_train_decode_matches_full_resolution_reference(seed):
+    array = smooth_image(500, 375, seed)
+    data = jpeg_bytes(array, quality=95)
+    decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    u = example_uniforms(seed, 0, [seed], NUM_TRAIN_UNIFORMS)[0]
+    out = decode_train(data, u, size=64)
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    ref = reference_crop_resize(decoded, random_resized_crop_box(500, 375, u), 64)
+    if u[4 * CROP_ATTEMPTS] < 0.5:
+        ref = ref[:, ::-1]
+    # tolerance: DCT-domain downscaling vs full decode + bilinear, smooth image, 0-255 units.
+    assert np.abs(out - ref).mean() < 1.5
+
+
+def test_eval_decode_is_resize_256_center_crop_224():
+    array = smooth_image(500, 375, 9)
+    data = jpeg_bytes(array, quality=95)
+    decoded = Image.open(io.BytesIO(data)).convert("RGB")
+    resized = decoded.resize((round(500 * 256 / 375), 256), Image.Resampling.BILINEAR)
+    left = (resized.size[0] - 224) // 2
+    ref = np.asarray(resized, np.float64)[16:240, left:left + 224]
+    out = decode_eval(data)
+    assert out.shape == (224, 224, 3)
+    # tolerance: half-pixel crop placement and resampling differences, 0-255 units.
+    assert np.abs(out - ref).mean() < 2.0
+    assert center_crop_box(500, 375, size=224, resize=256) == pytest.approx(
+        ((500 - 328.125) / 2, (375 - 328.125) / 2, 328.125, 328.125))
+
+
+@pytest.mark.parametrize("kind", ["cmyk", "png", "gray", "rgba_png"])
+def test_other_encodings_decode_to_rgb(kind):
+    array = smooth_image(96, 80, 3)
+    buf = io.BytesIO()
+    if kind == "cmyk":
+        data = jpeg_bytes(array, mode="CMYK")
+    elif kind == "gray":
+        data = jpeg_bytes(array, mode="L")
+    else:
+        Image.fromarray(array).convert("RGBA" if kind == "rgba_png" else "RGB").save(buf, "PNG")
+        data = buf.getvalue()
+    u = example_uniforms(0, 0, [1], NUM_TRAIN_UNIFORMS)[0]
+    out = decode_train(data, u, size=32)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    ev = decode_eval(data, size=32, resize=40)
+    expected = np.asarray(Image.fromarray(array).convert("L" if kind == "gray" else "RGB")
+                          .convert("RGB").resize((48, 40), Image.Resampling.BILINEAR),
+                          np.float64)[4:36, 8:40]
+    # tolerance: JPEG (CMYK/gray) or lossless (PNG) round trip plus resampling.
+    assert np.abs(ev - expected).mean() < 6.0
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image at all", jpeg_bytes(smooth_image(64, 48))[:300]])
+def test_undecodable_data_raises_decode_errors(data):
+    from lsgd_jax.data.augment import DECODE_ERRORS
+
+    with pytest.raises(DECODE_ERRORS):
+        decode_train(data, np.full(NUM_TRAIN_UNIFORMS, 0.5), size=16)
