@@ -1,0 +1,226 @@
+"""ImageNet (tfds ``imagenet2012``) with random access over ArrayRecord files.
+
+Random access (``builder.as_data_source``) is what makes Remark 4 exact: any process
+can read any example, so each epoch's single global permutation is divided among all
+processes anew (``sampler.shard_indices``). The images are read as their encoded bytes
+(``tfds.decode.SkipDecoding``) and decoded with PIL in a thread pool
+(``augment.decode_train`` / ``decode_eval``): the crop window is chosen from the header
+and only the needed resolution is decoded.
+
+Bad data: an undecodable (corrupt, truncated) image is logged with its id and file name,
+counted, and replaced by the next decodable id (id + 1, id + 2, ... modulo the split
+size) with the label of that replacement and the augmentation draws of the original id,
+so the batch keeps its size and the stream stays deterministic. Once more than
+``max_bad_fraction`` of the split has been found bad, ``get_batch`` raises. CMYK,
+grayscale and PNG data (whatever the file name) decode to RGB.
+
+The data set is prepared once with ``experiments/prepare_imagenet.py``; tests build a
+small builder with the same features and pass its name as ``builder_name``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import threading
+
+import numpy as np
+
+from lsgd_jax.data.augment import (
+    AREA_RANGE,
+    DECODE_ERRORS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    NUM_TRAIN_UNIFORMS,
+    RATIO_RANGE,
+    decode_eval,
+    decode_train,
+    example_uniforms,
+)
+
+log = logging.getLogger(__name__)
+
+PREPARE_HINT = (
+    "Prepare it once: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in a "
+    "folder MANUAL_DIR, then run `python experiments/prepare_imagenet.py "
+    "--manual-dir MANUAL_DIR --data-dir DATA_DIR` and pass the same DATA_DIR here "
+    "(--data-dir)."
+)
+
+
+class BadDataError(RuntimeError):
+    """More undecodable examples than the configured fraction allows."""
+
+
+def _open_builder(builder_name: str, data_dir):
+    import tensorflow_datasets as tfds  # deferred: hosts without TensorFlow never get here
+
+    try:
+        builder = tfds.builder(builder_name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise ValueError(f"unknown tfds data set {builder_name!r}: {e}") from None
+    if not builder.is_prepared():
+        where = os.path.join(str(builder.data_dir_root), builder_name)
+        raise FileNotFoundError(
+            f"tfds data set {builder_name!r} is not prepared under {where} "
+            f"(data_dir={data_dir!r}). {PREPARE_HINT}"
+        )
+    file_format = builder.info.file_format
+    if file_format is None or file_format.value != "array_record":
+        raise ValueError(
+            f"{builder_name} in {builder.data_dir} is stored as {file_format}, which has no "
+            "random access; Remark 4's global shuffle needs ArrayRecord. Prepare it again "
+            "with file_format='array_record' (experiments/prepare_imagenet.py does)."
+        )
+    return builder, tfds
+
+
+class ImageNetSource:
+    """One split of a tfds image-classification data set, preprocessed per section 5.1.
+
+    Args:
+      split: ``"train"`` or ``"validation"`` (any split name of the builder).
+      data_dir: tfds data dir (``None``: tfds's default, ``~/tensorflow_datasets``).
+      builder_name: tfds builder with features ``image`` and ``label`` (ClassLabel),
+        and optionally ``file_name``.
+      image_size: output side (224).
+      eval_resize: shorter side before the eval center crop (256).
+      num_workers: decoding threads (``None``: all cores). Results do not depend on it.
+      max_bad_fraction: fail once more than this fraction of the split is undecodable.
+      area_range, ratio_range: the train crop's area fraction and aspect ratio ranges.
+    """
+
+    pixel_mean = IMAGENET_MEAN
+    pixel_std = IMAGENET_STD
+
+    def __init__(
+        self,
+        *,
+        split: str = "train",
+        data_dir: str | os.PathLike | None = None,
+        builder_name: str = "imagenet2012",
+        image_size: int = 224,
+        eval_resize: int = 256,
+        num_workers: int | None = None,
+        max_bad_fraction: float = 1e-3,
+        area_range: tuple[float, float] = AREA_RANGE,
+        ratio_range: tuple[float, float] = RATIO_RANGE,
+    ):
+        if num_workers is None:
+            num_workers = os.cpu_count() or 1
+        if not isinstance(num_workers, int) or num_workers < 1:
+            raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
+        if not 0.0 <= max_bad_fraction < 1.0:
+            raise ValueError(f"max_bad_fraction must lie in [0, 1), got {max_bad_fraction!r}")
+        if not (isinstance(image_size, int) and 0 < image_size <= eval_resize):
+            raise ValueError(
+                f"need 0 < image_size <= eval_resize, got image_size={image_size!r}, "
+                f"eval_resize={eval_resize!r}"
+            )
+        if not 0.0 < area_range[0] <= area_range[1] <= 1.0:
+            raise ValueError(f"area_range must satisfy 0 < lo <= hi <= 1, got {area_range}")
+        if not 0.0 < ratio_range[0] <= ratio_range[1]:
+            raise ValueError(f"ratio_range must satisfy 0 < lo <= hi, got {ratio_range}")
+        builder, tfds = _open_builder(builder_name, data_dir)
+        if split not in builder.info.splits:
+            raise ValueError(
+                f"{builder_name} has no split {split!r}; valid: {sorted(builder.info.splits)}"
+            )
+        self.split = split
+        self.builder_name = builder_name
+        self._records = builder.as_data_source(
+            split=split, decoders={"image": tfds.decode.SkipDecoding()}
+        )
+        self.num_examples = len(self._records)
+        self.num_classes = builder.info.features["label"].num_classes
+        self.image_shape = (image_size, image_size, 3)
+        self.max_bad_fraction = max_bad_fraction
+        self._eval_resize = eval_resize
+        self._crop_kwargs = {"area_range": tuple(area_range), "ratio_range": tuple(ratio_range)}
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            num_workers, thread_name_prefix="imagenet_decode"
+        )
+        self._lock = threading.Lock()
+        self._bad: dict[int, str] = {}
+
+    @property
+    def bad_examples(self) -> dict[int, str]:
+        """Ids found undecodable so far, with their file names (or ``"?"``)."""
+        with self._lock:
+            return dict(self._bad)
+
+    def _decode(self, data: bytes, u) -> np.ndarray:
+        size = self.image_shape[0]
+        if u is None:
+            return decode_eval(data, size=size, resize=self._eval_resize)
+        return decode_train(data, u, size=size, **self._crop_kwargs)
+
+    def _try_decode(self, data: bytes, u):
+        try:
+            return self._decode(data, u)
+        except DECODE_ERRORS as e:
+            return e
+
+    def _mark_bad(self, i: int, record, error: Exception) -> None:
+        name = record.get("file_name", b"?")
+        name = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+        with self._lock:
+            self._bad[int(i)] = name
+            count = len(self._bad)
+        log.warning(
+            "%s/%s: undecodable image id=%d file_name=%s (%s: %s); %d bad so far",
+            self.builder_name, self.split, i, name, type(error).__name__, error, count,
+        )
+        if count > self.max_bad_fraction * self.num_examples:
+            raise BadDataError(
+                f"{count} of {self.num_examples} examples of {self.builder_name}/{self.split} "
+                f"are undecodable, more than max_bad_fraction={self.max_bad_fraction} "
+                f"allows; bad ids and files: {sorted(self._bad.items())[:20]}. Check the "
+                "prepared data (re-run experiments/prepare_imagenet.py) or raise "
+                "max_bad_fraction."
+            )
+
+    def _replacement(self, i: int, u):
+        """The next decodable example after ``i``: (image, label)."""
+        for k in range(1, self.num_examples):
+            j = (i + k) % self.num_examples
+            with self._lock:
+                known_bad = j in self._bad
+            if known_bad:
+                continue
+            record = self._records[j]
+            out = self._try_decode(record["image"], u)
+            if not isinstance(out, Exception):
+                return out, record["label"]
+            self._mark_bad(j, record, out)
+        raise BadDataError(f"no decodable example in {self.builder_name}/{self.split}")
+
+    def get_batch(self, ids, *, seed: int, epoch: int, train: bool):
+        """See ``Source.get_batch``; decodes in the thread pool, order preserved."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_examples):
+            raise IndexError(f"example ids must lie in [0, {self.num_examples}), got {ids}")
+        records = self._records.__getitems__(ids.tolist())
+        if train:
+            uniforms = list(example_uniforms(seed, epoch, ids, NUM_TRAIN_UNIFORMS))
+        else:
+            uniforms = [None] * len(ids)
+        decoded = list(
+            self._pool.map(self._try_decode, [r["image"] for r in records], uniforms)
+        )
+        labels = np.fromiter((r["label"] for r in records), np.int32, count=len(ids))
+        for k, out in enumerate(decoded):
+            if isinstance(out, Exception):
+                self._mark_bad(int(ids[k]), records[k], out)
+                decoded[k], labels[k] = self._replacement(int(ids[k]), uniforms[k])
+        return {"image": np.stack(decoded), "label": labels}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
