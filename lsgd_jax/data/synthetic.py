@@ -53,9 +53,9 @@ class SyntheticSource:
         else:
             self.pixel_mean, self.pixel_std = (127.5,) * channels, (73.9,) * channels
 
-    def _rng(self, i: int) -> np.random.Generator:
+    def _bits(self, i: int) -> np.random.PCG64:
         key = np.random.SeedSequence([self._seed, _SPLIT_STREAM[self.split], int(i)])
-        return np.random.Generator(np.random.PCG64(key))
+        return np.random.PCG64(key)
 
     def get_batch(self, ids, *, seed: int = 0, epoch: int = 0, train: bool = True):
         """See ``Source.get_batch``; ``seed``, ``epoch`` and ``train`` are unused."""
@@ -65,10 +65,13 @@ class SyntheticSource:
             raise IndexError(f"example ids must lie in [0, {self.num_examples}), got {ids}")
         image = np.empty((len(ids), *self.image_shape), np.uint8)
         label = np.empty((len(ids),), np.int32)
+        num_bytes = int(np.prod(self.image_shape))
         for j, i in enumerate(ids):
-            rng = self._rng(i)
-            label[j] = rng.integers(self.num_classes)
-            image[j] = rng.integers(0, 256, self.image_shape, dtype=np.uint8)
+            bits = self._bits(i)
+            label[j] = np.random.Generator(bits).integers(self.num_classes)
+            # Raw 64-bit words viewed as bytes: ~4x faster than integers(0, 256, uint8).
+            words = bits.random_raw(-(-num_bytes // 8))
+            image[j] = words.view(np.uint8)[:num_bytes].reshape(self.image_shape)
         return {"image": image, "label": label}
 
     def close(self) -> None:
