@@ -1,0 +1,159 @@
+"""Command line of ``experiments/imagenet_resnet50.py``: flags -> TrainConfig -> train_and_evaluate.
+
+Every flag defaults to the paper's ImageNet recipe (section 5.1). Launch flags
+(processes, fake CPU devices) are handled here, before JAX starts its backends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from lsgd_jax.config import DATA_NAMES, DTYPES, MODEL_NAMES, MOMENTUM_FORMS, TrainConfig
+from lsgd_jax.schedules import WARMUP_KINDS
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _epochs_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated epochs such as 30,60,80, got {text!r}") from None
+    return tuple(int(v) if v.is_integer() else v for v in values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = _DEFAULTS
+    p = argparse.ArgumentParser(
+        prog="imagenet_resnet50.py",
+        description="Large-minibatch synchronous SGD (Goyal et al. 2017): train ResNet-50 on "
+                    "ImageNet, or a small model on synthetic data or Fashion-MNIST, with the "
+                    "paper's recipe. Rerunning with the same --workdir resumes from the latest "
+                    "checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, config.json, TensorBoard")
+    g.add_argument("--seed", type=int, default=d["seed"], help="initialization, shuffles, augmentation")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", choices=DATA_NAMES, default=d["data"],
+                   help="synthetic is deterministic in (seed, step) and needs no files")
+    g.add_argument("--data-dir", default=None,
+                   help="tfds data dir (imagenet) or folder of the IDX files (fashion_mnist)")
+    g.add_argument("--image-size", type=int, default=None, help="input side; default: the data set's")
+    g.add_argument("--num-workers", type=int, default=d["num_workers"], help="decoding threads per process")
+    g.add_argument("--max-bad-fraction", type=float, default=d["max_bad_fraction"],
+                   help="fail when more than this fraction of images cannot be decoded")
+    g.add_argument("--synthetic-examples", type=int, default=d["synthetic_examples"],
+                   help="size of the synthetic training set")
+    g.add_argument("--synthetic-eval-examples", type=int, default=d["synthetic_eval_examples"])
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=MODEL_NAMES, default=None,
+                   help="default: resnet50, or resnet20 for fashion_mnist")
+    g.add_argument("--dtype", choices=DTYPES, default=d["dtype"],
+                   help="compute dtype; parameters and optimizer state are float32")
+    g.add_argument("--zero-gamma", type=_bool, default=d["zero_init_residual"],
+                   help="γ=0 on the last BN of every residual block")
+    g = p.add_argument_group("minibatch (kn = k workers × n images)")
+    g.add_argument("--batch-size", type=int, default=d["batch_size"], help="the global minibatch kn")
+    g.add_argument("--bn-group-size", type=int, default=d["bn_group_size"],
+                   help="n: images per BatchNorm worker, independent of the per-device batch")
+    g.add_argument("--grad-accum-steps", type=int, default=d["grad_accum_steps"],
+                   help="microbatches per device per step (BN per microbatch)")
+    g.add_argument("--eval-batch-size", type=int, default=None, help="default: --batch-size")
+    g = p.add_argument_group("schedule")
+    g.add_argument("--epochs", type=float, default=d["epochs"])
+    g.add_argument("--num-steps", type=int, default=None, help="stop after this many steps in all")
+    g.add_argument("--base-lr", type=float, default=d["base_lr"], help="η per --reference-batch-size")
+    g.add_argument("--reference-batch-size", type=int, default=d["reference_batch_size"])
+    g.add_argument("--warmup", choices=WARMUP_KINDS, default=d["warmup"])
+    g.add_argument("--warmup-epochs", type=float, default=d["warmup_epochs"])
+    g.add_argument("--decay-epochs", type=_epochs_list, default=d["decay_epochs"],
+                   help="comma-separated, e.g. 30,60,80")
+    g.add_argument("--decay-factor", type=float, default=d["decay_factor"])
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--momentum", type=float, default=d["momentum"])
+    g.add_argument("--nesterov", type=_bool, default=d["nesterov"])
+    g.add_argument("--momentum-form", choices=MOMENTUM_FORMS, default=d["momentum_form"],
+                   help="eq9: buffer without the rate; eq10: buffer holds the rate")
+    g.add_argument("--momentum-correction", type=_bool, default=d["momentum_correction"],
+                   help="eq10 only: rescale the buffer when the rate changes")
+    g.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="λ, not on BN γ/β")
+    g.add_argument("--allreduce", default=d["allreduce"],
+                   help="psum (XLA's) or one of lsgd_jax.collectives' algorithms")
+    g = p.add_argument_group("checkpoints and logging")
+    g.add_argument("--checkpoint-every-steps", type=int, default=d["checkpoint_every_steps"],
+                   help="0: at the end of every epoch only")
+    g.add_argument("--keep-checkpoints", type=int, default=d["keep_checkpoints"])
+    g.add_argument("--keep-every-epochs", type=int, default=d["keep_every_epochs"])
+    g.add_argument("--eval-every-epochs", type=int, default=d["eval_every_epochs"])
+    g.add_argument("--log-every-steps", type=int, default=d["log_every_steps"])
+    g = p.add_argument_group("processes (multi-host)")
+    g.add_argument("--coordinator-address", default=None,
+                   help="host:port of process 0; not needed under SLURM or Open MPI")
+    g.add_argument("--num-processes", type=int, default=None)
+    g.add_argument("--process-id", type=int, default=None)
+    g.add_argument("--cpu-devices", type=int, default=None,
+                   help="run on N fake CPU devices per process (testing without GPUs)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        data=args.data, data_dir=args.data_dir, model=args.model, image_size=args.image_size,
+        batch_size=args.batch_size, bn_group_size=args.bn_group_size,
+        grad_accum_steps=args.grad_accum_steps, epochs=args.epochs, num_steps=args.num_steps,
+        base_lr=args.base_lr, reference_batch_size=args.reference_batch_size, warmup=args.warmup,
+        warmup_epochs=args.warmup_epochs, decay_epochs=args.decay_epochs,
+        decay_factor=args.decay_factor, momentum=args.momentum, nesterov=args.nesterov,
+        momentum_form=args.momentum_form, momentum_correction=args.momentum_correction,
+        weight_decay=args.weight_decay, zero_init_residual=args.zero_gamma, dtype=args.dtype,
+        allreduce=args.allreduce, seed=args.seed,
+        checkpoint_every_steps=args.checkpoint_every_steps,
+        keep_checkpoints=args.keep_checkpoints, keep_every_epochs=args.keep_every_epochs,
+        eval_every_epochs=args.eval_every_epochs, eval_batch_size=args.eval_batch_size,
+        log_every_steps=args.log_every_steps, num_workers=args.num_workers,
+        max_bad_fraction=args.max_bad_fraction, synthetic_examples=args.synthetic_examples,
+        synthetic_eval_examples=args.synthetic_eval_examples)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        # Validate the configuration before any process starts talking to the others.
+        config = config_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.cpu_devices is not None:
+        if args.cpu_devices < 1:
+            parser.error(f"--cpu-devices must be a positive integer, got {args.cpu_devices}")
+        # Read when JAX starts its backends, which has not happened yet.
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.cpu_devices}")
+
+    from lsgd_jax.parallel import initialize_distributed
+    from lsgd_jax.train import main_guard, train_and_evaluate
+
+    def run():
+        initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+        train_and_evaluate(config, args.workdir)
+
+    return main_guard(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

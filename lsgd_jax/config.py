@@ -1,0 +1,223 @@
+"""The training configuration: the paper's defaults in one place, and what follows from them.
+
+Every hyper-parameter of a run lives in :class:`TrainConfig`; step functions
+receive values from it and hard-code none. Durations are in epochs (as in the
+paper) and turned into steps by :meth:`TrainConfig.derived`, once the size of
+the training set is known, so one configuration holds at every minibatch.
+Validation is pure Python on the configuration, so every process raises the
+same error before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+from lsgd_jax.schedules import WARMUP_KINDS, scaled_learning_rate
+
+DATA_NAMES = ("imagenet", "synthetic", "fashion_mnist")
+DTYPES = ("bfloat16", "float32")
+MODEL_NAMES = ("resnet18", "resnet20", "resnet34", "resnet50", "resnet101")
+MOMENTUM_FORMS = ("eq9", "eq10")
+# Model per data set when --model is not given.
+DEFAULT_MODELS = {"imagenet": "resnet50", "synthetic": "resnet50", "fashion_mnist": "resnet20"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """A training run; defaults are the paper's ImageNet recipe (section 5.1).
+
+    Attributes:
+      data: "imagenet", "synthetic" (deterministic in (seed, step)) or "fashion_mnist".
+      data_dir: where the data set lives (None: the source's default).
+      model: "resnet50", "resnet18", "resnet34", "resnet101" or "resnet20";
+        None picks by data set (resnet20 for fashion_mnist, else resnet50).
+      image_size: input side in pixels (None: the data set's, 224 for ImageNet).
+      batch_size: kn, the minibatch over all workers.
+      bn_group_size: n, the images per BatchNorm worker (the paper: 32).
+      grad_accum_steps: microbatches per device per step (footnote 5).
+      epochs: training length (the paper: 90).
+      num_steps: stop after this many steps in all (smoke runs); None: epochs.
+      base_lr: η for ``reference_batch_size`` (the paper: 0.1 per 256).
+      warmup, warmup_epochs: "gradual"/"constant"/"none", and its length (5).
+      decay_epochs, decay_factor: step decay (30, 60, 80; ×0.1).
+      momentum, nesterov, momentum_form, momentum_correction: eqs. (9)/(10).
+      weight_decay: λ of the L2 term, not on BN γ/β (1e-4).
+      zero_init_residual: γ = 0 on the last BN of each residual block.
+      dtype: compute dtype; parameters and optimizer state stay float32.
+      allreduce: gradient all-reduce, "psum" (XLA's) or a name from
+        ``lsgd_jax.collectives``.
+      seed: seeds initialization, shuffles and augmentation.
+      checkpoint_every_steps: 0 = at the end of every epoch only.
+      keep_checkpoints: how many recent checkpoints to keep.
+      keep_every_epochs: also keep one checkpoint every this many epochs (0: none).
+      eval_every_epochs: full validation cadence (the paper: every epoch).
+      eval_batch_size: global batch of the validation pass (None: batch_size).
+      log_every_steps: console and metrics cadence.
+      num_workers: decoding threads per process (ImageNet).
+      max_bad_fraction: fail when more than this fraction of images is corrupt.
+      synthetic_examples, synthetic_eval_examples: sizes of the synthetic splits.
+    """
+
+    data: str = "synthetic"
+    data_dir: str | None = None
+    model: str | None = None
+    image_size: int | None = None
+    batch_size: int = 256
+    bn_group_size: int = 32
+    grad_accum_steps: int = 1
+    epochs: float = 90
+    num_steps: int | None = None
+    base_lr: float = 0.1
+    reference_batch_size: int = 256
+    warmup: str = "gradual"
+    warmup_epochs: float = 5
+    decay_epochs: tuple[float, ...] = (30, 60, 80)
+    decay_factor: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    momentum_form: str = "eq9"
+    momentum_correction: bool = True
+    weight_decay: float = 1e-4
+    zero_init_residual: bool = True
+    dtype: str = "bfloat16"
+    allreduce: str = "psum"
+    seed: int = 0
+    checkpoint_every_steps: int = 0
+    keep_checkpoints: int = 3
+    keep_every_epochs: int = 10
+    eval_every_epochs: int = 1
+    eval_batch_size: int | None = None
+    log_every_steps: int = 50
+    num_workers: int = 8
+    max_bad_fraction: float = 1e-3
+    synthetic_examples: int = 1_281_167
+    synthetic_eval_examples: int = 50_000
+
+    def __post_init__(self):
+        object.__setattr__(self, "decay_epochs", tuple(self.decay_epochs))
+        if self.model is None:
+            object.__setattr__(self, "model", DEFAULT_MODELS.get(self.data, "resnet50"))
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad value and what would be valid."""
+        _choice("data", self.data, DATA_NAMES)
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("warmup", self.warmup, WARMUP_KINDS)
+        _choice("momentum_form", self.momentum_form, MOMENTUM_FORMS)
+        _choice("model", self.model, MODEL_NAMES)
+        for name in ("batch_size", "bn_group_size", "grad_accum_steps", "reference_batch_size",
+                     "keep_checkpoints", "eval_every_epochs", "log_every_steps", "num_workers",
+                     "synthetic_examples", "synthetic_eval_examples"):
+            _positive_int(name, getattr(self, name))
+        for name in ("checkpoint_every_steps", "keep_every_epochs", "seed"):
+            _non_negative_int(name, getattr(self, name))
+        for name in ("image_size", "num_steps", "eval_batch_size"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        _positive_float("epochs", self.epochs)
+        _positive_float("base_lr", self.base_lr)
+        _positive_float("decay_factor", self.decay_factor)
+        _non_negative_float("warmup_epochs", self.warmup_epochs)
+        _non_negative_float("weight_decay", self.weight_decay)
+        if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if not (isinstance(self.max_bad_fraction, (int, float)) and 0 <= self.max_bad_fraction < 1):
+            raise ValueError(f"max_bad_fraction must be in [0, 1), got {self.max_bad_fraction!r}")
+        if list(self.decay_epochs) != sorted(self.decay_epochs) or any(
+            not isinstance(e, (int, float)) or e < 0 for e in self.decay_epochs
+        ):
+            raise ValueError(
+                f"decay_epochs must be non-negative and increasing, got {self.decay_epochs!r}"
+            )
+        if not isinstance(self.allreduce, str) or not self.allreduce:
+            raise ValueError(f"allreduce must be a non-empty name, got {self.allreduce!r}")
+
+    # --------------------------------------------------------------- derived
+    def derived(self, num_train_examples: int) -> dict[str, Any]:
+        """Values that follow from the config and the training-set size."""
+        steps_per_epoch = num_train_examples // self.batch_size
+        if steps_per_epoch < 1:
+            raise ValueError(
+                f"batch_size={self.batch_size} is larger than the training set "
+                f"({num_train_examples} examples); use at most {num_train_examples}"
+            )
+        epoch_steps = math.ceil(self.epochs * steps_per_epoch)
+        total = epoch_steps if self.num_steps is None else min(self.num_steps, epoch_steps)
+        k = self.batch_size / self.reference_batch_size
+        warmup_steps = 0 if (self.warmup == "none" or k <= 1) else round(
+            self.warmup_epochs * steps_per_epoch)
+        return {
+            "kn": self.batch_size,
+            "k": k,
+            "num_train_examples": num_train_examples,
+            "steps_per_epoch": steps_per_epoch,
+            "total_steps": total,
+            "peak_lr": scaled_learning_rate(self.base_lr, self.batch_size, self.reference_batch_size),
+            "warmup_steps": warmup_steps,
+            "decay_steps": [round(e * steps_per_epoch) for e in self.decay_epochs],
+            "num_bn_workers": self.batch_size // self.bn_group_size,
+        }
+
+    # ------------------------------------------------------------ conversion
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["decay_epochs"] = list(self.decay_epochs)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(names)}")
+        return cls(**d)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# Fields that must match between a checkpoint and the run resuming from it:
+# they change the shapes of the state or the meaning of the saved position.
+RESUME_FIELDS = ("data", "model", "image_size", "batch_size", "seed", "synthetic_examples",
+                 "momentum_form")
+
+
+def _choice(name, value, valid) -> None:
+    if value not in valid:
+        raise ValueError(f"{name} must be one of {tuple(valid)}, got {value!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int(name, value) -> None:
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _non_negative_int(name, value) -> None:
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+
+
+def _positive_float(name, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        math.isfinite(value) and value > 0
+    ):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def _non_negative_float(name, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        math.isfinite(value) and value >= 0
+    ):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

@@ -1,0 +1,102 @@
+"""Where a run's numbers go: ``metrics.jsonl``, TensorBoard, and the console.
+
+Only process 0 writes files; every process may print. ``metrics.jsonl`` has one
+JSON object per line, each with a ``kind`` ("train", "eval", "checkpoint",
+"result", "start"), so a run's history is readable with nothing but ``json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Any, Iterable
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly scalars (numpy and jax scalars become Python numbers)."""
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    return value
+
+
+class MetricsWriter:
+    """Appends records to ``WORKDIR/metrics.jsonl`` and TensorBoard scalars."""
+
+    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if enabled and tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:  # optional: the run goes on without TensorBoard
+                print("tensorboardX is not installed; TensorBoard scalars are off", file=sys.stderr)
+            else:
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, kind: str, step: int, **values: Any) -> None:
+        if not self.enabled:
+            return
+        record = {"kind": kind, "step": int(step), "time": round(time.time(), 3)}
+        record.update({k: _plain(v) for k, v in values.items()})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None and kind in ("train", "eval"):
+            for name, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(f"{kind}/{name}", value, int(step))
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(workdir: str, kind: str | None = None) -> list[dict]:
+    """The records of ``WORKDIR/metrics.jsonl`` (of one ``kind`` if given).
+
+    A line cut short by a crash is skipped.
+    """
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if kind is None or record.get("kind") == kind:
+                records.append(record)
+    return records
+
+
+def eval_history(workdir: str) -> dict[int, dict]:
+    """Latest eval record per epoch (a resumed run may have evaluated an epoch twice)."""
+    return {int(r["epoch"]): r for r in read_metrics(workdir, "eval")}
+
+
+def paper_error(top1_errors: Iterable[float], last: int = 5) -> float:
+    """The paper's reported figure: the median of the last 5 epochs' top-1 error."""
+    values = list(top1_errors)[-last:]
+    if not values:
+        raise ValueError("no validation results to report")
+    return statistics.median(values)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -1,0 +1,310 @@
+"""The training loop: ``train_and_evaluate(config, workdir)``.
+
+One function for one GPU, one node or many hosts (every process runs it with
+the same config). Sections, in order: processes and mesh; input; model and
+optimizer; state (fresh or resumed); steps; the loop (metrics of step t are
+read while step t+1 runs, so the devices never wait for the host); evaluation;
+checkpoints; preemption; the result (the paper's figure: median top-1 error of
+the last 5 epochs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lsgd_jax.checkpoint import Checkpoints, state_sha256
+from lsgd_jax.config import TrainConfig
+from lsgd_jax.metrics import MetricsWriter, eval_history, format_duration, paper_error
+from lsgd_jax.models import get_model
+from lsgd_jax.optim import goyal_sgd
+from lsgd_jax.parallel import data_sharding, make_mesh
+from lsgd_jax.schedules import goyal_schedule
+from lsgd_jax.step import (
+    create_train_state,
+    make_eval_step,
+    make_train_step,
+    validate_batch_layout,
+)
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or a gradient was not finite; the run stops without saving it."""
+
+
+# ------------------------------------------------------------------ preemption
+class PreemptionWatcher:
+    """Tells every process, at the same step, that the job is being preempted.
+
+    Several processes: JAX's preemption sync manager (started by
+    ``jax.distributed.initialize``) catches SIGTERM on any host and agrees on a
+    step at which all of them save. One process: a SIGTERM handler sets a flag.
+    """
+
+    def __init__(self):
+        self.multi = jax.process_count() > 1
+        self._flag = threading.Event()
+        self._previous = None
+        if not self.multi and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame):
+        del signum, frame
+        self._flag.set()
+
+    def reached(self, step: int) -> bool:
+        if self.multi:
+            from jax.experimental import multihost_utils
+
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        return self._flag.is_set()
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+# ------------------------------------------------------------------ input
+def open_sources(config: TrainConfig):
+    """The train and validation sources of ``config.data``."""
+    from lsgd_jax.data import get_source
+
+    kwargs: dict[str, Any] = {}
+    if config.data == "synthetic":
+        kwargs = {"seed": config.seed}
+        train = get_source("synthetic", split="train", image_size=config.image_size,
+                           num_examples=config.synthetic_examples, **kwargs)
+        val = get_source("synthetic", split="validation", image_size=config.image_size,
+                         num_examples=config.synthetic_eval_examples, **kwargs)
+        return train, val
+    if config.data == "imagenet":
+        kwargs = {"num_workers": config.num_workers, "max_bad_fraction": config.max_bad_fraction}
+    train = get_source(config.data, split="train", data_dir=config.data_dir,
+                       image_size=config.image_size, **kwargs)
+    val = get_source(config.data, split="validation", data_dir=config.data_dir,
+                     image_size=config.image_size, **kwargs)
+    return train, val
+
+
+def _check_eval_batch(eval_batch_size: int, num_devices: int, process_count: int) -> None:
+    if eval_batch_size % num_devices or eval_batch_size % process_count:
+        raise ValueError(
+            f"eval_batch_size={eval_batch_size} must be divisible by the {num_devices} devices "
+            f"and the {process_count} processes; use a multiple of {num_devices}"
+        )
+
+
+# ------------------------------------------------------------------ the loop
+def train_and_evaluate(config: TrainConfig, workdir: str, *,
+                       log: Callable[[str], None] | None = None) -> dict:
+    """Train and evaluate ``config`` in ``workdir``, resuming from its latest checkpoint.
+
+    Returns a summary dict (final step, last eval, the paper's figure when
+    available, and whether the run stopped for preemption).
+
+    Raises:
+      ValueError: bad configuration (before anything is compiled).
+      NonFiniteError: the loss or a gradient became non-finite.
+    """
+    process_index, process_count = jax.process_index(), jax.process_count()
+    is_main = process_index == 0
+    if log is None:
+        def log(msg: str) -> None:
+            if is_main:
+                print(msg, flush=True)
+
+    # --- processes, mesh and input; every check before compiling ---------
+    mesh = make_mesh()
+    num_devices = mesh.devices.size
+    train_source, eval_source = open_sources(config)
+    derived = config.derived(train_source.num_examples)
+    layout = validate_batch_layout(global_batch_size=config.batch_size, num_devices=num_devices,
+                                   grad_accum_steps=config.grad_accum_steps,
+                                   bn_group_size=config.bn_group_size)
+    if config.batch_size % process_count:
+        raise ValueError(f"batch_size={config.batch_size} is not divisible by the "
+                         f"{process_count} processes")
+    eval_batch_size = config.eval_batch_size or config.batch_size
+    _check_eval_batch(eval_batch_size, num_devices, process_count)
+    spe, total = derived["steps_per_epoch"], derived["total_steps"]
+    derived.update(num_devices=num_devices, num_processes=process_count,
+                   per_device_batch=layout.per_device, microbatch=layout.microbatch)
+
+    # --- model and optimizer (the paper's rules, all from the config) ----
+    model = get_model(config.model, num_classes=train_source.num_classes, dtype=config.dtype,
+                      bn_group_size=config.bn_group_size,
+                      zero_init_residual=config.zero_init_residual)
+    schedule = goyal_schedule(
+        batch_size=config.batch_size, steps_per_epoch=spe, base_lr=config.base_lr,
+        reference_batch_size=config.reference_batch_size, warmup_epochs=config.warmup_epochs,
+        warmup=config.warmup, decay_epochs=config.decay_epochs, decay_factor=config.decay_factor)
+    tx = goyal_sgd(schedule, momentum=config.momentum, nesterov=config.nesterov,
+                   weight_decay=config.weight_decay, form=config.momentum_form,
+                   momentum_correction=config.momentum_correction)
+
+    # --- state: fresh, or the latest complete checkpoint -------------------
+    os.makedirs(workdir, exist_ok=True)
+    state = create_train_state(model, tx, rng=jax.random.key(config.seed),
+                               input_shape=(1, *train_source.image_shape), mesh=mesh)
+    ckpts = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
+                        keep_period=config.keep_every_epochs * spe)
+    position = None
+    latest = ckpts.latest_step()
+    if latest is not None:
+        state, data_item, _ = ckpts.restore(latest, state, config=config.to_dict())
+        position = data_item["position"]
+        log(f"resuming from {ckpts.directory}/{latest} (epoch {position['epoch']}, "
+            f"step {position['step']} of the epoch)")
+    step = int(jax.device_get(state.step))
+
+    writer = MetricsWriter(workdir, enabled=is_main)
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump({"config": config.to_dict(), "derived": derived}, f, indent=2, sort_keys=True)
+    log("config: " + json.dumps(config.to_dict(), sort_keys=True))
+    log(f"kn={config.batch_size} (k={derived['num_bn_workers']} BN workers of "
+        f"n={config.bn_group_size}) on {num_devices} devices in {process_count} processes, "
+        f"{layout.per_device} images per device in {config.grad_accum_steps} microbatches; "
+        f"{spe} steps per epoch, {total} steps; peak rate {derived['peak_lr']:g} after "
+        f"{derived['warmup_steps']} warmup steps ({config.warmup})")
+    writer.write("start", step, **{k: v for k, v in derived.items() if not isinstance(v, list)})
+
+    # --- steps ---------------------------------------------------------------
+    pixel_stats = dict(pixel_mean=train_source.pixel_mean, pixel_std=train_source.pixel_std)
+    train_step = make_train_step(model, tx, mesh, global_batch_size=config.batch_size,
+                                 bn_group_size=config.bn_group_size,
+                                 grad_accum_steps=config.grad_accum_steps,
+                                 allreduce=config.allreduce, **pixel_stats)
+    eval_step = make_eval_step(model, mesh, **pixel_stats)
+
+    from lsgd_jax.data import TrainIterator, eval_batches, prefetch_to_mesh
+
+    def evaluate(state) -> dict:
+        batches = eval_batches(eval_source, global_batch_size=eval_batch_size,
+                               process_index=process_index, process_count=process_count)
+        sums = None
+        with prefetch_to_mesh(batches, data_sharding(mesh), size=2) as stream:
+            for batch in stream:
+                m = eval_step(state, batch)
+                sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+        sums = jax.device_get(sums)
+        count = int(sums["count"])
+        return {"top1_error": float(sums["top1_errors"]) / count,
+                "top5_error": float(sums["top5_errors"]) / count,
+                "loss": float(sums["loss_sum"]) / count, "count": count}
+
+    def save(step: int, state, position) -> None:
+        digest = state_sha256(state)
+        ckpts.save(step, state, position={"position": position.to_dict(), "seed": config.seed},
+                   meta={"config": config.to_dict(), "state_sha256": digest})
+        writer.write("checkpoint", step, epoch=step / spe, state_sha256=digest)
+
+    iterator = TrainIterator(train_source, global_batch_size=config.batch_size, seed=config.seed,
+                             process_index=process_index, process_count=process_count,
+                             position=position)
+    prefetch = prefetch_to_mesh(iterator, data_sharding(mesh), size=2)
+    preemption = PreemptionWatcher()
+    window: list[dict] = []
+    last_eval_step = max((int(r["step"]) for r in eval_history(workdir).values()), default=-1)
+    preempted = False
+    start_step, t_start, t_window = step, time.time(), time.time()
+
+    def check(step_done: int, metrics) -> None:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not values.pop("finite"):
+            lr = float(schedule(step_done - 1))
+            raise NonFiniteError(
+                f"non-finite loss or gradient at step {step_done} (learning rate {lr:g}, "
+                f"loss {values['loss']}); the state was not updated with it and no checkpoint "
+                f"holds it; the latest checkpoint is step {ckpts.latest_step()}. Lower "
+                "--base-lr or lengthen --warmup-epochs.")
+        window.append(values)
+
+    # --- the loop ---------------------------------------------------------------
+    try:
+        pending = None
+        while step < total:
+            batch = next(prefetch)
+            state, metrics = train_step(state, batch)
+            step += 1
+            if pending is not None:  # read step t-1 while step t runs
+                check(*pending)
+            pending = (step, metrics)
+
+            epoch_end = step % spe == 0
+            preempted = preemption.reached(step)
+            save_now = (epoch_end or step == total or preempted
+                        or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0))
+            eval_now = step == total or (
+                epoch_end and (step // spe) % config.eval_every_epochs == 0)
+            log_now = step % config.log_every_steps == 0 or save_now
+            if save_now or eval_now or log_now:
+                check(*pending)
+                pending = None
+            if log_now and window:
+                now = time.time()
+                mean = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+                rate = len(window) * config.batch_size / max(now - t_window, 1e-9)
+                per_step = (now - t_start) / max(step - start_step, 1)
+                lr = float(schedule(step - 1))
+                writer.write("train", step, epoch=step / spe, lr=lr, images_per_second=rate, **mean)
+                log(f"step {step}/{total} epoch {step / spe:.2f} | loss {mean['loss']:.4f} "
+                    f"top1 {100 * mean['top1_error']:.2f}% | lr {lr:.4g} | {rate:,.0f} img/s | "
+                    f"ETA {format_duration(per_step * (total - step))}")
+                window.clear()
+                t_window = now
+            if save_now:
+                save(step, state, prefetch.position)
+            if eval_now and step != last_eval_step:
+                result = evaluate(state)
+                writer.write("eval", step, epoch=step / spe, **result)
+                log(f"eval at step {step} (epoch {step / spe:.2f}): top-1 error "
+                    f"{100 * result['top1_error']:.2f}%, top-5 error "
+                    f"{100 * result['top5_error']:.2f}% over {result['count']} images")
+                last_eval_step = step
+            if preempted:
+                break
+        if pending is not None:
+            check(*pending)
+    finally:
+        prefetch.close()
+        preemption.close()
+        ckpts.close()  # waits for the last asynchronous save
+        writer.flush()
+
+    summary: dict[str, Any] = {"step": step, "total_steps": total, "preempted": preempted}
+    history = eval_history(workdir) if is_main else {}
+    if history:
+        ordered = [history[e] for e in sorted(history)]
+        summary["last_eval"] = ordered[-1]
+        summary["median_top1_error_last5"] = paper_error(r["top1_error"] for r in ordered)
+    if preempted:
+        log(f"preempted: checkpoint saved at step {step}; run the same command again to resume")
+    elif step >= total and is_main:
+        writer.write("result", step, **{k: v for k, v in summary.items()
+                                        if k not in ("step", "last_eval")})
+        if "median_top1_error_last5" in summary:
+            log(f"done: {step} steps; top-1 error (median of the last 5 evaluations) "
+                f"{100 * summary['median_top1_error_last5']:.2f}%")
+    writer.close()
+    return summary
+
+
+def main_guard(fn: Callable[[], Any]) -> int:
+    """Run ``fn``; turn configuration and data errors into a message and exit status 2."""
+    try:
+        fn()
+    except (ValueError, FileNotFoundError, NonFiniteError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2 if not isinstance(e, NonFiniteError) else 3
+    return 0
