@@ -137,7 +137,7 @@ def test_bad_files_are_skipped_counted_logged_and_replaced(data_dir, caplog):
 
 
 def test_too_many_bad_files_fail_clearly(data_dir):
-    from lsgd_jax.data.imagenet import BadDataError
+    from lsgd_jax.data import BadDataError
 
     with open_source(data_dir, max_bad_fraction=0.03) as src:  # 1.2 of 40 allowed
         with pytest.raises(BadDataError, match="2 of 40 examples .* max_bad_fraction=0.03"):

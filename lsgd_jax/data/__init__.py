@@ -15,9 +15,10 @@ from lsgd_jax.data.sampler import (
     shard_indices,
     steps_per_epoch,
 )
-from lsgd_jax.data.source import SOURCE_NAMES, Source, get_source
+from lsgd_jax.data.source import SOURCE_NAMES, BadDataError, Source, get_source
 
 __all__ = [
+    "BadDataError",
     "DevicePrefetcher",
     "IMAGENET_MEAN",
     "IMAGENET_STD",

@@ -38,6 +38,7 @@ from lsgd_jax.data.augment import (
     decode_train,
     example_uniforms,
 )
+from lsgd_jax.data.source import BadDataError
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,6 @@ PREPARE_HINT = (
     "--manual-dir MANUAL_DIR --data-dir DATA_DIR` and pass the same DATA_DIR here "
     "(--data-dir)."
 )
-
-
-class BadDataError(RuntimeError):
-    """More undecodable examples than the configured fraction allows."""
 
 
 def _open_builder(builder_name: str, data_dir):

@@ -16,6 +16,10 @@ import numpy as np
 SOURCE_NAMES = ("imagenet", "fashion_mnist", "synthetic")
 
 
+class BadDataError(RuntimeError):
+    """More undecodable examples than a source's ``max_bad_fraction`` allows."""
+
+
 @runtime_checkable
 class Source(Protocol):
     """A data split with random access.
