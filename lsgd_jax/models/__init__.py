@@ -1,0 +1,27 @@
+"""Models of Goyal et al. 2017: ResNets with per-worker (per-group) BatchNorm."""
+
+from lsgd_jax.models.batch_norm import GroupBatchNorm
+from lsgd_jax.models.resnet import (
+    BasicBlock,
+    Bottleneck,
+    ResNet,
+    ResNet18,
+    ResNet20,
+    ResNet34,
+    ResNet50,
+    ResNet101,
+    get_model,
+)
+
+__all__ = [
+    "BasicBlock",
+    "Bottleneck",
+    "GroupBatchNorm",
+    "ResNet",
+    "ResNet18",
+    "ResNet20",
+    "ResNet34",
+    "ResNet50",
+    "ResNet101",
+    "get_model",
+]
