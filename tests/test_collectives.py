@@ -57,6 +57,9 @@ def _check_sums(tree, got, ref):
     for x, g, r in zip(*(jax.tree.leaves(t) for t in (tree, got, ref))):
         x, g, r = np.asarray(x), np.asarray(g), np.asarray(r)
         assert g.dtype == x.dtype and g.shape == x.shape
+        # Every device must hold the same bits: the engine returns the sum as
+        # replicated (out_specs P()) without a check.
+        assert all(np.array_equal(g[0], g[d]) for d in range(g.shape[0]))
         if np.issubdtype(x.dtype, np.integer):
             np.testing.assert_array_equal(g, r)  # tolerance: none, integer sums
             np.testing.assert_array_equal(g[0], x.sum(0))
