@@ -1,0 +1,184 @@
+"""Processes, the device mesh, and host data to global arrays.
+
+One 1-D mesh with axis ``"data"`` spans every device of every process; each
+device is one or more of the paper's workers (section 3). Parameters and
+optimizer state are replicated over it, batches are split along it.
+
+Multi-process start goes through ``jax.distributed.initialize``: cluster
+detection on SLURM and Open MPI, explicit coordinator / process count /
+process id otherwise, and Gloo collectives when the devices are CPUs. Each
+process then feeds its own share of the global batch, assembled with
+``jax.make_array_from_process_local_data``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+CPU_COLLECTIVES = ("gloo", "mpi")
+
+
+def _cluster_size_from_env() -> int:
+    """Number of processes announced by SLURM or Open MPI (1 if neither)."""
+    if "OMPI_COMM_WORLD_SIZE" in os.environ:
+        return int(os.environ["OMPI_COMM_WORLD_SIZE"])
+    if "SLURM_JOB_ID" in os.environ:
+        for key in ("SLURM_NTASKS", "SLURM_NPROCS"):
+            if key in os.environ:
+                return int(os.environ[key])
+    return 1
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    cpu_collectives: str | None = "gloo",
+    local_device_ids: Sequence[int] | None = None,
+    initialization_timeout: int = 300,
+) -> bool:
+    """Start the multi-process runtime if there is more than one process.
+
+    With no arguments, SLURM (``SLURM_NTASKS`` > 1) or Open MPI
+    (``OMPI_COMM_WORLD_SIZE`` > 1) is detected by ``jax.distributed`` itself;
+    without such a cluster this is a no-op. With explicit arguments all three
+    are needed, except that ``num_processes=1`` is a no-op. Must run before
+    anything else touches JAX devices.
+
+    Args:
+      coordinator_address: "host:port" of process 0.
+      num_processes: total number of processes.
+      process_id: this process, in [0, num_processes).
+      cpu_collectives: collectives between CPU processes, "gloo" or "mpi"
+        (None leaves JAX's default, which has none).
+      local_device_ids: devices this process drives (None: all visible).
+      initialization_timeout: seconds to wait for every process.
+
+    Returns:
+      True if the runtime is (now) multi-process, False for a single process.
+    """
+    given = [a is not None for a in (coordinator_address, num_processes, process_id)]
+    if cpu_collectives is not None and cpu_collectives not in CPU_COLLECTIVES:
+        raise ValueError(
+            f"cpu_collectives must be one of {CPU_COLLECTIVES} or None, got {cpu_collectives!r}"
+        )
+    if any(given):
+        if num_processes == 1 and process_id in (None, 0):
+            return False
+        if not all(given):
+            raise ValueError(
+                "give all of coordinator_address, num_processes and process_id, or none "
+                f"(got coordinator_address={coordinator_address!r}, "
+                f"num_processes={num_processes!r}, process_id={process_id!r})"
+            )
+        if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
+            raise ValueError(f"num_processes must be a positive integer, got {num_processes!r}")
+        if (
+            isinstance(process_id, bool)
+            or not isinstance(process_id, int)
+            or not 0 <= process_id < num_processes
+        ):
+            raise ValueError(
+                f"process_id must be an integer in [0, {num_processes}), got {process_id!r}"
+            )
+    elif _cluster_size_from_env() <= 1:
+        return False
+
+    is_initialized = getattr(jax.distributed, "is_initialized", None)
+    if is_initialized is not None and is_initialized():
+        return True
+    if cpu_collectives is not None:
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    jax.distributed.initialize(
+        coordinator_address,
+        num_processes,
+        process_id,
+        local_device_ids=local_device_ids,
+        initialization_timeout=initialization_timeout,
+    )
+    return True
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D ``("data",)`` mesh over ``devices`` (default: every device of every process).
+
+    Devices are ordered by (process, id), so each process owns one contiguous
+    block of the batch axis, the layout that
+    ``jax.make_array_from_process_local_data`` fills from local data.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("make_mesh needs at least one device")
+    devices.sort(key=lambda d: (d.process_index, d.id))
+    return Mesh(np.asarray(devices, dtype=object), (DATA_AXIS,))
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over ``"data"``, other axes whole."""
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
+    """The same full copy on every device (parameters, optimizer state)."""
+    return NamedSharding(mesh, P())
+
+
+def local_device_count(mesh: Mesh) -> int:
+    """Devices of ``mesh`` that this process drives."""
+    me = jax.process_index()
+    return sum(1 for d in mesh.devices.flat if d.process_index == me)
+
+
+def host_to_global(local_batch: Any, mesh: Mesh) -> Any:
+    """Assemble each process's share of a batch into global arrays over ``"data"``.
+
+    Every process calls this with its own rows (the same number on every
+    process); the result's leading axis is the concatenation over processes,
+    in process order.
+
+    Args:
+      local_batch: a pytree of arrays, leading axis = this process's rows.
+      mesh: the mesh from :func:`make_mesh`.
+
+    Returns:
+      The same pytree of ``jax.Array`` sharded with :func:`data_sharding`.
+    """
+    sharding = data_sharding(mesh)
+    local = local_device_count(mesh)
+
+    def one(x):
+        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        if x.ndim == 0 or x.shape[0] % local:
+            raise ValueError(
+                f"host_to_global: local batch of shape {x.shape} cannot be split over "
+                f"this process's {local} devices; the leading axis must be a multiple of {local}"
+            )
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree.map(one, local_batch)
+
+
+def shard_map(f: Callable, *, mesh: Mesh, in_specs: Any, out_specs: Any) -> Callable:
+    """``jax.shard_map`` (or the experimental one on older JAX), without the replication check.
+
+    The check is off so that gradients of replicated parameters stay
+    per-device inside ``f`` (with it on, JAX sums them implicitly) and the
+    engine's explicit all-reduce (``psum`` or the paper's algorithms) does the
+    sum exactly once.
+    """
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(
+            f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+        )
+    from jax.experimental.shard_map import shard_map as legacy_shard_map
+
+    return legacy_shard_map(
+        f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False
+    )

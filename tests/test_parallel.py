@@ -1,0 +1,90 @@
+"""Mesh, shardings, host data to global arrays, and the distributed start (one process)."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from lsgd_jax.parallel import (
+    data_sharding,
+    host_to_global,
+    initialize_distributed,
+    make_mesh,
+    replicated_sharding,
+    shard_map,
+)
+
+
+def test_mesh_spans_all_devices_on_one_data_axis():
+    mesh = make_mesh()
+    assert mesh.axis_names == ("data",)
+    assert mesh.devices.shape == (8,)
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in jax.devices())
+    assert data_sharding(mesh).spec == P("data")
+    assert replicated_sharding(mesh).spec == P()
+
+
+def test_mesh_over_a_subset_and_rejects_empty():
+    mesh = make_mesh(jax.devices()[:2][::-1])
+    assert [d.id for d in mesh.devices.flat] == sorted(d.id for d in jax.devices()[:2])
+    with pytest.raises(ValueError, match="at least one device"):
+        make_mesh([])
+
+
+def test_host_to_global_splits_rows_over_devices():
+    mesh = make_mesh()
+    local = {"image": np.arange(16 * 3, dtype=np.float32).reshape(16, 3),
+             "label": np.arange(16, dtype=np.int32)}
+    batch = host_to_global(local, mesh)
+    np.testing.assert_array_equal(np.asarray(batch["image"]), local["image"])
+    assert batch["label"].sharding.is_equivalent_to(data_sharding(mesh), 1)
+    # Device i holds rows [2i, 2i + 2): contiguous blocks in mesh order.
+    for shard in batch["label"].addressable_shards:
+        i = list(mesh.devices.flat).index(shard.device)
+        np.testing.assert_array_equal(np.asarray(shard.data), [2 * i, 2 * i + 1])
+
+
+def test_host_to_global_rejects_indivisible_batch():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        host_to_global({"x": np.zeros((12, 2))}, make_mesh())
+
+
+def test_shard_map_gradients_stay_per_device():
+    # The engine relies on shard_map leaving the gradient of a replicated
+    # parameter un-summed, so that its explicit all-reduce sums exactly once.
+    mesh = make_mesh()
+    w = np.ones(3, np.float32)
+    x = np.arange(24, dtype=np.float32).reshape(8, 3)
+
+    def per_device(w, x):
+        return jax.grad(lambda w: (w[None, :] * x).sum())(w)[None]
+
+    g = jax.jit(shard_map(per_device, mesh=mesh, in_specs=(P(), P("data")),
+                          out_specs=P("data")))(w, x)
+    np.testing.assert_array_equal(np.asarray(g).reshape(8, 3), x)
+
+
+def test_initialize_distributed_single_process_is_noop(monkeypatch):
+    for var in ("OMPI_COMM_WORLD_SIZE", "SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_NPROCS"):
+        monkeypatch.delenv(var, raising=False)
+    assert initialize_distributed() is False
+    assert initialize_distributed("127.0.0.1:1234", 1, 0) is False
+    # A single-task SLURM job is a single process too.
+    monkeypatch.setenv("SLURM_JOB_ID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert initialize_distributed() is False
+    assert jax.process_count() == 1
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, match",
+    [
+        (("127.0.0.1:1234", 2, None), {}, "give all of"),
+        (("127.0.0.1:1234", 2, 2), {}, r"process_id must be an integer in \[0, 2\)"),
+        (("127.0.0.1:1234", 0, 0), {}, "num_processes must be a positive integer"),
+        ((), {"cpu_collectives": "nccl"}, "cpu_collectives must be one of"),
+    ],
+)
+def test_initialize_distributed_rejects_bad_arguments(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        initialize_distributed(*args, **kwargs)
