@@ -27,18 +27,20 @@ def _mesh(p):
     return Mesh(np.array(jax.devices()[:p]), ("data",))
 
 
-def _per_device_tree(p, seed=0):
-    """Leaves of odd sizes, tiny and large, in three dtypes; leading axis = device."""
+def _per_device_tree(p, seed=0, bfloat16=False):
+    """Leaves of odd sizes, tiny and large; leading axis = device."""
     rng = np.random.default_rng(seed)
     normal = lambda *shape: rng.standard_normal((p, *shape))
-    return {
+    tree = {
         "conv": {"kernel": normal(3, 3, 5, 7).astype(np.float32)},  # 315
         "bn": {"bias": normal(7).astype(np.float32), "scale": normal().astype(np.float32)},
         "dense": normal(1001).astype(np.float32),
-        "half": normal(17, 3).astype(jnp.bfloat16),
-        "half_big": normal(513).astype(jnp.bfloat16),
         "count": rng.integers(-1000, 1000, (p, 5)).astype(np.int32),
     }
+    if bfloat16:
+        tree["half"] = normal(17, 3).astype(jnp.bfloat16)
+        tree["half_big"] = normal(513).astype(jnp.bfloat16)
+    return tree
 
 
 def _run(allreduce, tree, p):
@@ -73,22 +75,35 @@ def _check_sums(tree, got, ref):
             assert np.all(np.abs(r[device].astype(np.float64) - exact) <= bound)
 
 
-CASES = [
-    (p, name)
-    for p in range(2, 9)
-    for name in ("ring", "halving_doubling", "binary_blocks", "hierarchical")
-    if not (name == "halving_doubling" and p & (p - 1))
-    if not (name == "hierarchical" and p % 2)
-]
+POWER_OF_TWO = (2, 4, 8)
+CASES = (
+    [(p, "ring") for p in range(2, 9)]
+    + [(p, "halving_doubling") for p in POWER_OF_TWO]
+    # For a power of two, binary blocks runs halving/doubling itself: p = 8 checks that.
+    + [(p, "binary_blocks") for p in (3, 5, 6, 7, 8)]
+    + [(p, "hierarchical") for p in (4, 6, 8)]  # 2, 3 and 4 hosts of 2 devices
+)
 
 
 @pytest.mark.parametrize("p,name", CASES)
 def test_equals_psum(p, name):
     options = {"devices_per_host": 2} if name == "hierarchical" else {}
-    # 2 KiB buckets: the kernel and the tiny BN leaves share one float32 bucket,
-    # the large dense leaf travels alone.
-    allreduce = get_allreduce(name, bucket_bytes=2048, **options)
+    # Default buckets: one per dtype (many buckets and bfloat16: below).
+    allreduce = get_allreduce(name, **options)
     tree = _per_device_tree(p)
+    got, ref = _run(allreduce, tree, p)
+    _check_sums(tree, got, ref)
+
+
+@pytest.mark.parametrize(
+    "p,name", [(7, "binary_blocks"), (5, "ring"), (4, "halving_doubling"), (6, "hierarchical")]
+)
+def test_equals_psum_bfloat16_and_small_buckets(p, name):
+    # 1 KiB buckets: the tiny BN leaves share a bucket, the kernel and the
+    # dense leaf travel alone, the two bfloat16 leaves are split.
+    options = {"devices_per_host": 2} if name == "hierarchical" else {}
+    allreduce = get_allreduce(name, bucket_bytes=1024, **options)
+    tree = _per_device_tree(p, seed=3, bfloat16=True)
     got, ref = _run(allreduce, tree, p)
     _check_sums(tree, got, ref)
 
