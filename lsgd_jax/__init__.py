@@ -14,9 +14,14 @@ from lsgd_jax.optim import (
     momentum_sgd,
 )
 
+# --- collectives (collectives/, costmodel.py) ---
+from lsgd_jax.collectives import ALLREDUCE_NAMES, get_allreduce
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALLREDUCE_NAMES",
+    "get_allreduce",
     "MomentumState",
     "default_weight_decay_mask",
     "goyal_schedule",
