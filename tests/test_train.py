@@ -1,0 +1,221 @@
+"""The training loop end to end: train, evaluate, checkpoint, resume, preemption, bad input."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lsgd_jax.config import TrainConfig
+from lsgd_jax.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENTRY = os.path.join(ROOT, "experiments", "imagenet_resnet50.py")
+
+# A run small enough for a 2-core CPU: ResNet-20 on 16-pixel synthetic images,
+# kn = 32 over 8 fake devices with BN groups of 4; 4 steps per epoch.
+TINY = dict(data="synthetic", model="resnet20", image_size=16, batch_size=32, bn_group_size=4,
+            synthetic_examples=128, synthetic_eval_examples=40, eval_batch_size=16,
+            dtype="float32", epochs=3, warmup_epochs=1, decay_epochs=(2,), log_every_steps=1)
+TINY_FLAGS = ["--data", "synthetic", "--model", "resnet20", "--image-size", "16",
+              "--batch-size", "32", "--bn-group-size", "4", "--synthetic-examples", "128",
+              "--synthetic-eval-examples", "40", "--eval-batch-size", "16", "--dtype", "float32",
+              "--epochs", "3", "--warmup-epochs", "1", "--decay-epochs", "2",
+              "--log-every-steps", "1", "--checkpoint-every-steps", "2"]
+TOTAL_STEPS = 12
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _run(args, timeout=240, devices=8):
+    return subprocess.run([sys.executable, ENTRY, *args, "--cpu-devices", str(devices)],
+                          env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _final_sha(workdir):
+    records = [r for r in read_metrics(workdir, "checkpoint") if r["step"] == TOTAL_STEPS]
+    assert records, f"no checkpoint at step {TOTAL_STEPS} in {workdir}"
+    return records[-1]["state_sha256"]
+
+
+def _complete_checkpoints(workdir):
+    """Steps of the finished checkpoints (orbax renames a checkpoint to its step when done)."""
+    path = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(path):
+        return []
+    return sorted(int(name) for name in os.listdir(path) if name.isdigit())
+
+
+def _start(args, devices=8):
+    return subprocess.Popen([sys.executable, ENTRY, *args, "--cpu-devices", str(devices)],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _wait_for(workdir, proc, predicate, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(predicate(r) for r in read_metrics(workdir)):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"run ended early with status {proc.returncode}:\n{proc.stdout.read()}")
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail("timed out waiting for the run to reach the expected point")
+
+
+# ---------------------------------------------------------------- in process
+def test_end_to_end_trains_evaluates_and_checkpoints(tmp_path):
+    from lsgd_jax.train import train_and_evaluate
+
+    config = TrainConfig(**TINY, checkpoint_every_steps=0)
+    summary = train_and_evaluate(config, str(tmp_path))
+    assert summary["step"] == TOTAL_STEPS and not summary["preempted"]
+    kinds = [r["kind"] for r in read_metrics(str(tmp_path))]
+    for kind in ("start", "train", "eval", "checkpoint", "result"):
+        assert kind in kinds
+    evals = read_metrics(str(tmp_path), "eval")
+    assert [e["epoch"] for e in evals] == [1.0, 2.0, 3.0]
+    assert all(e["count"] == 40 for e in evals)  # every validation example once
+    train = read_metrics(str(tmp_path), "train")
+    # the schedule was followed: k = 32/256 < 1, so kη from step 0 (no warmup), ×0.1 at epoch 2
+    assert train[0]["lr"] == pytest.approx(0.1 * 32 / 256, rel=1e-6)
+    assert train[-1]["lr"] == pytest.approx(0.1 * 32 / 256 * 0.1, rel=1e-6)
+    assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == [4, 8, 12]
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["config"]["batch_size"] == 32 and saved["derived"]["steps_per_epoch"] == 4
+    assert summary["median_top1_error_last5"] == pytest.approx(
+        sorted(e["top1_error"] for e in evals)[1])
+    assert os.listdir(tmp_path / "tensorboard")
+
+
+def test_config_errors_name_the_value():
+    for changes, text in [
+        (dict(batch_size=0), "batch_size must be a positive integer, got 0"),
+        (dict(warmup="linear"), "warmup must be one of"),
+        (dict(model="vgg16"), "model must be one of"),
+        (dict(decay_epochs=(60, 30)), "decay_epochs"),
+        (dict(momentum=1.0), "momentum must be in [0, 1), got 1.0"),
+        (dict(data="cifar"), "data must be one of"),
+    ]:
+        with pytest.raises(ValueError) as err:
+            TrainConfig(**(TINY | changes))
+        assert text in str(err.value)
+
+
+# ---------------------------------------------------------------- processes
+@pytest.fixture(scope="module")
+def reference_sha(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    result = _run(["--workdir", workdir, *TINY_FLAGS])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return _final_sha(workdir)
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_is_bit_identical(tmp_path, reference_sha):
+    workdir = str(tmp_path)
+    kill_at = random.Random(os.urandom(8)).randint(3, TOTAL_STEPS - 2)
+    proc = _start(["--workdir", workdir, *TINY_FLAGS])
+    try:
+        # Past step kill_at, with at least one complete checkpoint to resume from.
+        _wait_for(workdir, proc, lambda r: r["kind"] == "train" and r["step"] >= kill_at
+                  and _complete_checkpoints(workdir))
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    complete = _complete_checkpoints(workdir)
+    assert complete and complete[-1] < TOTAL_STEPS
+    result = _run(["--workdir", workdir, *TINY_FLAGS])
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = f"resuming from {os.path.join(workdir, 'checkpoints', str(complete[-1]))}"
+    assert resumed in result.stdout, f"killed at step {kill_at}"
+    assert _final_sha(workdir) == reference_sha, f"killed at step {kill_at}"
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_exits_0_and_resumes_bit_identical(tmp_path, reference_sha):
+    workdir = str(tmp_path)
+    proc = _start(["--workdir", workdir, *TINY_FLAGS])
+    try:
+        _wait_for(workdir, proc, lambda r: r["kind"] == "train" and r["step"] >= 3)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert "preempted" in out and "resume" in out
+    saved = [r["step"] for r in read_metrics(workdir, "checkpoint")]
+    assert saved and saved[-1] < TOTAL_STEPS
+    result = _run(["--workdir", workdir, *TINY_FLAGS])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from {os.path.join(workdir, 'checkpoints', str(saved[-1]))}" in result.stdout
+    assert _final_sha(workdir) == reference_sha
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize("flags,text", [
+    (["--batch-size", "0"], "batch_size must be a positive integer, got 0"),
+    (["--warmup", "linear"], "invalid choice: 'linear'"),
+    (["--decay-epochs", "30,x"], "expected comma-separated epochs"),
+    (["--batch-size", "36"], "global_batch_size=36 is not divisible"),
+    (["--data", "fashion_mnist", "--data-dir", "/nonexistent/fmnist"], "/nonexistent/fmnist"),
+])
+def test_bad_flags_fail_fast_with_a_clear_error(tmp_path, flags, text):
+    args = ["--workdir", str(tmp_path / "w"), *TINY_FLAGS, *flags]
+    if "--data" in flags:
+        args = ["--workdir", str(tmp_path / "w"), *flags, "--num-steps", "1"]
+    result = _run(args, timeout=120)
+    assert result.returncode == 2
+    assert text in result.stderr
+    assert not os.path.exists(tmp_path / "w" / "checkpoints") or not os.listdir(
+        tmp_path / "w" / "checkpoints")
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path):
+    workdir = str(tmp_path)
+    first = _run(["--workdir", workdir, *TINY_FLAGS, "--num-steps", "2"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt_dir = tmp_path / "checkpoints"
+    before = sorted((str(p.relative_to(ckpt_dir)), p.stat().st_size) for p in ckpt_dir.rglob("*"))
+    second = _run(["--workdir", workdir, *TINY_FLAGS, "--model", "resnet18"])
+    assert second.returncode == 2
+    assert "model: checkpoint has 'resnet20', this run has 'resnet18'" in second.stderr
+    after = sorted((str(p.relative_to(ckpt_dir)), p.stat().st_size) for p in ckpt_dir.rglob("*"))
+    assert after == before
+
+
+# ---------------------------------------------------------------- multi-process
+@pytest.mark.slow
+def test_two_processes_through_the_local_launcher_with_a_resume(tmp_path):
+    """2 processes × 2 devices (Gloo), stopped at step 4 and resumed, against 1 process × 4."""
+    launcher = os.path.join(ROOT, "launch", "local.sh")
+    flags = [f for f in TINY_FLAGS]
+    workdir, single = str(tmp_path / "two"), str(tmp_path / "one")
+    env = _env() | {"PYTHON": sys.executable}
+    first = subprocess.run(["bash", launcher, "2", "2", "--workdir", workdir, *flags,
+                            "--num-steps", "4"], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run(["bash", launcher, "2", "2", "--workdir", workdir, *flags,
+                             "--num-steps", "8"], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from" in second.stdout
+    ref = _run(["--workdir", single, *flags, "--num-steps", "8"], devices=4)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    two = {r["step"]: r["loss"] for r in read_metrics(workdir, "train")}
+    one = {r["step"]: r["loss"] for r in read_metrics(single, "train")}
+    assert sorted(two) == sorted(one) == list(range(1, 9))
+    for step in range(1, 9):
+        # tolerance: float32 all-reduce over 2 processes vs 4 local devices, 8 steps
+        assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-5), step
