@@ -17,6 +17,23 @@ from lsgd_jax.optim import (
 # --- collectives (collectives/, costmodel.py) ---
 from lsgd_jax.collectives import ALLREDUCE_NAMES, get_allreduce
 
+# --- engine (models/, parallel.py, layout.py, step.py) ---
+from lsgd_jax.models import ResNet, get_model
+from lsgd_jax.parallel import (
+    data_sharding,
+    host_to_global,
+    initialize_distributed,
+    make_mesh,
+    replicated_sharding,
+)
+from lsgd_jax.layout import BatchLayout, validate_batch_layout
+from lsgd_jax.step import (
+    TrainState,
+    create_train_state,
+    make_eval_step,
+    make_train_step,
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -28,4 +45,18 @@ __all__ = [
     "goyal_sgd",
     "momentum_sgd",
     "scaled_learning_rate",
+    # engine
+    "BatchLayout",
+    "ResNet",
+    "TrainState",
+    "create_train_state",
+    "data_sharding",
+    "get_model",
+    "host_to_global",
+    "initialize_distributed",
+    "make_eval_step",
+    "make_mesh",
+    "make_train_step",
+    "replicated_sharding",
+    "validate_batch_layout",
 ]

@@ -1,0 +1,338 @@
+"""The synchronous SGD step of Goyal et al. 2017 on a ``("data",)`` mesh, and the eval step.
+
+Per worker w of n images (n = ``bn_group_size``), with kn images in all:
+
+* BatchNorm statistics over the worker's n images only (section 3,
+  "BatchNorm"); a device holding b images runs b / n workers.
+* The worker's loss is its summed cross-entropy divided by kn, not n
+  (Remark 3), so that summing the gradients over all workers (the all-reduce)
+  gives the gradient of the mean loss over kn; L2 weight decay, momentum and
+  the learning rate come from the optimizer (``lsgd_jax.optim.goyal_sgd``),
+  applied once to the summed gradient.
+* Gradient accumulation: each device runs K microbatches in turn (a
+  ``lax.scan``), each with its own BN groups, and adds their gradients before
+  the all-reduce: the math of K × devices workers (footnote 5 of the paper).
+
+Running BN averages: every worker (device × microbatch × group) updates the
+same starting averages with its own statistics; the result is averaged over
+workers (the paper averages the workers' running averages for evaluation and
+checkpoints). The update is linear, so this equals
+``avg ← 0.9·avg + 0.1·mean over all kn/n workers of their statistics``, and the
+stored averages are identical on every device after every step.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from lsgd_jax.layout import (
+    BatchLayout,
+    check_batch,
+    check_pixel_stats,
+    validate_batch_layout,
+)
+from lsgd_jax.parallel import (
+    DATA_AXIS,
+    data_sharding,
+    replicated_sharding,
+    shard_map,
+)
+
+# Per-channel ImageNet statistics in 0-255 units (fb.resnet.torch's, scaled).
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; replicated over the mesh.
+
+    Attributes:
+      step: number of applied steps (int32 scalar).
+      params: model parameters (float32).
+      batch_stats: BN running averages, already averaged over workers.
+      opt_state: optimizer state (float32).
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+def create_train_state(
+    model: Any, tx: optax.GradientTransformation, *, rng: jax.Array, input_shape: Sequence[int], mesh: Mesh
+) -> TrainState:
+    """Initialize parameters, BN averages and optimizer state, replicated over ``mesh``.
+
+    Every process must pass the same ``rng``. ``input_shape`` is any NHWC
+    shape of the model's input, e.g. (1, 224, 224, 3).
+    """
+
+    def init(rng):
+        variables = model.init(rng, jnp.zeros(tuple(input_shape), jnp.float32), train=False)
+        params = variables["params"]
+        return TrainState(
+            step=jnp.zeros([], jnp.int32),
+            params=params,
+            batch_stats=variables.get("batch_stats", {}),
+            opt_state=tx.init(params),
+        )
+
+    return jax.jit(init, out_shardings=replicated_sharding(mesh))(rng)
+
+
+def _normalize(images: jax.Array, pixel_mean, pixel_std, dtype: Any) -> jax.Array:
+    """uint8 pixels → (x − mean) / std in ``dtype``; floating input is used as-is."""
+    if jnp.issubdtype(images.dtype, jnp.floating):
+        return images
+    shape = (1,) * (images.ndim - 1) + (len(pixel_mean),)
+    mean = jnp.asarray(pixel_mean, jnp.float32).reshape(shape)
+    inv_std = 1.0 / jnp.asarray(pixel_std, jnp.float32).reshape(shape)
+    # One multiply-add per pixel, fused with the cast.
+    return (images.astype(jnp.float32) * inv_std + (-mean * inv_std)).astype(dtype)
+
+
+def _global_norm(tree: Any) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+def _resolve_allreduce(allreduce: str | Callable) -> Callable:
+    """``fn(tree, axis_name) -> summed tree`` for use inside shard_map."""
+    if callable(allreduce):
+        return allreduce
+    if allreduce == "psum":
+        return lambda tree, axis_name: jax.lax.psum(tree, axis_name)
+    if not isinstance(allreduce, str):
+        raise ValueError(f"allreduce must be 'psum', another algorithm's name or a function, got {allreduce!r}")
+    # The paper's algorithms (section 4) are for study; import them only on request.
+    from lsgd_jax import collectives
+
+    return collectives.get_allreduce(allreduce)
+
+
+def make_train_step(
+    model: Any,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    global_batch_size: int,
+    bn_group_size: int | None = None,
+    grad_accum_steps: int = 1,
+    allreduce: str | Callable = "psum",
+    pixel_mean: Sequence[float] = IMAGENET_MEAN,
+    pixel_std: Sequence[float] = IMAGENET_STD,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """Build the jitted synchronous SGD step (the module docstring states its math).
+
+    Args:
+      model: a flax module with ``__call__(x, train)`` and a ``bn_group_size``
+        attribute (e.g. from :func:`lsgd_jax.models.get_model`).
+      tx: the optimizer, e.g. ``goyal_sgd(schedule)``; it sees the summed
+        gradient of the mean loss over kn and adds the weight decay itself.
+      mesh: a ``("data",)`` mesh (:func:`lsgd_jax.parallel.make_mesh`).
+      global_batch_size: kn, images per step over all devices and microbatches.
+      bn_group_size: the paper's n; None takes the model's. Must equal the
+        model's when both are given.
+      grad_accum_steps: K microbatches per device per step.
+      allreduce: "psum" (XLA's all-reduce), the name of an algorithm of
+        ``lsgd_jax.collectives``, or ``fn(tree, axis_name)``.
+      pixel_mean, pixel_std: per-channel statistics (0-255 units) used when
+        ``batch["image"]`` is uint8; floating images are used as given.
+
+    Returns:
+      ``train_step(state, batch) -> (state, metrics)``. ``batch`` holds
+      "image" [kn, H, W, C] (uint8 or float) and "label" [kn] int32, sharded
+      over "data"; ``state`` is donated. ``metrics`` are device arrays, not
+      synced: "loss" (mean cross-entropy over kn, without L2),
+      "top1_error" (fraction of the batch), "grad_norm" (global norm of the
+      summed loss gradient, without L2) and "finite" (loss and every gradient
+      finite). When not finite the input state is returned unchanged.
+
+    Raises:
+      ValueError: for a bad layout or arguments, before compiling.
+    """
+    model_group = getattr(model, "bn_group_size", None)
+    if bn_group_size is None:
+        bn_group_size = model_group
+    elif model_group is not None and model_group != bn_group_size:
+        raise ValueError(
+            f"bn_group_size={bn_group_size} differs from the model's bn_group_size="
+            f"{model_group}; build the model with the same value"
+        )
+    if bn_group_size is None:
+        raise ValueError("bn_group_size is required: the model has none and none was given")
+    num_devices = mesh.devices.size
+    layout = validate_batch_layout(
+        global_batch_size=global_batch_size,
+        num_devices=num_devices,
+        grad_accum_steps=grad_accum_steps,
+        bn_group_size=bn_group_size,
+    )
+    check_pixel_stats(pixel_mean, pixel_std)
+    reduce_fn = _resolve_allreduce(allreduce)
+    kn = float(layout.global_batch_size)
+    K = layout.grad_accum_steps
+    dtype = getattr(model, "dtype", jnp.float32)
+
+    def microbatch_grads(params, batch_stats, images, labels):
+        """Gradient of (summed cross-entropy / kn) for one microbatch on one device."""
+
+        def loss_fn(p):
+            logits, updates = model.apply(
+                {"params": p, "batch_stats": batch_stats}, images, train=True,
+                mutable=["batch_stats"],
+            )
+            logits = logits.astype(jnp.float32)
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+            ce_sum = jnp.sum(ce)
+            errors = jnp.sum(jnp.argmax(logits, axis=-1) != labels).astype(jnp.float32)
+            return ce_sum / kn, (updates["batch_stats"], ce_sum, errors)
+
+        (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return grads, aux
+
+    def per_device(params, batch_stats, images, labels):
+        images = _normalize(images, pixel_mean, pixel_std, dtype)
+        if K == 1:
+            grads, (new_stats, ce_sum, errors) = microbatch_grads(params, batch_stats, images, labels)
+        else:
+            xs = (
+                images.reshape((K, layout.microbatch) + images.shape[1:]),
+                labels.reshape((K, layout.microbatch)),
+            )
+
+            def body(carry, x):
+                g, (s, ce, err) = microbatch_grads(params, batch_stats, *x)
+                return jax.tree.map(jnp.add, carry, (g, s, ce, err)), None
+
+            zeros = jax.tree.map(
+                jnp.zeros_like,
+                (params, batch_stats, jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32)),
+            )
+            (grads, stat_sum, ce_sum, errors), _ = jax.lax.scan(body, zeros, xs)
+            new_stats = jax.tree.map(lambda s: s / K, stat_sum)
+        grads = reduce_fn(grads, DATA_AXIS)
+        # Each device's averages already mix its microbatches; mixing devices
+        # completes the average over all workers and keeps them replicated.
+        new_stats = jax.lax.pmean(new_stats, DATA_AXIS)
+        ce_sum, errors = jax.lax.psum((ce_sum, errors), DATA_AXIS)
+        return grads, new_stats, ce_sum, errors
+
+    sharded = shard_map(
+        per_device,
+        mesh=mesh,
+        in_specs=(P(), P(), P(DATA_AXIS), P(DATA_AXIS)),
+        out_specs=(P(), P(), P(), P()),
+    )
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        grads, batch_stats, ce_sum, errors = sharded(
+            state.params, state.batch_stats, batch["image"], batch["label"]
+        )
+        loss = ce_sum / kn
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss)
+        for g in jax.tree.leaves(grads):
+            finite = finite & jnp.all(jnp.isfinite(g))
+        new_state = TrainState(
+            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+        )
+        # Select, so a non-finite step can never reach the state (or a checkpoint).
+        state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        metrics = {
+            "loss": loss,
+            "top1_error": errors / kn,
+            "grad_norm": _global_norm(grads),
+            "finite": finite,
+        }
+        return state, metrics
+
+    replicated = replicated_sharding(mesh)
+    jitted = jax.jit(
+        step,
+        in_shardings=(replicated, data_sharding(mesh)),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+
+    @functools.wraps(step)
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        check_batch(batch, ("image", "label"), num_devices, layout.global_batch_size, "train_step")
+        return jitted(state, {"image": batch["image"], "label": batch["label"]})
+
+    train_step.jitted = jitted
+    train_step.layout = layout
+    return train_step
+
+
+def make_eval_step(
+    model: Any,
+    mesh: Mesh,
+    *,
+    pixel_mean: Sequence[float] = IMAGENET_MEAN,
+    pixel_std: Sequence[float] = IMAGENET_STD,
+) -> Callable[[TrainState, dict], dict]:
+    """Build the jitted evaluation step: masked sums over the global batch.
+
+    BN uses the running averages, so examples are independent and padding
+    changes nothing for the real ones. Summing the returned values over the
+    batches of a padded, masked validation set scores every example exactly
+    once, whatever the number of devices.
+
+    Args:
+      model: the flax module used for training.
+      mesh: the ``("data",)`` mesh.
+      pixel_mean, pixel_std: as in :func:`make_train_step`.
+
+    Returns:
+      ``eval_step(state, batch) -> metrics``; ``batch`` holds "image", "label"
+      and "mask" (float or bool [N]; 0 for padding), N a multiple of the
+      device count. ``metrics``: "top1_errors", "top5_errors", "count"
+      (int32) and "loss_sum" (float32), sums over the real examples. A label
+      counts as within the top k when fewer than k classes score strictly
+      higher (ties go to the label).
+    """
+    check_pixel_stats(pixel_mean, pixel_std)
+    num_devices = mesh.devices.size
+    dtype = getattr(model, "dtype", jnp.float32)
+
+    def step(state: TrainState, batch: dict) -> dict:
+        images = _normalize(batch["image"], pixel_mean, pixel_std, dtype)
+        labels = batch["label"]
+        valid = batch["mask"].astype(jnp.bool_)  # any non-zero mask marks a real example
+        logits = model.apply(
+            {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
+        ).astype(jnp.float32)
+        safe_labels = jnp.where(valid, labels, 0)
+        true_logit = jnp.take_along_axis(logits, safe_labels[:, None], axis=1)
+        rank = jnp.sum(logits > true_logit, axis=1)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, safe_labels)
+        return {
+            "top1_errors": jnp.sum(valid & (rank >= 1)).astype(jnp.int32),
+            "top5_errors": jnp.sum(valid & (rank >= 5)).astype(jnp.int32),
+            "loss_sum": jnp.sum(jnp.where(valid, ce, 0.0)),
+            "count": jnp.sum(valid).astype(jnp.int32),
+        }
+
+    jitted = jax.jit(
+        step,
+        in_shardings=(replicated_sharding(mesh), data_sharding(mesh)),
+        out_shardings=replicated_sharding(mesh),
+    )
+
+    @functools.wraps(step)
+    def eval_step(state: TrainState, batch: dict) -> dict:
+        check_batch(batch, ("image", "label", "mask"), num_devices, None, "eval_step")
+        return jitted(state, {k: batch[k] for k in ("image", "label", "mask")})
+
+    eval_step.jitted = jitted
+    return eval_step
