@@ -157,7 +157,7 @@ def hierarchical_time(
     if not isinstance(h, int) or h < 1:
         raise ValueError(f"devices_per_host={h!r} must be a positive int")
     inside = allreduce_time("ring", n, h, intra, itemsize)
-    shared = dataclasses.replace(inter, beta=inter.beta * h, gamma=inter.gamma)
+    shared = dataclasses.replace(inter, beta=inter.beta * h)
     between = allreduce_time(between_hosts, n / h, hosts, shared, itemsize) if hosts > 1 else 0.0
     return inside + between
 

@@ -1,7 +1,7 @@
 """Gradient pytrees to flat buckets and back.
 
-A ResNet-50 has 161 parameter tensors, about half of them BatchNorm scales
-and biases of a few hundred elements. Each all-reduce step costs a latency
+A ResNet-50 has 161 parameter tensors, 106 of them BatchNorm scales
+and biases of 64 to 2,048 elements. Each all-reduce step costs a latency
 alpha whatever its size, so small tensors are packed into shared buckets
 (one message per step instead of one per tensor) while large ones travel
 alone. Tensors are grouped by dtype so that no value is converted.
