@@ -1,0 +1,131 @@
+"""Throughput of the synchronous SGD train step on synthetic ImageNet-shaped data.
+
+Runs lsgd_jax.step.make_train_step (per-worker BN, loss / kn, gradient
+all-reduce, goyal_sgd) on every visible device with a device-resident
+synthetic uint8 batch, so the figure is the step alone (no input pipeline).
+Prints compile time, step time, images/s in total and per device, and the
+XLA flags in effect. No TensorFlow is needed.
+
+GPU (the paper's setting, 256 images per device in BN groups of 32):
+  . launch/xla_gpu_flags.sh
+  python experiments/bench_train_step.py --model resnet50 --batch-per-device 256 \\
+      --bn-group-size 32 --dtype bfloat16 --steps 50 --warmup-steps 10
+CPU smoke run:
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 python experiments/bench_train_step.py \\
+      --model resnet20 --image-size 32 --batch-per-device 8 --bn-group-size 4 \\
+      --dtype float32 --steps 3 --warmup-steps 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lsgd_jax.models import get_model
+from lsgd_jax.optim import goyal_sgd
+from lsgd_jax.parallel import data_sharding, initialize_distributed, make_mesh
+from lsgd_jax.schedules import scaled_learning_rate
+from lsgd_jax.step import create_train_state, make_train_step
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--batch-per-device", type=int, default=256)
+    p.add_argument("--bn-group-size", type=int, default=32)
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--steps", type=int, default=50, help="timed steps")
+    p.add_argument("--warmup-steps", type=int, default=10, help="untimed steps after compiling")
+    p.add_argument("--grad-accum-steps", type=int, default=1)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--allreduce", default="psum")
+    p.add_argument("--input-dtype", choices=("uint8", "float32"), default="uint8",
+                   help="uint8 is normalized on device, as the input pipeline delivers it")
+    args = p.parse_args()
+    for name in ("batch_per_device", "steps", "grad_accum_steps", "image_size", "channels"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup_steps < 0:
+        p.error(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    initialize_distributed()  # no-op unless SLURM / Open MPI start several processes
+    mesh = make_mesh()
+    num_devices = mesh.devices.size
+    kn = args.batch_per_device * num_devices
+    model = get_model(args.model, num_classes=args.num_classes, dtype=args.dtype,
+                      bn_group_size=args.bn_group_size)
+    tx = goyal_sgd(scaled_learning_rate(0.1, kn))
+    train_step = make_train_step(model, tx, mesh, global_batch_size=kn,
+                                 grad_accum_steps=args.grad_accum_steps,
+                                 allreduce=args.allreduce)
+    hwc = (args.image_size, args.image_size, args.channels)
+    state = create_train_state(model, tx, rng=jax.random.key(0), input_shape=(1,) + hwc,
+                               mesh=mesh)
+
+    # Synthetic batch made on the devices, already sharded like a real one.
+    def synthetic(key):
+        if args.input_dtype == "uint8":
+            image = jax.random.randint(key, (kn,) + hwc, 0, 256, jnp.int32).astype(jnp.uint8)
+        else:
+            image = jax.random.normal(key, (kn,) + hwc, jnp.float32)
+        label = jax.random.randint(jax.random.fold_in(key, 1), (kn,), 0, args.num_classes,
+                                   jnp.int32)
+        return {"image": image, "label": label}
+
+    batch = jax.jit(synthetic, out_shardings=data_sharding(mesh))(jax.random.key(1))
+
+    t0 = time.perf_counter()
+    compiled = train_step.jitted.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+
+    for _ in range(args.warmup_steps):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics) if args.warmup_steps else state)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        # No host sync inside the loop: the donated state chains the steps.
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    elapsed = time.perf_counter() - t0
+    if not bool(metrics["finite"]):
+        raise RuntimeError("the benchmark step produced non-finite values")
+
+    step_s = elapsed / args.steps
+    layout = train_step.layout
+    devices = mesh.devices.flat
+    if jax.process_index() == 0:
+        print(f"devices          {num_devices} x {devices[0].device_kind} "
+              f"({jax.process_count()} process(es)); jax {jax.__version__}, "
+              f"python {platform.python_version()}")
+        print(f"model            {args.model}, {args.dtype}, {args.image_size}x{args.image_size}"
+              f"x{args.channels}, {args.num_classes} classes, input {args.input_dtype}")
+        print(f"batch            kn={kn} ({args.batch_per_device}/device, "
+              f"{args.grad_accum_steps} microbatch(es) of {layout.microbatch}, "
+              f"BN groups of {args.bn_group_size}: {layout.num_workers} workers), "
+              f"allreduce={args.allreduce}")
+        print(f"XLA_FLAGS        {os.environ.get('XLA_FLAGS', '') or '(unset)'}")
+        print(f"compile          {compile_s:.1f} s")
+        print(f"step time        {1e3 * step_s:.1f} ms (mean of {args.steps} steps after "
+              f"{args.warmup_steps} warm-up)")
+        print(f"images/s         {kn / step_s:,.0f} total, "
+              f"{kn / step_s / num_devices:,.0f} per device")
+        stats = getattr(devices[0], "memory_stats", lambda: None)()
+        if stats and "peak_bytes_in_use" in stats:
+            print(f"peak memory      {stats['peak_bytes_in_use'] / 2**30:.1f} GiB on device 0")
+        print(f"final loss       {float(metrics['loss']):.4f}")
+
+
+if __name__ == "__main__":
+    main()
