@@ -102,6 +102,13 @@ class Checkpoints:
         )
         return dict(restored["data"]), dict(restored["meta"])
 
+    def read_state(self, step: int) -> Any:
+        """The ``state`` item of checkpoint ``step`` as saved (nested dicts of arrays), for inspection."""
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+        )
+        return restored["state"]
+
     def restore(self, step: int, target: Any, *, config: dict) -> tuple[Any, dict, dict]:
         """Restore checkpoint ``step`` onto the shapes and shardings of ``target``.
 

@@ -219,3 +219,43 @@ def test_two_processes_through_the_local_launcher_with_a_resume(tmp_path):
     for step in range(1, 9):
         # tolerance: float32 all-reduce over 2 processes vs 4 local devices, 8 steps
         assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-5), step
+
+
+def test_unfinished_checkpoints_are_ignored_and_cleaned(tmp_path):
+    from lsgd_jax.train import train_and_evaluate
+
+    config = TrainConfig(**TINY | dict(num_steps=4))
+    train_and_evaluate(config, str(tmp_path))
+    # A save cut short by a crash: orbax's temporary name, half-written contents.
+    unfinished = tmp_path / "checkpoints" / "8.orbax-checkpoint-tmp-1234567"
+    (unfinished / "state").mkdir(parents=True)
+    (unfinished / "state" / "garbage").write_bytes(b"\0" * 100)
+    lines = []
+    summary = train_and_evaluate(config.replace(num_steps=6), str(tmp_path), log=lines.append)
+    assert any(f"resuming from {tmp_path / 'checkpoints' / '4'}" in line for line in lines)
+    assert summary["step"] == 6
+    assert not unfinished.exists()
+    assert _complete_checkpoints(str(tmp_path))[-1] == 6
+
+
+def test_non_finite_loss_stops_the_run_without_saving_it(tmp_path):
+    import jax
+    import numpy as np
+
+    from lsgd_jax.checkpoint import Checkpoints
+    from lsgd_jax.train import NonFiniteError, train_and_evaluate
+
+    # A rate of 1e12 blows the loss up within a few steps.
+    config = TrainConfig(**TINY | dict(base_lr=1e12, checkpoint_every_steps=1))
+    with pytest.raises(NonFiniteError, match=r"non-finite loss or gradient at step \d+ "
+                                              r"\(learning rate 1\.25e\+11"):
+        train_and_evaluate(config, str(tmp_path))
+    steps = _complete_checkpoints(str(tmp_path))
+    assert steps  # the finite steps before the blow-up were saved
+    ckpts = Checkpoints(str(tmp_path / "checkpoints"))
+    try:
+        for step in steps:
+            for leaf in jax.tree.leaves(ckpts.read_state(step)):
+                assert np.all(np.isfinite(np.asarray(leaf))), step
+    finally:
+        ckpts.close()

@@ -1,0 +1,54 @@
+"""The plot command reads metrics.jsonl records and writes a PNG."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lsgd_jax.metrics import paper_error
+from lsgd_jax.plotting import curves
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _fake_run(path, errors, resumed_step=None):
+    path.mkdir()
+    records = [{"kind": "train", "step": s, "epoch": s / 10, "lr": 0.1, "loss": 2.0 / s,
+                "top1_error": 0.5} for s in range(1, 31)]
+    if resumed_step:  # a resumed run logs some steps twice; the later record wins
+        records.append({"kind": "train", "step": resumed_step, "epoch": resumed_step / 10,
+                        "lr": 0.1, "loss": 123.0, "top1_error": 0.5})
+    records += [{"kind": "eval", "step": 10 * e, "epoch": e, "top1_error": err}
+                for e, err in enumerate(errors, start=1)]
+    (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n{cut")
+    return str(path)
+
+
+def test_curves_deduplicate_and_skip_a_cut_line(tmp_path):
+    run = _fake_run(tmp_path / "a", [0.5, 0.4, 0.3], resumed_step=5)
+    c = curves(run)
+    assert len(c["train_epoch"]) == 30
+    assert c["train_loss"][4] == 123.0
+    assert c["eval_error"] == pytest.approx([50.0, 40.0, 30.0])
+
+
+def test_paper_error_is_the_median_of_the_last_five():
+    assert paper_error([0.9, 0.8, 0.30, 0.25, 0.20, 0.22, 0.26]) == pytest.approx(0.25)
+    with pytest.raises(ValueError):
+        paper_error([])
+
+
+def test_plot_command_writes_a_png(tmp_path):
+    a = _fake_run(tmp_path / "kn256", [0.5, 0.4, 0.3])
+    b = _fake_run(tmp_path / "kn8k", [0.6, 0.45, 0.32])
+    out = tmp_path / "curves.png"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "plot_curves.py"),
+                             b, "--reference", a, "-o", str(out)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    missing = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "plot_curves.py"),
+                              str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "no metrics.jsonl" in missing.stderr
