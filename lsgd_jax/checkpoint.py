@@ -49,6 +49,51 @@ def state_sha256(state: Any) -> str:
     return digest.hexdigest()
 
 
+def check_resumable(directory: str, config: dict) -> int | None:
+    """Refuse early a checkpoint directory written by an incompatible configuration.
+
+    Reads only the small ``meta`` item of the latest complete checkpoint (no
+    arrays), so a run can fail before opening data sets or compiling.
+
+    Returns:
+      The latest complete step, or None when there is nothing to resume.
+
+    Raises:
+      CheckpointMismatchError: naming each differing field and both values.
+    """
+    if not os.path.isdir(directory):
+        return None
+    manager = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+        item_names=("state", "data", "meta"),
+    )
+    try:
+        step = manager.latest_step()
+        if step is None:
+            return None
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    finally:
+        manager.close()
+    _compare(os.path.join(os.path.abspath(directory), str(step)), dict(meta).get("config", {}),
+             config)
+    return step
+
+
+def _compare(where: str, saved: dict, config: dict) -> None:
+    diffs = [
+        f"{name}: checkpoint has {saved.get(name)!r}, this run has {config.get(name)!r}"
+        for name in RESUME_FIELDS
+        if name in saved and saved.get(name) != config.get(name)
+    ]
+    if diffs:
+        raise CheckpointMismatchError(
+            f"cannot resume from {where}: it was written by another configuration ("
+            + "; ".join(diffs) + "). Use the checkpoint's values, or a new --workdir to "
+            "start a fresh run; nothing was changed on disk."
+        )
+
+
 class Checkpoints:
     """The run's checkpoint directory.
 
@@ -124,18 +169,7 @@ class Checkpoints:
             and the checkpoint directory.
         """
         position, meta = self.read_meta(step)
-        saved = meta.get("config", {})
-        diffs = [
-            f"{name}: checkpoint has {saved.get(name)!r}, this run has {config.get(name)!r}"
-            for name in RESUME_FIELDS
-            if name in saved and saved.get(name) != config.get(name)
-        ]
-        if diffs:
-            raise CheckpointMismatchError(
-                f"cannot resume from {self.directory}/{step}: it was written by another "
-                "configuration (" + "; ".join(diffs) + "). Use the checkpoint's values, "
-                "or a new --workdir to start a fresh run; nothing was changed on disk."
-            )
+        _compare(os.path.join(self.directory, str(step)), meta.get("config", {}), config)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         try:
             restored = self._manager.restore(

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic is deterministic in (seed, step) and needs no files")
     g.add_argument("--data-dir", default=None,
                    help="tfds data dir (imagenet) or folder of the IDX files (fashion_mnist)")
+    g.add_argument("--tfds-name", default=d["tfds_name"],
+                   help="tfds builder read by --data imagenet")
     g.add_argument("--image-size", type=int, default=None, help="input side; default: the data set's")
     g.add_argument("--num-workers", type=int, default=d["num_workers"], help="decoding threads per process")
     g.add_argument("--max-bad-fraction", type=float, default=d["max_bad_fraction"],
@@ -112,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
-        data=args.data, data_dir=args.data_dir, model=args.model, image_size=args.image_size,
+        data=args.data, data_dir=args.data_dir, tfds_name=args.tfds_name, model=args.model, image_size=args.image_size,
         batch_size=args.batch_size, bn_group_size=args.bn_group_size,
         grad_accum_steps=args.grad_accum_steps, epochs=args.epochs, num_steps=args.num_steps,
         base_lr=args.base_lr, reference_batch_size=args.reference_batch_size, warmup=args.warmup,

@@ -32,6 +32,8 @@ class TrainConfig:
     Attributes:
       data: "imagenet", "synthetic" (deterministic in (seed, step)) or "fashion_mnist".
       data_dir: where the data set lives (None: the source's default).
+      tfds_name: the tfds builder read by ``data="imagenet"`` (any data set with
+        imagenet2012's ``image``/``label`` features).
       model: "resnet50", "resnet18", "resnet34", "resnet101" or "resnet20";
         None picks by data set (resnet20 for fashion_mnist, else resnet50).
       image_size: input side in pixels (None: the data set's, 224 for ImageNet).
@@ -63,6 +65,7 @@ class TrainConfig:
 
     data: str = "synthetic"
     data_dir: str | None = None
+    tfds_name: str = "imagenet2012"
     model: str | None = None
     image_size: int | None = None
     batch_size: int = 256
@@ -134,6 +137,8 @@ class TrainConfig:
             raise ValueError(
                 f"decay_epochs must be non-negative and increasing, got {self.decay_epochs!r}"
             )
+        if not isinstance(self.tfds_name, str) or not self.tfds_name:
+            raise ValueError(f"tfds_name must be a non-empty name, got {self.tfds_name!r}")
         if not isinstance(self.allreduce, str) or not self.allreduce:
             raise ValueError(f"allreduce must be a non-empty name, got {self.allreduce!r}")
 
@@ -186,7 +191,7 @@ class TrainConfig:
 
 # Fields that must match between a checkpoint and the run resuming from it:
 # they change the shapes of the state or the meaning of the saved position.
-RESUME_FIELDS = ("data", "model", "image_size", "batch_size", "seed", "synthetic_examples",
+RESUME_FIELDS = ("data", "tfds_name", "model", "image_size", "batch_size", "seed", "synthetic_examples",
                  "momentum_form")
 
 

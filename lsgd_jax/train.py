@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lsgd_jax.checkpoint import Checkpoints, state_sha256
+from lsgd_jax.checkpoint import Checkpoints, check_resumable, state_sha256
 from lsgd_jax.config import TrainConfig
 from lsgd_jax.metrics import MetricsWriter, eval_history, format_duration, paper_error
 from lsgd_jax.models import get_model
@@ -88,7 +88,8 @@ def open_sources(config: TrainConfig):
                          num_examples=config.synthetic_eval_examples, **kwargs)
         return train, val
     if config.data == "imagenet":
-        kwargs = {"num_workers": config.num_workers, "max_bad_fraction": config.max_bad_fraction}
+        kwargs = {"num_workers": config.num_workers, "max_bad_fraction": config.max_bad_fraction,
+                  "builder_name": config.tfds_name}
     train = get_source(config.data, split="train", data_dir=config.data_dir,
                        image_size=config.image_size, **kwargs)
     val = get_source(config.data, split="validation", data_dir=config.data_dir,
@@ -126,6 +127,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *,
     # --- processes, mesh and input; every check before compiling ---------
     mesh = make_mesh()
     num_devices = mesh.devices.size
+    check_resumable(os.path.join(workdir, "checkpoints"), config.to_dict())
     train_source, eval_source = open_sources(config)
     derived = config.derived(train_source.num_examples)
     layout = validate_batch_layout(global_batch_size=config.batch_size, num_devices=num_devices,

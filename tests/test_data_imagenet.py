@@ -6,77 +6,29 @@ JPEG, a corrupt file and a truncated JPEG. Each example is a flat color that enc
 number, so a decoded crop tells which example it came from.
 """
 
-import io
 import logging
 
 import numpy as np
 import pytest
 
-tfds = pytest.importorskip("tensorflow_datasets")
-from PIL import Image  # noqa: E402
+pytest.importorskip("tensorflow_datasets")
+from tiny_imagenet import (  # noqa: E402
+    BUILDER,
+    CMYK,
+    CORRUPT,
+    GRAY,
+    NUM,
+    PNG,
+    TRUNCATED,
+    build,
+    color,
+)
 
 from lsgd_jax.data import Position, TrainIterator, eval_batches, get_source  # noqa: E402
 
-NUM = 40
-CORRUPT, TRUNCATED, CMYK, PNG, GRAY = 5, 17, 8, 23, 30
-BUILDER = "lsgd_tiny_imagenet"
-
-
-def color(i):
-    return (20 + 5 * i, 235 - 5 * i, 60 + 3 * (i % 7)) if i != GRAY else (128, 128, 128)
-
-
-def encode(i):
-    w, h = (64, 48) if i % 2 else (48, 64)
-    img = Image.new("RGB", (w, h), color(i))
-    buf = io.BytesIO()
-    if i == CMYK:
-        img.convert("CMYK").save(buf, "JPEG", quality=95)
-    elif i == PNG:
-        img.save(buf, "PNG")
-    elif i == GRAY:
-        img.convert("L").save(buf, "JPEG", quality=95)
-    else:
-        # A textured corner so JPEGs are not trivially small; the center stays flat.
-        a = np.asarray(img).copy()
-        a[:4, :4] = np.random.default_rng(i).integers(0, 256, (4, 4, 3))
-        Image.fromarray(a).save(buf, "JPEG", quality=95)
-    data = buf.getvalue()
-    if i == CORRUPT:
-        return b"\x00garbage, not an image" * 8
-    if i == TRUNCATED:
-        return data[: len(data) // 2]
-    return data
-
-
-class LsgdTinyImagenet(tfds.core.GeneratorBasedBuilder):
-    """imagenet2012's features, raw bytes kept as they are (tfds does not re-encode bytes)."""
-
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-        return tfds.core.DatasetInfo(
-            builder=self,
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(encoding_format="jpeg"),
-                "label": tfds.features.ClassLabel(num_classes=4),
-                "file_name": tfds.features.Text(),
-            }),
-        )
-
-    def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples(NUM), "validation": self._generate_examples(NUM)}
-
-    def _generate_examples(self, n):
-        for i in range(n):
-            yield i, {"image": encode(i), "label": i % 4, "file_name": f"n0000_{i}.JPEG"}
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tfds")
-    LsgdTinyImagenet(data_dir=str(path), file_format="array_record").download_and_prepare()
-    return str(path)
+    return build(tmp_path_factory.mktemp("tfds"))
 
 
 def open_source(data_dir, split="train", **kwargs):

@@ -259,3 +259,28 @@ def test_non_finite_loss_stops_the_run_without_saving_it(tmp_path):
                 assert np.all(np.isfinite(np.asarray(leaf))), step
     finally:
         ckpts.close()
+
+
+@pytest.mark.slow
+def test_trains_on_a_real_tfds_imagenet_data_set(tmp_path):
+    """The ImageNet path end to end: ArrayRecord random access, JPEG/CMYK/PNG decoding,
+    bad files replaced, uint8 batches normalized on device, every validation image once."""
+    pytest.importorskip("tensorflow_datasets")
+    from tiny_imagenet import BUILDER, NUM, build
+
+    from lsgd_jax.train import train_and_evaluate
+
+    data_dir = build(tmp_path / "tfds")
+    config = TrainConfig(data="imagenet", data_dir=data_dir, tfds_name=BUILDER, model="resnet20",
+                         image_size=16, batch_size=16, bn_group_size=2, eval_batch_size=16,
+                         dtype="float32", epochs=2, warmup_epochs=0, decay_epochs=(),
+                         max_bad_fraction=0.2, num_workers=2, log_every_steps=1)
+    summary = train_and_evaluate(config, str(tmp_path / "run"))
+    assert summary["step"] == 2 * (NUM // 16)
+    evals = read_metrics(str(tmp_path / "run"), "eval")
+    assert [e["count"] for e in evals] == [NUM, NUM]
+    assert all(r["loss"] == r["loss"] for r in read_metrics(str(tmp_path / "run"), "train"))
+    # A data set of another name is refused when resuming.
+    with pytest.raises(ValueError, match="tfds_name: checkpoint has 'lsgd_tiny_imagenet'"):
+        train_and_evaluate(config.replace(tfds_name="imagenet2012", data_dir=data_dir),
+                           str(tmp_path / "run"))
