@@ -139,8 +139,9 @@ class TrainConfig:
             )
         if not isinstance(self.tfds_name, str) or not self.tfds_name:
             raise ValueError(f"tfds_name must be a non-empty name, got {self.tfds_name!r}")
-        if not isinstance(self.allreduce, str) or not self.allreduce:
-            raise ValueError(f"allreduce must be a non-empty name, got {self.allreduce!r}")
+        from lsgd_jax.collectives import ALLREDUCE_NAMES
+
+        _choice("allreduce", self.allreduce, ALLREDUCE_NAMES)
 
     # --------------------------------------------------------------- derived
     def derived(self, num_train_examples: int) -> dict[str, Any]:

@@ -105,6 +105,7 @@ def test_config_errors_name_the_value():
         (dict(decay_epochs=(60, 30)), "decay_epochs"),
         (dict(momentum=1.0), "momentum must be in [0, 1), got 1.0"),
         (dict(data="cifar"), "data must be one of"),
+        (dict(allreduce="tree"), "allreduce must be one of ('psum', 'ring'"),
     ]:
         with pytest.raises(ValueError) as err:
             TrainConfig(**(TINY | changes))
