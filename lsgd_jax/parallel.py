@@ -78,7 +78,11 @@ def initialize_distributed(
                 f"(got coordinator_address={coordinator_address!r}, "
                 f"num_processes={num_processes!r}, process_id={process_id!r})"
             )
-        if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
+        if (
+            isinstance(num_processes, bool)
+            or not isinstance(num_processes, int)
+            or num_processes < 1
+        ):
             raise ValueError(f"num_processes must be a positive integer, got {num_processes!r}")
         if (
             isinstance(process_id, bool)

@@ -68,7 +68,12 @@ class TrainState:
 
 
 def create_train_state(
-    model: Any, tx: optax.GradientTransformation, *, rng: jax.Array, input_shape: Sequence[int], mesh: Mesh
+    model: Any,
+    tx: optax.GradientTransformation,
+    *,
+    rng: jax.Array,
+    input_shape: Sequence[int],
+    mesh: Mesh,
 ) -> TrainState:
     """Initialize parameters, BN averages and optimizer state, replicated over ``mesh``.
 
@@ -111,7 +116,10 @@ def _resolve_allreduce(allreduce: str | Callable) -> Callable:
     if allreduce == "psum":
         return lambda tree, axis_name: jax.lax.psum(tree, axis_name)
     if not isinstance(allreduce, str):
-        raise ValueError(f"allreduce must be 'psum', another algorithm's name or a function, got {allreduce!r}")
+        raise ValueError(
+            "allreduce must be 'psum', the name of an lsgd_jax.collectives algorithm or a "
+            f"function, got {allreduce!r}"
+        )
     # The paper's algorithms (section 4) are for study; import them only on request.
     from lsgd_jax import collectives
 
@@ -140,7 +148,8 @@ def make_train_step(
       mesh: a ``("data",)`` mesh (:func:`lsgd_jax.parallel.make_mesh`).
       global_batch_size: kn, images per step over all devices and microbatches.
       bn_group_size: the paper's n; None takes the model's. Must equal the
-        model's when both are given.
+        model's when both are given; a model whose own bn_group_size is None
+        is run with this one.
       grad_accum_steps: K microbatches per device per step.
       allreduce: "psum" (XLA's all-reduce), the name of an algorithm of
         ``lsgd_jax.collectives``, or ``fn(tree, axis_name)``.
@@ -169,6 +178,9 @@ def make_train_step(
         )
     if bn_group_size is None:
         raise ValueError("bn_group_size is required: the model has none and none was given")
+    if hasattr(model, "bn_group_size") and model_group is None:
+        # A model built with BN over whatever it sees gets the step's groups.
+        model = model.clone(bn_group_size=bn_group_size)
     num_devices = mesh.devices.size
     layout = validate_batch_layout(
         global_batch_size=global_batch_size,
@@ -202,7 +214,9 @@ def make_train_step(
     def per_device(params, batch_stats, images, labels):
         images = _normalize(images, pixel_mean, pixel_std, dtype)
         if K == 1:
-            grads, (new_stats, ce_sum, errors) = microbatch_grads(params, batch_stats, images, labels)
+            grads, (new_stats, ce_sum, errors) = microbatch_grads(
+                params, batch_stats, images, labels
+            )
         else:
             xs = (
                 images.reshape((K, layout.microbatch) + images.shape[1:]),

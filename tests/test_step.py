@@ -155,8 +155,8 @@ def assert_trees_close(a, b, **tol):
 
 
 def max_tree_diff(a, b):
-    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-               for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))))
+    pairs = zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b)))
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in pairs)
 
 
 def assert_replicated(tree):
@@ -228,6 +228,18 @@ def test_more_devices_with_scaled_rate_match_single_device_math(num_devices):
     ref, _ = run_reference(model, tx, data, n=2)
     assert_trees_close(state.params, ref.params, **TOL)
     assert_trees_close(state.opt_state, ref.opt_state, **TOL)
+
+
+def test_step_gives_its_bn_groups_to_a_model_without_them():
+    # 4 devices × 4 images: groups of 2 differ from BN over each device's 4.
+    tx = tiny_tx(scaled_learning_rate(0.1, 8, reference_batch_size=16))  # shares a compile
+    mesh = make_mesh(jax.devices()[:4])
+    batch = batches(16, steps=1, seed=9)[0]
+    step = make_train_step(tiny_model(None), tx, mesh, global_batch_size=16, bn_group_size=2,
+                           **NO_NORM)
+    a, _ = step(init_state(tiny_model(None), tx, mesh), batch)
+    b, _ = engine_step(tiny_model(2), tx, 4, 1, 16)(init_state(tiny_model(2), tx, mesh), batch)
+    assert_trees_close(a.params, b.params, rtol=1e-6, atol=1e-7)  # the same program
 
 
 def test_uint8_images_are_normalized_on_device():
