@@ -98,7 +98,8 @@ def initialize_distributed(
     is_initialized = getattr(jax.distributed, "is_initialized", None)
     if is_initialized is not None and is_initialized():
         return True
-    if cpu_collectives is not None:
+    # Newer JAX releases may drop the option (Gloo being their default).
+    if cpu_collectives is not None and "jax_cpu_collectives_implementation" in jax.config.values:
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     jax.distributed.initialize(
         coordinator_address,
