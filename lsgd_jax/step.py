@@ -45,6 +45,17 @@ from lsgd_jax.parallel import (
     shard_map,
 )
 
+__all__ = [
+    "BatchLayout",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "TrainState",
+    "create_train_state",
+    "make_eval_step",
+    "make_train_step",
+    "validate_batch_layout",
+]
+
 # Per-channel ImageNet statistics in 0-255 units (fb.resnet.torch's, scaled).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
