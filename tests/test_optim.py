@@ -171,8 +171,9 @@ def test_default_mask_on_a_real_flax_resnet():
     assert decayed and kept
     assert all(s.endswith("['kernel']") for s in decayed)
     assert all(s.endswith("['scale']") or s.endswith("['bias']") for s in kept)
-    # every convolution and the classifier are decayed: 53 kernels in ResNet-50
-    assert len(decayed) == 53
+    # every convolution (stem 1 + 16 blocks × 3 + 4 projections = 53) and the classifier
+    assert len(decayed) == 54
+    assert "['fc']['kernel']" in decayed
     n_decayed = sum(int(np.prod(x.shape)) for (p, m), x in zip(flat, jax.tree.leaves(params)) if m)
     n_total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     # all but BN γ/β (2 × 26,560 ... per channel) and the 1000 FC biases
