@@ -384,3 +384,23 @@ def test_make_train_step_rejects_bad_configuration_before_compiling():
     with pytest.raises(ValueError, match="cannot be split over 8 devices"):
         eval_step(state, {**batches(12, steps=1)[0], "mask": np.ones(12, np.float32)})
     assert step.jitted._cache_size() == 0  # nothing was compiled
+
+
+@pytest.mark.parametrize("name", ["ring", "halving_doubling", "binary_blocks", "hierarchical"])
+def test_paper_allreduce_in_the_step_equals_psum(name):
+    """The engine with section 4's all-reduces gives the parameters of XLA's psum."""
+    from lsgd_jax.collectives import get_allreduce
+
+    model, tx = tiny_model(2), tiny_tx()
+    data = batches(16, steps=2, seed=3)
+    ref, _ = run_engine(model, tx, jax.devices(), data)
+    mesh = make_mesh()
+    # Two fake "hosts" of 4 devices for the two-level variant.
+    allreduce = get_allreduce(name, devices_per_host=4) if name == "hierarchical" else name
+    step = make_train_step(model, tx, mesh, global_batch_size=16, allreduce=allreduce, **NO_NORM)
+    state = init_state(model, tx, mesh)
+    for batch in data:
+        state, _ = step(state, host_to_global(batch, mesh))
+    assert_trees_close(state.params, ref.params, **TOL)
+    assert_trees_close(state.opt_state, ref.opt_state, **TOL)
+    assert_replicated(state.params)
