@@ -34,6 +34,11 @@ from lsgd_jax.step import (
     make_train_step,
 )
 
+# --- training loop (config.py, train.py, checkpoint.py) ---
+from lsgd_jax.config import TrainConfig
+from lsgd_jax.checkpoint import state_sha256
+from lsgd_jax.train import train_and_evaluate
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -59,4 +64,8 @@ __all__ = [
     "make_train_step",
     "replicated_sharding",
     "validate_batch_layout",
+    # training loop
+    "TrainConfig",
+    "state_sha256",
+    "train_and_evaluate",
 ]

@@ -285,3 +285,19 @@ def test_trains_on_a_real_tfds_imagenet_data_set(tmp_path):
     with pytest.raises(ValueError, match="tfds_name: checkpoint has 'lsgd_tiny_imagenet'"):
         train_and_evaluate(config.replace(tfds_name="imagenet2012", data_dir=data_dir),
                            str(tmp_path / "run"))
+
+
+def test_trains_on_a_host_without_tensorflow(tmp_path):
+    """GPU hosts may lack TensorFlow, tfds and grain: the synthetic path must not need them."""
+    code = (
+        "import sys\n"
+        "for name in ('tensorflow', 'tensorflow_datasets', 'grain'):\n"
+        "    sys.modules[name] = None  # any import of them now fails\n"
+        "from lsgd_jax.cli import main\n"
+        f"sys.exit(main(['--workdir', {str(tmp_path)!r}, *{TINY_FLAGS!r}, '--num-steps', '2',"
+        " '--cpu-devices', '2']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(str(tmp_path), "checkpoint")] == [2]
