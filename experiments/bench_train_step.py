@@ -25,7 +25,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lsgd_jax.models import get_model
 from lsgd_jax.optim import goyal_sgd

@@ -14,11 +14,8 @@ import pytest
 pytest.importorskip("tensorflow_datasets")
 from tiny_imagenet import (  # noqa: E402
     BUILDER,
-    CMYK,
     CORRUPT,
-    GRAY,
     NUM,
-    PNG,
     TRUNCATED,
     build,
     color,

@@ -1,6 +1,5 @@
 """ResNets of the paper: sizes, initialization, zero-γ, strides, per-group BatchNorm."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
