@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail when more than this fraction of images cannot be decoded")
     g.add_argument("--synthetic-examples", type=int, default=d["synthetic_examples"],
                    help="size of the synthetic training set")
-    g.add_argument("--synthetic-eval-examples", type=int, default=d["synthetic_eval_examples"])
+    g.add_argument("--synthetic-eval-examples", type=int, default=d["synthetic_eval_examples"],
+                   help="size of the synthetic validation set")
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=MODEL_NAMES, default=None,
                    help="default: resnet50, or resnet20 for fashion_mnist")
@@ -76,18 +77,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="microbatches per device per step (BN per microbatch)")
     g.add_argument("--eval-batch-size", type=int, default=None, help="default: --batch-size")
     g = p.add_argument_group("schedule")
-    g.add_argument("--epochs", type=float, default=d["epochs"])
+    g.add_argument("--epochs", type=float, default=d["epochs"], help="training length in epochs")
     g.add_argument("--num-steps", type=int, default=None, help="stop after this many steps in all")
     g.add_argument("--base-lr", type=float, default=d["base_lr"], help="η per --reference-batch-size")
-    g.add_argument("--reference-batch-size", type=int, default=d["reference_batch_size"])
-    g.add_argument("--warmup", choices=WARMUP_KINDS, default=d["warmup"])
-    g.add_argument("--warmup-epochs", type=float, default=d["warmup_epochs"])
+    g.add_argument("--reference-batch-size", type=int, default=d["reference_batch_size"],
+                   help="the minibatch --base-lr is for; the rate is base_lr * kn / this")
+    g.add_argument("--warmup", choices=WARMUP_KINDS, default=d["warmup"],
+                   help="gradual: from base_lr to the scaled rate by equal steps; constant: "
+                        "base_lr, then a jump")
+    g.add_argument("--warmup-epochs", type=float, default=d["warmup_epochs"],
+                   help="warmup length (no warmup when kn <= the reference batch)")
     g.add_argument("--decay-epochs", type=_epochs_list, default=d["decay_epochs"],
                    help="comma-separated, e.g. 30,60,80")
-    g.add_argument("--decay-factor", type=float, default=d["decay_factor"])
+    g.add_argument("--decay-factor", type=float, default=d["decay_factor"],
+                   help="rate multiplier at each decay epoch")
     g = p.add_argument_group("optimizer")
-    g.add_argument("--momentum", type=float, default=d["momentum"])
-    g.add_argument("--nesterov", type=_bool, default=d["nesterov"])
+    g.add_argument("--momentum", type=float, default=d["momentum"], help="m, in [0, 1)")
+    g.add_argument("--nesterov", type=_bool, default=d["nesterov"],
+                   help="Nesterov momentum (true/false)")
     g.add_argument("--momentum-form", choices=MOMENTUM_FORMS, default=d["momentum_form"],
                    help="eq9: buffer without the rate; eq10: buffer holds the rate")
     g.add_argument("--momentum-correction", type=_bool, default=d["momentum_correction"],
@@ -98,15 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--checkpoint-every-steps", type=int, default=d["checkpoint_every_steps"],
                    help="0: at the end of every epoch only")
-    g.add_argument("--keep-checkpoints", type=int, default=d["keep_checkpoints"])
-    g.add_argument("--keep-every-epochs", type=int, default=d["keep_every_epochs"])
-    g.add_argument("--eval-every-epochs", type=int, default=d["eval_every_epochs"])
-    g.add_argument("--log-every-steps", type=int, default=d["log_every_steps"])
+    g.add_argument("--keep-checkpoints", type=int, default=d["keep_checkpoints"],
+                   help="how many of the latest checkpoints to keep")
+    g.add_argument("--keep-every-epochs", type=int, default=d["keep_every_epochs"],
+                   help="also keep one checkpoint every this many epochs (0: none)")
+    g.add_argument("--eval-every-epochs", type=int, default=d["eval_every_epochs"],
+                   help="full validation cadence; the last step is always evaluated")
+    g.add_argument("--log-every-steps", type=int, default=d["log_every_steps"],
+                   help="console, metrics.jsonl and TensorBoard cadence")
     g = p.add_argument_group("processes (multi-host)")
     g.add_argument("--coordinator-address", default=None,
                    help="host:port of process 0; not needed under SLURM or Open MPI")
-    g.add_argument("--num-processes", type=int, default=None)
-    g.add_argument("--process-id", type=int, default=None)
+    g.add_argument("--num-processes", type=int, default=None,
+                   help="total number of processes (with --coordinator-address)")
+    g.add_argument("--process-id", type=int, default=None,
+                   help="this process, 0 .. num_processes-1")
     g.add_argument("--cpu-devices", type=int, default=None,
                    help="run on N fake CPU devices per process (testing without GPUs)")
     return p

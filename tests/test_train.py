@@ -16,12 +16,12 @@ from lsgd_jax.metrics import read_metrics
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = os.path.join(ROOT, "experiments", "imagenet_resnet50.py")
 
-# A run small enough for a 2-core CPU: ResNet-20 on 16-pixel synthetic images,
+# A run small enough for a 2-core CPU: ResNet-20 on 32-pixel synthetic images,
 # kn = 32 over 8 fake devices with BN groups of 4; 4 steps per epoch.
-TINY = dict(data="synthetic", model="resnet20", image_size=16, batch_size=32, bn_group_size=4,
+TINY = dict(data="synthetic", model="resnet20", image_size=32, batch_size=32, bn_group_size=4,
             synthetic_examples=128, synthetic_eval_examples=40, eval_batch_size=16,
             dtype="float32", epochs=3, warmup_epochs=1, decay_epochs=(2,), log_every_steps=1)
-TINY_FLAGS = ["--data", "synthetic", "--model", "resnet20", "--image-size", "16",
+TINY_FLAGS = ["--data", "synthetic", "--model", "resnet20", "--image-size", "32",
               "--batch-size", "32", "--bn-group-size", "4", "--synthetic-examples", "128",
               "--synthetic-eval-examples", "40", "--eval-batch-size", "16", "--dtype", "float32",
               "--epochs", "3", "--warmup-epochs", "1", "--decay-epochs", "2",
@@ -112,6 +112,19 @@ def test_config_errors_name_the_value():
         assert text in str(err.value)
 
 
+def test_help_explains_every_flag():
+    from lsgd_jax.cli import build_parser
+
+    parser = build_parser()
+    assert [a.option_strings for a in parser._actions if not a.help] == []
+    for flag in ("--workdir", "--data", "--data-dir", "--model", "--image-size", "--batch-size",
+                 "--bn-group-size", "--grad-accum-steps", "--epochs", "--num-steps", "--base-lr",
+                 "--warmup", "--warmup-epochs", "--decay-epochs", "--momentum-form",
+                 "--weight-decay", "--dtype", "--checkpoint-every-steps", "--seed",
+                 "--coordinator-address", "--num-processes", "--process-id"):
+        assert flag in parser.format_help()
+
+
 # ---------------------------------------------------------------- processes
 @pytest.fixture(scope="module")
 def reference_sha(tmp_path_factory):
@@ -197,22 +210,31 @@ def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path):
 
 # ---------------------------------------------------------------- multi-process
 @pytest.mark.slow
-def test_two_processes_through_the_local_launcher_with_a_resume(tmp_path):
-    """2 processes × 2 devices (Gloo), stopped at step 4 and resumed, against 1 process × 4."""
+def test_two_processes_preempted_through_the_local_launcher_then_resumed(tmp_path):
+    """2 processes × 2 devices (Gloo): SIGTERM to the launcher makes both save at the same
+    step and exit 0; the rerun resumes and matches 1 process × 4 devices step by step."""
     launcher = os.path.join(ROOT, "launch", "local.sh")
-    flags = [f for f in TINY_FLAGS]
     workdir, single = str(tmp_path / "two"), str(tmp_path / "one")
     env = _env() | {"PYTHON": sys.executable}
-    first = subprocess.run(["bash", launcher, "2", "2", "--workdir", workdir, *flags,
-                            "--num-steps", "4"], env=env, capture_output=True, text=True,
-                           timeout=300)
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = subprocess.run(["bash", launcher, "2", "2", "--workdir", workdir, *flags,
-                             "--num-steps", "8"], env=env, capture_output=True, text=True,
-                            timeout=300)
+    command = ["bash", launcher, "2", "2", "--workdir", workdir, *TINY_FLAGS, "--num-steps", "8"]
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    try:
+        _wait_for(workdir, first, lambda r: r["kind"] == "train" and r["step"] >= 3)
+        first.send_signal(signal.SIGTERM)
+        out, _ = first.communicate(timeout=180)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    assert first.returncode == 0, out[-3000:]
+    assert "preempted: checkpoint saved at step" in out
+    saved = _complete_checkpoints(workdir)
+    assert saved and saved[-1] < 8
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "resuming from" in second.stdout
-    ref = _run(["--workdir", single, *flags, "--num-steps", "8"], devices=4)
+    assert f"resuming from {os.path.join(workdir, 'checkpoints', str(saved[-1]))}" in second.stdout
+    ref = _run(["--workdir", single, *TINY_FLAGS, "--num-steps", "8"], devices=4)
     assert ref.returncode == 0, ref.stderr[-3000:]
     two = {r["step"]: r["loss"] for r in read_metrics(workdir, "train")}
     one = {r["step"]: r["loss"] for r in read_metrics(single, "train")}
