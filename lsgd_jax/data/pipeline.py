@@ -19,6 +19,7 @@ import numpy as np
 
 from lsgd_jax.data.sampler import (
     Position,
+    check_process_index,
     eval_indices,
     local_batch_size,
     shard_indices,
@@ -57,11 +58,7 @@ class TrainIterator:
         # Validates every argument now (identically on every process), not at step 1.
         self.local_batch_size = local_batch_size(global_batch_size, process_count)
         self.steps_per_epoch = steps_per_epoch(source.num_examples, global_batch_size)
-        if not 0 <= process_index < process_count:
-            raise ValueError(
-                f"process_index={process_index} is out of range for "
-                f"process_count={process_count}; valid: 0..{process_count - 1}"
-            )
+        process_index = check_process_index(process_index, process_count)
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         if position is None:

@@ -39,6 +39,17 @@ def _check_int(name: str, value: Any, *, minimum: int) -> int:
     return value
 
 
+def check_process_index(process_index: Any, process_count: int) -> int:
+    """``process_index`` as an int in ``[0, process_count)``, or a ValueError naming it."""
+    process_index = _check_int("process_index", process_index, minimum=0)
+    if process_index >= process_count:
+        raise ValueError(
+            f"process_index={process_index} is out of range for "
+            f"process_count={process_count}; valid: 0..{process_count - 1}"
+        )
+    return process_index
+
+
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
     """Number of full global batches in one epoch (the remainder is dropped)."""
     num_examples = _check_int("num_examples", num_examples, minimum=1)
@@ -103,12 +114,7 @@ def shard_indices(
     """
     steps = steps_per_epoch(num_examples, global_batch_size)
     local = local_batch_size(global_batch_size, process_count)
-    process_index = _check_int("process_index", process_index, minimum=0)
-    if process_index >= process_count:
-        raise ValueError(
-                f"process_index={process_index} is out of range for "
-                f"process_count={process_count}; valid: 0..{process_count - 1}"
-        )
+    process_index = check_process_index(process_index, process_count)
     perm = epoch_permutation(num_examples, seed=seed, epoch=epoch)
     batches = perm[: steps * global_batch_size].reshape(steps, global_batch_size)
     start = process_index * local
@@ -134,12 +140,7 @@ def eval_indices(
     """
     num_examples = _check_int("num_examples", num_examples, minimum=1)
     local = local_batch_size(global_batch_size, process_count)
-    process_index = _check_int("process_index", process_index, minimum=0)
-    if process_index >= process_count:
-        raise ValueError(
-                f"process_index={process_index} is out of range for "
-                f"process_count={process_count}; valid: 0..{process_count - 1}"
-        )
+    process_index = check_process_index(process_index, process_count)
     num_batches = -(-num_examples // global_batch_size)
     flat = np.arange(num_batches * global_batch_size, dtype=np.int64)
     mask = flat < num_examples
