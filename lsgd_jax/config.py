@@ -165,7 +165,7 @@ class TrainConfig:
             "total_steps": total,
             "peak_lr": scaled_learning_rate(self.base_lr, self.batch_size, self.reference_batch_size),
             "warmup_steps": warmup_steps,
-            "decay_steps": [round(e * steps_per_epoch) for e in self.decay_epochs],
+            "decay_steps": [math.ceil(e * steps_per_epoch) for e in self.decay_epochs],
             "num_bn_workers": self.batch_size // self.bn_group_size,
         }
 

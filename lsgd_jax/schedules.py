@@ -77,7 +77,9 @@ def goyal_schedule(
       t >= W   (sec. 5.1):  lr(t) = kη · decay_factor ** #{e in decay_epochs : e <= epoch}
 
     Gradual warmup starts at η, not at 0, and adds the same increment every
-    iteration. When k <= 1 there is nothing to warm up and the schedule is kη
+    iteration. A decay epoch e takes effect at the first step t >= e · steps_per_epoch,
+    which for a whole number e is the first step of epoch e; fractional epochs
+    (short runs) work the same way. When k <= 1 there is nothing to warm up and the schedule is kη
     (decayed) from step 0.
 
     The schedule is a pure function of the step, so a run resumed at any step
@@ -143,13 +145,13 @@ def goyal_schedule(
     table = jnp.asarray(
         [peak * decay_factor**i for i in range(len(decay_epochs) + 1)], jnp.float32
     )
-    boundaries = jnp.asarray(decay_epochs, jnp.float32)
+    # Decay boundaries as integer steps: the first step t with t >= e·steps_per_epoch.
+    boundaries = jnp.asarray([math.ceil(e * steps_per_epoch) for e in decay_epochs], jnp.int32)
 
     def schedule(step):
         step = jnp.asarray(step)
-        epoch = (step // steps_per_epoch).astype(jnp.float32)
         if boundaries.size:
-            num_decays = jnp.sum(boundaries <= epoch, dtype=jnp.int32)
+            num_decays = jnp.sum(boundaries <= step, dtype=jnp.int32)
         else:
             num_decays = jnp.zeros((), jnp.int32)
         lr = table[num_decays]

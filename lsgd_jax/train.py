@@ -296,8 +296,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *,
         writer.write("result", step, **{k: v for k, v in summary.items()
                                         if k not in ("step", "last_eval")})
         if "median_top1_error_last5" in summary:
-            log(f"done: {step} steps; top-1 error (median of the last 5 evaluations) "
-                f"{100 * summary['median_top1_error_last5']:.2f}%")
+            n = min(5, len(history))
+            log(f"done: {step} steps; top-1 error {100 * summary['last_eval']['top1_error']:.2f}% "
+                f"at the end, {100 * summary['median_top1_error_last5']:.2f}% as the paper reports "
+                f"it (median of the last {n} evaluation{'s' if n > 1 else ''})")
     writer.close()
     return summary
 

@@ -84,6 +84,14 @@ def test_custom_decay_and_reference():
         assert float(schedule(step)) == pytest.approx(expected, rel=2e-7), step
 
 
+def test_fractional_decay_epochs_decay_at_the_step_they_fall_on():
+    # 117 steps per epoch: a decay at epoch 1.5 falls on step 175.5 -> first step 176.
+    schedule = goyal_schedule(batch_size=512, steps_per_epoch=117, warmup_epochs=0.5,
+                              decay_epochs=(1.5,))
+    assert float(schedule(175)) == pytest.approx(0.2, rel=2e-7)
+    assert float(schedule(176)) == pytest.approx(0.02, rel=2e-7)
+
+
 @pytest.mark.parametrize(
     "kwargs,name",
     [
