@@ -78,6 +78,7 @@ def momentum_sgd(
     nesterov: bool = False,
     form: str = "eq9",
     momentum_correction: bool = True,
+    correction_threshold: float | None = None,
 ) -> optax.GradientTransformation:
     """Momentum SGD as eq. (9) or eq. (10) of Goyal et al. 2017.
 
@@ -103,6 +104,10 @@ def momentum_sgd(
       form: "eq9" or "eq10".
       momentum_correction: for form="eq10", rescale v when the rate changes.
         Ignored by form="eq9", whose buffer has no rate in it.
+      correction_threshold: None (default) corrects at every change of rate.
+        A number r corrects only when max(c, 1/c) > r, as Detectron does with
+        SCALE_MOMENTUM_THRESHOLD = 1.1: there the small per-iteration steps of
+        gradual warmup go uncorrected and only the decays are corrected.
 
     Returns:
       An ``optax.GradientTransformation`` whose state is a :class:`MomentumState`.
@@ -116,6 +121,10 @@ def momentum_sgd(
     """
     _check_form(form)
     _check_momentum(momentum)
+    threshold = None if correction_threshold is None else _concrete_float(correction_threshold)
+    if isinstance(correction_threshold, bool) or (threshold is not None and not threshold >= 1):
+        raise ValueError(
+            f"correction_threshold must be None or a number >= 1, got {correction_threshold!r}")
 
     def init_fn(params):
         return MomentumState(
@@ -142,6 +151,9 @@ def momentum_sgd(
             if momentum_correction:
                 # No previous rate before the first update; v is zero then anyway.
                 ratio = jnp.where(state.last_lr > 0, lr / state.last_lr, 1.0)
+                if correction_threshold is not None:
+                    change = jnp.maximum(ratio, 1.0 / ratio)
+                    ratio = jnp.where(change > correction_threshold, ratio, 1.0)
             else:
                 ratio = jnp.ones([], jnp.float32)
 
@@ -207,6 +219,7 @@ def goyal_sgd(
     weight_decay_mask: Any | Callable[[Any], Any] | None = None,
     form: str = "eq9",
     momentum_correction: bool = True,
+    correction_threshold: float | None = None,
 ) -> optax.GradientTransformation:
     """The paper's optimizer: L2 weight decay (Remark 1) then Nesterov momentum.
 
@@ -230,7 +243,7 @@ def goyal_sgd(
       weight_decay_mask: pytree of bools or a function params -> pytree of
         bools; None means :func:`default_weight_decay_mask`.
       form: "eq9" or "eq10", see :func:`momentum_sgd`.
-      momentum_correction: see :func:`momentum_sgd`.
+      momentum_correction, correction_threshold: see :func:`momentum_sgd`.
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -258,5 +271,6 @@ def goyal_sgd(
             nesterov=nesterov,
             form=form,
             momentum_correction=momentum_correction,
+            correction_threshold=correction_threshold,
         ),
     )

@@ -92,6 +92,26 @@ def test_eq10_without_correction_differs_after_a_rate_jump(nesterov):
     assert _max_rel_diff(fixed[11], eq9[11]) < 2e-5  # tolerance: float32 reassociation
 
 
+def test_detectron_threshold_corrects_decays_but_not_gradual_warmup_steps():
+    lr = lambda count: jnp.asarray([0.1, 0.105, 0.105, 0.0105])[count]  # noqa: E731
+    g = [jnp.array([1.0]), jnp.array([2.0]), jnp.array([-1.0]), jnp.array([0.5])]
+    m = 0.9
+    tx = momentum_sgd(lr, m, form="eq10", correction_threshold=1.1)
+    state = tx.init(jnp.zeros(1))
+    updates = []
+    for gt in g:
+        u, state = tx.update(gt, state)
+        updates.append(float(u[0]))
+    v1 = 0.1 * 1.0
+    v2 = m * v1 + 0.105 * 2.0              # ratio 1.05 <= 1.1: not corrected
+    v3 = m * v2 + 0.105 * -1.0
+    v4 = m * 0.1 * v3 + 0.0105 * 0.5       # ratio 10 > 1.1: corrected
+    # tolerance: float32 rounding
+    np.testing.assert_allclose(updates, [-v1, -v2, -v3, -v4], rtol=1e-6)
+    with pytest.raises(ValueError, match="correction_threshold"):
+        momentum_sgd(0.1, form="eq10", correction_threshold=0.5)
+
+
 def test_update_equations_by_hand():
     g1, g2 = jnp.array([1.0, -2.0]), jnp.array([0.5, 0.25])
     params = jnp.zeros(2)
