@@ -1,0 +1,192 @@
+"""The small-scale study runner: its run definitions, aggregation, tables, skipping, one real run."""
+
+import importlib.util
+import json
+import math
+import os
+import statistics
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location(
+    "small_scale", os.path.join(ROOT, "experiments", "small_scale.py"))
+ss = importlib.util.module_from_spec(_spec)
+sys.modules["small_scale"] = ss  # dataclasses look their module up while the class is built
+_spec.loader.exec_module(ss)
+
+HAVE_FMNIST = os.path.exists(os.path.join(ss.FMNIST_DIR, "train-labels-idx1-ubyte.gz"))
+
+
+def _config(run):
+    from lsgd_jax.cli import build_parser, config_from_args
+
+    return config_from_args(build_parser().parse_args(ss.command(run)[1:]))
+
+
+def _fake_metrics(workdir, errors, *, result=True):
+    """A run's metrics.jsonl: one train and one eval record per epoch, then the result."""
+    os.makedirs(workdir, exist_ok=True)
+    records = []
+    for epoch, err in enumerate(errors, start=1):
+        records.append({"kind": "train", "step": 10 * epoch, "epoch": epoch, "lr": 0.1,
+                        "loss": 1.0 / epoch, "top1_error": err})
+        records.append({"kind": "eval", "step": 10 * epoch, "epoch": epoch, "top1_error": err})
+    if result:
+        records.append({"kind": "result", "step": 10 * len(errors)})
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        f.write("\n".join(json.dumps(r) for r in records) + "\n")
+
+
+@pytest.mark.parametrize("scale", [ss.FULL, ss.QUICK], ids=["full", "quick"])
+def test_every_run_is_a_valid_trainer_command(scale, tmp_path):
+    studies = ss.define_studies(scale, str(tmp_path))
+    assert [s.key for s in studies] == ["kn_sweep", "warmup", "lr_rule", "zero_gamma", "momentum"]
+    runs = ss.unique_runs(studies)
+    assert len({r.flag("--workdir") for r in runs}) == len(runs)
+    for run in runs:
+        config = _config(run)  # the trainer's own parser and checks
+        assert config.batch_size % (scale.devices * scale.bn_group) == 0
+        assert config.batch_size <= scale.train_examples
+        # Warmup and decays shrink by the same factor as the epochs (paper: 5; 30, 60, 80 of 90).
+        assert config.warmup_epochs == pytest.approx(5 * scale.epochs / 90, rel=1e-5)
+        assert config.decay_epochs == pytest.approx(
+            tuple(e * scale.epochs / 90 for e in (30, 60, 80)), rel=1e-5)
+        assert (config.num_steps is not None) == (scale is ss.QUICK)
+    if scale is ss.FULL:
+        key = [row for s in studies for row in s.rows if row.label.startswith("kn=512, no")]
+        assert len(key[0].runs) >= 3
+
+
+def test_the_rate_rows_reach_eta_sqrtk_and_k_multiples(tmp_path):
+    scale = ss.FULL
+    study = {s.key: s for s in ss.define_studies(scale, str(tmp_path))}["lr_rule"]
+    k = scale.large_kn / scale.reference_kn
+    eta = scale.base_lr
+    peaks = []
+    for row in study.rows[1:]:
+        derived = _config(row.runs[0]).derived(scale.train_examples)
+        peaks.append(derived["peak_lr"])
+    # tolerance: the flags carry 6 significant digits
+    assert peaks == pytest.approx([eta, eta * math.sqrt(k), eta * k / 2, eta * k, 2 * eta * k],
+                                  rel=1e-5)
+    unscaled = _config(study.rows[1].runs[0]).derived(scale.train_examples)
+    assert unscaled["warmup_steps"] == 0
+
+
+def test_shared_rows_are_one_run_and_conflicting_flags_are_refused(tmp_path):
+    studies = ss.define_studies(ss.FULL, str(tmp_path))
+    big = f"kn{ss.FULL.large_kn}_s0"
+    holders = [s.key for s in studies for row in s.rows for r in row.runs if r.name == big]
+    assert holders == ["kn_sweep", "warmup", "lr_rule", "zero_gamma", "momentum"]
+    run = studies[0].rows[0].runs[0]
+    clash = ss.Study("x", "x", (ss.Row("a", (run,), "-"), ss.Row("b", (
+        ss.Run(run.name, run.flags + (("--seed", "9"),)),), "-")), run)
+    with pytest.raises(ValueError, match=run.name):
+        ss.unique_runs([clash])
+
+
+def test_status_and_the_paper_figure_of_a_run(tmp_path):
+    run = ss.define_studies(ss.QUICK, str(tmp_path))[0].rows[0].runs[0]
+    workdir = run.flag("--workdir")
+    assert ss.status(run) == "missing"
+    errors = [0.9, 0.5, 0.30, 0.25, 0.20, 0.22, 0.26]
+    _fake_metrics(workdir, errors, result=False)
+    assert ss.status(run) == "partial" and ss.run_error(run) is None
+    _fake_metrics(workdir, errors)
+    assert ss.status(run) == "done"
+    assert ss.run_error(run) == pytest.approx(25.0)  # median of 0.30 0.25 0.20 0.22 0.26
+    ss._mark_diverged(workdir, "nan at step 3")
+    assert ss.status(run) == "diverged" and ss.run_error(run) == "diverged"
+
+
+def test_aggregate_counts_seeds_and_uses_the_sample_std():
+    agg = ss.aggregate([10.0, 12.0, "diverged", None])
+    assert agg["mean"] == pytest.approx(11.0)
+    assert agg["std"] == pytest.approx(statistics.stdev([10.0, 12.0]))
+    assert (agg["finished"], agg["diverged"], agg["missing"], agg["seeds"]) == (2, 1, 1, 4)
+    assert ss.format_cell(agg) == "11.00 ± 1.41 (2/4 seeds, 1 diverged)"
+    assert ss.format_cell(ss.aggregate([9.5])) == "9.50 (1/1 seeds)"
+    assert ss.format_cell(ss.aggregate(["diverged"])) == "diverged"
+    assert ss.format_cell(ss.aggregate([None, None])) == "not run yet"
+
+
+def test_table_and_reports_from_fake_runs(tmp_path):
+    scale = ss.QUICK
+    studies = ss.define_studies(scale, str(tmp_path / "runs"))
+    warmup = {s.key: s for s in studies}["warmup"]
+    base, none, const, gradual = warmup.rows
+    _fake_metrics(base.runs[0].flag("--workdir"), [0.5, 0.3, 0.2, 0.2, 0.2])
+    _fake_metrics(gradual.runs[0].flag("--workdir"), [0.6, 0.4, 0.3, 0.25, 0.35])  # median 0.35
+    ss._mark_diverged(none.runs[0].flag("--workdir"), "nan")
+    table, record = ss.study_table(warmup, scale)
+    lines = table.splitlines()
+    assert lines[0] == f"### {warmup.title}"
+    row_of = {r["label"]: r for r in record["rows"]}
+    assert row_of[gradual.label]["mean"] == pytest.approx(35.0)
+    assert f"| {gradual.label} | {scale.large_kn} |" in table and "35.00 (1/1 seeds)" in table
+    assert f"| {none.label} |" in table and "| diverged | 24.84 ± 0.37 |" in table
+    assert f"| {const.label} |" in table and "not run yet" in table
+    results = tmp_path / "results"
+    written = ss.write_reports(studies, scale, str(results), only={"warmup"})
+    assert sorted(os.path.basename(p) for p in written) == [
+        "summary.md", "warmup.json", "warmup.md", "warmup.png"]
+    assert (results / "warmup.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((results / "warmup.json").read_text())["rows"][3]["mean"] == pytest.approx(35.0)
+    assert "### Warmup" in (results / "summary.md").read_text()
+
+
+@pytest.mark.skipif(not HAVE_FMNIST, reason="dataset-fashion-mnist is not installed")
+def test_subset_is_class_balanced_and_readable(tmp_path):
+    import numpy as np
+
+    from lsgd_jax.data.fashion_mnist import FashionMNISTSource
+
+    path = ss.write_subset(ss.QUICK, str(tmp_path))
+    for split, size in (("train", ss.QUICK.train_examples), ("validation", ss.QUICK.val_examples)):
+        source = FashionMNISTSource(split=split, data_dir=path)
+        assert source.num_examples == size
+        labels = source.get_batch(np.arange(size), seed=0, epoch=0, train=False)["label"]
+        assert np.bincount(labels, minlength=10).tolist() == [size // 10] * 10
+
+
+@pytest.mark.skipif(not HAVE_FMNIST, reason="dataset-fashion-mnist is not installed")
+def test_main_skips_finished_runs_and_runs_the_others(tmp_path, monkeypatch):
+    out, results = tmp_path / "runs", tmp_path / "results"
+    studies = ss.define_studies(ss.QUICK, str(out))
+    runs = ss.unique_runs([s for s in studies if s.key == "momentum"])
+    _fake_metrics(runs[0].flag("--workdir"), [0.5, 0.4])                 # done: skipped
+    _fake_metrics(runs[1].flag("--workdir"), [0.5], result=False)        # partial: resumed
+    ss._mark_diverged(runs[2].flag("--workdir"), "nan")                  # diverged: skipped
+    called = []
+
+    def fake_execute(run, use_subprocess=False):
+        called.append(run.name)
+        _fake_metrics(run.flag("--workdir"), [0.5, 0.45])
+        return ss.status(run)
+
+    monkeypatch.setattr(ss, "execute", fake_execute)
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+    assert ss.main(["--quick", "--only", "momentum", "--out", str(out),
+                    "--results", str(results)]) == 0
+    assert called == [r.name for r in runs if r.name not in (runs[0].name, runs[2].name)]
+    text = (results / "momentum.md").read_text()
+    assert "| diverged |" in text and "45.00 (1/1 seeds)" in text
+
+
+@pytest.mark.skipif(not HAVE_FMNIST, reason="dataset-fashion-mnist is not installed")
+def test_one_quick_run_trains_for_real(tmp_path):
+    import jax
+
+    scale = ss.QUICK
+    if jax.device_count() != scale.devices:
+        pytest.skip(f"needs {scale.devices} devices")
+    out = str(tmp_path)
+    ss.write_subset(scale, out)
+    run = ss.define_studies(scale, out)[0].rows[0].runs[0]
+    assert ss.execute(run) == "done"
+    error = ss.run_error(run)
+    assert isinstance(error, float) and 0.0 <= error <= 100.0
+    steps = [r["step"] for r in ss.read_metrics(run.flag("--workdir"), "train")]
+    assert max(steps) == scale.num_steps
