@@ -69,8 +69,8 @@ class Scale:
         return self.epochs / PAPER_EPOCHS
 
 
-FULL = Scale(train_examples=3200, val_examples=2000, epochs=10, reference_kn=64, bn_group=16,
-             devices=4, base_lr=0.05, kn_sweep=(64, 128, 256, 512, 1024, 2048),
+FULL = Scale(train_examples=3200, val_examples=2000, epochs=15, reference_kn=64, bn_group=16,
+             devices=4, base_lr=0.1, kn_sweep=(64, 128, 256, 512, 1024, 2048),
              large_kn=512, key_seeds=(0, 1, 2), other_seeds=(0,))
 QUICK = Scale(train_examples=320, val_examples=80, epochs=2, reference_kn=32, bn_group=4,
               devices=8, base_lr=0.05, kn_sweep=(32, 64), large_kn=64, key_seeds=(0,),
@@ -279,6 +279,8 @@ def execute(run: Run, *, use_subprocess: bool = False) -> str:
     argv = command(run)
     if use_subprocess:
         result = subprocess.run([sys.executable] + argv, cwd=ROOT)
+        if status(run) == "partial" and result.returncode == 0:
+            raise KeyboardInterrupt(f"{run.name} stopped by SIGTERM; rerun to resume")
         if result.returncode == 3:  # the trainer's exit status for a non-finite loss
             _mark_diverged(workdir, f"{TRAINER} exited with status 3 (non-finite loss)")
         elif result.returncode != 0:
@@ -294,7 +296,10 @@ def execute(run: Run, *, use_subprocess: bool = False) -> str:
         raise RuntimeError(f"{run.name} wants {args.cpu_devices} devices, this process has "
                            f"{jax.device_count()}; run it with --subprocess")
     try:
-        train_and_evaluate(config_from_args(args), workdir)
+        summary = train_and_evaluate(config_from_args(args), workdir)
+        if summary.get("preempted"):
+            # SIGTERM: the run saved a checkpoint; stop the suite rather than start the next.
+            raise KeyboardInterrupt(f"{run.name} stopped by SIGTERM; rerun to resume")
     except NonFiniteError as e:
         _mark_diverged(workdir, str(e))
     finally:
