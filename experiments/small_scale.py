@@ -71,7 +71,7 @@ class Scale:
 
 FULL = Scale(train_examples=3200, val_examples=2000, epochs=15, reference_kn=64, bn_group=16,
              devices=4, base_lr=0.1, kn_sweep=(64, 128, 256, 512, 1024, 2048),
-             large_kn=512, key_seeds=(0, 1, 2), other_seeds=(0,))
+             large_kn=256, key_seeds=(0, 1, 2), other_seeds=(0,))
 QUICK = Scale(train_examples=320, val_examples=80, epochs=2, reference_kn=32, bn_group=4,
               devices=8, base_lr=0.05, kn_sweep=(32, 64), large_kn=64, key_seeds=(0,),
               other_seeds=(0,), num_steps=3)

@@ -55,7 +55,7 @@ def test_every_run_is_a_valid_trainer_command(scale, tmp_path):
             tuple(e * scale.epochs / 90 for e in (30, 60, 80)), rel=1e-5)
         assert (config.num_steps is not None) == (scale is ss.QUICK)
     if scale is ss.FULL:
-        key = [row for s in studies for row in s.rows if row.label.startswith("kn=512, no")]
+        key = [row for s in studies for row in s.rows if row.label.startswith(f"kn={ss.FULL.large_kn}, no")]
         assert len(key[0].runs) >= 3
 
 
