@@ -388,8 +388,9 @@ def write_reports(studies: list[Study], scale: Scale, results: str,
                 f.write(text)
             written.append(path)
         seed0 = [(row.label, row.runs[0].flag("--workdir")) for row in study.rows]
-        seed0 = [(label, w) for label, w in seed0 if read_metrics(w)]
         ref = study.reference.flag("--workdir")
+        # The reference is drawn once, in black, under the others.
+        seed0 = [(label, w) for label, w in seed0 if w != ref and read_metrics(w)]
         if plots and seed0:
             written.append(plot_runs(
                 [w for _, w in seed0], os.path.join(results, f"{study.key}.png"),
