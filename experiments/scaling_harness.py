@@ -184,6 +184,8 @@ def measure(args) -> list[str]:
                 jax.block_until_ready(run())
                 times = []
                 for _ in range(args.iters):
+                    # One program in flight: each iteration is timed alone, and a queue of
+                    # all-reduce programs would abort on CPU devices (lsgd_jax.InFlight).
                     start = time.perf_counter()
                     jax.block_until_ready(run())
                     times.append(time.perf_counter() - start)

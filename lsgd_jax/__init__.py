@@ -20,6 +20,7 @@ from lsgd_jax.collectives import ALLREDUCE_NAMES, get_allreduce
 # --- engine (models/, parallel.py, layout.py, step.py) ---
 from lsgd_jax.models import ResNet, get_model
 from lsgd_jax.parallel import (
+    InFlight,
     data_sharding,
     host_to_global,
     initialize_distributed,
@@ -52,6 +53,7 @@ __all__ = [
     "scaled_learning_rate",
     # engine
     "BatchLayout",
+    "InFlight",
     "ResNet",
     "TrainState",
     "create_train_state",

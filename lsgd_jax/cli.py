@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also keep one checkpoint every this many epochs (0: none)")
     g.add_argument("--eval-every-epochs", type=int, default=d["eval_every_epochs"],
                    help="full validation cadence; the last step is always evaluated")
+    g.add_argument("--median-evals", type=int, default=d["median_evals"],
+                   help="the result is the median top-1 error of this many evaluations, one "
+                        "every 90th of the run at its end (the paper: the last 5 of 90 epochs)")
     g.add_argument("--log-every-steps", type=int, default=d["log_every_steps"],
                    help="console, metrics.jsonl and TensorBoard cadence")
     g = p.add_argument_group("processes (multi-host)")
@@ -138,7 +141,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         allreduce=args.allreduce, seed=args.seed,
         checkpoint_every_steps=args.checkpoint_every_steps,
         keep_checkpoints=args.keep_checkpoints, keep_every_epochs=args.keep_every_epochs,
-        eval_every_epochs=args.eval_every_epochs, eval_batch_size=args.eval_batch_size,
+        eval_every_epochs=args.eval_every_epochs, median_evals=args.median_evals,
+        eval_batch_size=args.eval_batch_size,
         log_every_steps=args.log_every_steps, num_workers=args.num_workers,
         max_bad_fraction=args.max_bad_fraction, synthetic_examples=args.synthetic_examples,
         synthetic_eval_examples=args.synthetic_eval_examples)

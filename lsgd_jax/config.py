@@ -15,11 +15,11 @@ import json
 import math
 from typing import Any
 
-from lsgd_jax.schedules import WARMUP_KINDS, scaled_learning_rate
+from lsgd_jax.schedules import WARMUP_KINDS, scaled_learning_rate, warmup_steps
 
 DATA_NAMES = ("imagenet", "synthetic", "fashion_mnist")
 DTYPES = ("bfloat16", "float32")
-MODEL_NAMES = ("resnet18", "resnet20", "resnet34", "resnet50", "resnet101")
+MODEL_NAMES = ("resnet8", "resnet18", "resnet20", "resnet34", "resnet50", "resnet101")
 MOMENTUM_FORMS = ("eq9", "eq10")
 # Model per data set when --model is not given.
 DEFAULT_MODELS = {"imagenet": "resnet50", "synthetic": "resnet50", "fashion_mnist": "resnet20"}
@@ -56,6 +56,10 @@ class TrainConfig:
       keep_checkpoints: how many recent checkpoints to keep.
       keep_every_epochs: also keep one checkpoint every this many epochs (0: none).
       eval_every_epochs: full validation cadence (the paper: every epoch).
+      median_evals: the reported figure is the median top-1 error of this many
+        evaluations spread over the last median_evals/90 of the run, one per
+        90th (the paper: the last 5 of 90 epochs; a 90-epoch run evaluates at
+        its last 5 epoch ends anyway, a 2-epoch run also at epochs 1.91 ... 1.98).
       eval_batch_size: global batch of the validation pass (None: batch_size).
       log_every_steps: console and metrics cadence.
       num_workers: decoding threads per process (ImageNet).
@@ -92,6 +96,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     keep_every_epochs: int = 10
     eval_every_epochs: int = 1
+    median_evals: int = 5
     eval_batch_size: int | None = None
     log_every_steps: int = 50
     num_workers: int = 8
@@ -114,7 +119,7 @@ class TrainConfig:
         _choice("momentum_form", self.momentum_form, MOMENTUM_FORMS)
         _choice("model", self.model, MODEL_NAMES)
         for name in ("batch_size", "bn_group_size", "grad_accum_steps", "reference_batch_size",
-                     "keep_checkpoints", "eval_every_epochs", "log_every_steps", "num_workers",
+                     "keep_checkpoints", "eval_every_epochs", "median_evals", "log_every_steps", "num_workers",
                      "synthetic_examples", "synthetic_eval_examples"):
             _positive_int(name, getattr(self, name))
         for name in ("checkpoint_every_steps", "keep_every_epochs", "seed"):
@@ -154,18 +159,24 @@ class TrainConfig:
             )
         epoch_steps = math.ceil(self.epochs * steps_per_epoch)
         total = epoch_steps if self.num_steps is None else min(self.num_steps, epoch_steps)
-        k = self.batch_size / self.reference_batch_size
-        warmup_steps = 0 if (self.warmup == "none" or k <= 1) else round(
-            self.warmup_epochs * steps_per_epoch)
         return {
             "kn": self.batch_size,
-            "k": k,
+            "rate_multiplier": self.batch_size / self.reference_batch_size,
             "num_train_examples": num_train_examples,
+            # Remark 4's permutation is cut into whole minibatches: the last
+            # N mod kn examples of each epoch's shuffle are not visited that epoch.
+            "examples_left_out_per_epoch": num_train_examples % self.batch_size,
             "steps_per_epoch": steps_per_epoch,
             "total_steps": total,
             "peak_lr": scaled_learning_rate(self.base_lr, self.batch_size, self.reference_batch_size),
-            "warmup_steps": warmup_steps,
+            "warmup_steps": warmup_steps(
+                batch_size=self.batch_size, steps_per_epoch=steps_per_epoch,
+                reference_batch_size=self.reference_batch_size,
+                warmup_epochs=self.warmup_epochs, warmup=self.warmup),
             "decay_steps": [math.ceil(e * steps_per_epoch) for e in self.decay_epochs],
+            "eval_steps": evaluation_steps(
+                total_steps=total, steps_per_epoch=steps_per_epoch,
+                eval_every_epochs=self.eval_every_epochs, median_evals=self.median_evals),
             "num_bn_workers": self.batch_size // self.bn_group_size,
         }
 
@@ -188,6 +199,32 @@ class TrainConfig:
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+PAPER_EPOCHS = 90  # the paper's budget; the median's evaluations are 90ths of a run
+
+
+def evaluation_steps(*, total_steps: int, steps_per_epoch: int, eval_every_epochs: int,
+                     median_evals: int) -> list[int]:
+    """The steps after which a run evaluates, in increasing order.
+
+    Every ``eval_every_epochs`` epochs, and ``median_evals`` points one 90th
+    of the run apart (in whole steps, at least one apart) that end at the last
+    step. The paper reports the median of the last 5 of 90 epochs, so a run of
+    any length reports the median over the same share of it; at 90 epochs the
+    points are the last 5 epoch ends.
+
+    Example:
+      >>> evaluation_steps(total_steps=234, steps_per_epoch=117, eval_every_epochs=1,
+      ...                  median_evals=5)
+      [117, 224, 226, 229, 231, 234]
+    """
+    every = eval_every_epochs * steps_per_epoch
+    steps = set(range(every, total_steps + 1, every))
+    spacing = total_steps / PAPER_EPOCHS
+    for i in range(median_evals):
+        steps.add(total_steps - max(round(i * spacing), i))
+    return sorted(s for s in steps if s >= 1)
 
 
 # Fields that must match between a checkpoint and the run resuming from it:

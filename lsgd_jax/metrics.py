@@ -83,8 +83,11 @@ def read_metrics(workdir: str, kind: str | None = None) -> list[dict]:
 
 
 def eval_history(workdir: str) -> dict[int, dict]:
-    """Latest eval record per epoch (a resumed run may have evaluated an epoch twice)."""
-    return {int(r["epoch"]): r for r in read_metrics(workdir, "eval")}
+    """Eval records by step, in step order; the latest one where a resumed run evaluated a
+    step twice. Keyed by step, not epoch: a run evaluates several times within an epoch
+    (the median's evaluations, a fractional last epoch)."""
+    history = {int(r["step"]): r for r in read_metrics(workdir, "eval")}
+    return dict(sorted(history.items()))
 
 
 def paper_error(top1_errors: Iterable[float], last: int = 5) -> float:
@@ -100,3 +103,10 @@ def format_duration(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def plural(count: int, noun: str) -> str:
+    """``"1 process"``, ``"2 processes"``: a count with its noun in the right number."""
+    if count == 1:
+        return f"1 {noun}"
+    return f"{count} {noun}es" if noun.endswith(("s", "sh", "ch", "x")) else f"{count} {noun}s"

@@ -13,6 +13,7 @@ process then feeds its own share of the global batch, assembled with
 
 from __future__ import annotations
 
+import collections
 import os
 from typing import Any, Callable, Sequence
 
@@ -187,3 +188,47 @@ def shard_map(f: Callable, *, mesh: Mesh, in_specs: Any, out_specs: Any) -> Call
     return legacy_shard_map(
         f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False
     )
+
+
+class InFlight:
+    """Bounds the programs in flight: each new one waits for the one ``depth - 1`` before it.
+
+    Why it exists: on CPU devices, XLA runs each device's share of a collective
+    program on a shared thread pool, and an all-reduce aborts the process when
+    its participants miss the rendezvous deadline (40 s). A loop that dispatches
+    hundreds of collective programs without waiting queues them all at once, and
+    on a 2-core host some participants starve past that deadline
+    (``rendezvous.cc: Termination timeout for all reduce``). Waiting for step t−1
+    while step t runs keeps the queue at two programs and the device busy: on a
+    GPU, dispatching one step ahead already hides the host's latency.
+
+    Usage::
+
+        inflight = InFlight(depth=2)
+        for batch in batches:
+            state, metrics = step(state, batch)
+            inflight.push(metrics)   # never the donated state: it is deleted by the next step
+        inflight.drain()
+
+    Args:
+      depth: most programs in flight, the one just dispatched included (2: step
+        t runs while the host waits for step t−1; 1: wait for each at once).
+    """
+
+    def __init__(self, depth: int = 2):
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth must be a positive integer, got {depth!r}")
+        self.depth = depth
+        self._queue: collections.deque = collections.deque()
+
+    def push(self, outputs: Any) -> Any:
+        """Track ``outputs`` of a program just dispatched; wait while too many are in flight."""
+        self._queue.append(outputs)
+        while len(self._queue) > self.depth - 1:
+            jax.block_until_ready(self._queue.popleft())
+        return outputs
+
+    def drain(self) -> None:
+        """Wait for everything pushed so far."""
+        while self._queue:
+            jax.block_until_ready(self._queue.popleft())

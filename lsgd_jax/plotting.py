@@ -22,7 +22,7 @@ def curves(workdir: str) -> dict[str, list[float]]:
     for r in read_metrics(workdir, "train"):
         train[r["step"]] = r  # a resumed run may log a step twice: keep the last
     ordered = [train[s] for s in sorted(train)]
-    evals = [eval_history(workdir)[e] for e in sorted(eval_history(workdir))]
+    evals = list(eval_history(workdir).values())
     if not ordered and not evals:
         raise ValueError(f"{workdir} has no metrics.jsonl records; is it a training workdir?")
     return {

@@ -55,6 +55,31 @@ def scaled_learning_rate(
     return base_lr * batch_size / reference_batch_size
 
 
+def warmup_steps(
+    *,
+    batch_size: int,
+    steps_per_epoch: int,
+    reference_batch_size: int = 256,
+    warmup_epochs: float = 5,
+    warmup: str = "gradual",
+) -> int:
+    """Iterations that :func:`goyal_schedule` spends in warmup: ``ceil(W)``, W = epochs · steps.
+
+    The schedule is in warmup at every step t < W, so a fractional W (2.5
+    steps) warms up over ceil(W) = 3 steps. No warmup ("none", k <= 1 or
+    W = 0) is 0 steps. This is the one place the count is derived; the
+    trainer reports it.
+
+    Example:
+      >>> warmup_steps(batch_size=1024, steps_per_epoch=3, reference_batch_size=64,
+      ...              warmup_epochs=5 / 6)
+      3
+    """
+    if warmup == "none" or batch_size <= reference_batch_size:
+        return 0
+    return math.ceil(warmup_epochs * steps_per_epoch)
+
+
 def goyal_schedule(
     *,
     batch_size: int,
@@ -137,9 +162,11 @@ def goyal_schedule(
 
     k = batch_size / reference_batch_size
     peak = base_lr * k
-    warmup_steps = warmup_epochs * steps_per_epoch
-    if k <= 1 or warmup_steps == 0:
+    if warmup_steps(batch_size=batch_size, steps_per_epoch=steps_per_epoch,
+                    reference_batch_size=reference_batch_size, warmup_epochs=warmup_epochs,
+                    warmup=warmup) == 0:
         warmup = "none"
+    span = warmup_epochs * steps_per_epoch  # W, possibly fractional
     # Decayed rates computed once in float64 so each table entry is the
     # correctly rounded float32 of kη · decay_factor**i.
     table = jnp.asarray(
@@ -157,12 +184,12 @@ def goyal_schedule(
         lr = table[num_decays]
         if warmup == "none":
             return lr
-        in_warmup = step.astype(jnp.float32) < warmup_steps
+        in_warmup = step.astype(jnp.float32) < span
         if warmup == "constant":
             warm = jnp.float32(base_lr)
         else:  # gradual
             # The per-iteration increment, rounded once from float64.
-            increment = jnp.float32((peak - base_lr) / warmup_steps)
+            increment = jnp.float32((peak - base_lr) / span)
             warm = jnp.float32(base_lr) + increment * step.astype(jnp.float32)
         return jnp.where(in_warmup, warm, lr)
 

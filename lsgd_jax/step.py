@@ -109,11 +109,25 @@ def _normalize(images: jax.Array, pixel_mean, pixel_std, dtype: Any) -> jax.Arra
     """uint8 pixels → (x − mean) / std in ``dtype``; floating input is used as-is."""
     if jnp.issubdtype(images.dtype, jnp.floating):
         return images
+    if images.shape[-1] != len(pixel_mean) or len(pixel_std) != len(pixel_mean):
+        # Broadcasting would silently turn 1-channel images into 3 channels.
+        raise ValueError(
+            f"images have {images.shape[-1]} channels but pixel_mean/pixel_std have "
+            f"{len(pixel_mean)}/{len(pixel_std)} values; pass one mean and std per channel")
     shape = (1,) * (images.ndim - 1) + (len(pixel_mean),)
     mean = jnp.asarray(pixel_mean, jnp.float32).reshape(shape)
     inv_std = 1.0 / jnp.asarray(pixel_std, jnp.float32).reshape(shape)
     # One multiply-add per pixel, fused with the cast.
     return (images.astype(jnp.float32) * inv_std + (-mean * inv_std)).astype(dtype)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """True when every floating-point element of ``tree`` is finite."""
+    finite = jnp.bool_(True)
+    for x in jax.tree.leaves(tree):
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            finite = finite & jnp.all(jnp.isfinite(x))
+    return finite
 
 
 def _global_norm(tree: Any) -> jax.Array:
@@ -265,12 +279,12 @@ def make_train_step(
         loss = ce_sum / kn
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss)
-        for g in jax.tree.leaves(grads):
-            finite = finite & jnp.all(jnp.isfinite(g))
         new_state = TrainState(
             step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
         )
+        # The loss, every gradient and every updated array (parameters, BN averages,
+        # momentum): a finite gradient times an overflowing rate is caught too.
+        finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_state)
         # Select, so a non-finite step can never reach the state (or a checkpoint).
         state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
         metrics = {

@@ -24,10 +24,10 @@ import numpy as np
 
 from lsgd_jax.checkpoint import Checkpoints, check_resumable, state_sha256
 from lsgd_jax.config import TrainConfig
-from lsgd_jax.metrics import MetricsWriter, eval_history, format_duration, paper_error
+from lsgd_jax.metrics import MetricsWriter, eval_history, format_duration, paper_error, plural
 from lsgd_jax.models import get_model
 from lsgd_jax.optim import goyal_sgd
-from lsgd_jax.parallel import data_sharding, make_mesh
+from lsgd_jax.parallel import InFlight, data_sharding, make_mesh
 from lsgd_jax.schedules import goyal_schedule
 from lsgd_jax.step import (
     create_train_state,
@@ -38,7 +38,7 @@ from lsgd_jax.step import (
 
 
 class NonFiniteError(FloatingPointError):
-    """The loss or a gradient was not finite; the run stops without saving it."""
+    """The loss, a gradient or the updated state was not finite; the run stops without saving it."""
 
 
 # ------------------------------------------------------------------ preemption
@@ -139,6 +139,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *,
     eval_batch_size = config.eval_batch_size or config.batch_size
     _check_eval_batch(eval_batch_size, num_devices, process_count)
     spe, total = derived["steps_per_epoch"], derived["total_steps"]
+    eval_steps = set(derived["eval_steps"])
     derived.update(num_devices=num_devices, num_processes=process_count,
                    per_device_batch=layout.per_device, microbatch=layout.microbatch)
 
@@ -175,10 +176,13 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *,
             json.dump({"config": config.to_dict(), "derived": derived}, f, indent=2, sort_keys=True)
     log("config: " + json.dumps(config.to_dict(), sort_keys=True))
     log(f"kn={config.batch_size} (k={derived['num_bn_workers']} BN workers of "
-        f"n={config.bn_group_size}) on {num_devices} devices in {process_count} processes, "
-        f"{layout.per_device} images per device in {config.grad_accum_steps} microbatches; "
-        f"{spe} steps per epoch, {total} steps; peak rate {derived['peak_lr']:g} after "
-        f"{derived['warmup_steps']} warmup steps ({config.warmup})")
+        f"n={config.bn_group_size}) on {plural(num_devices, 'device')} in "
+        f"{plural(process_count, 'process')}, {layout.per_device} images per device in "
+        f"{plural(config.grad_accum_steps, 'microbatch')}; {spe} steps per epoch, {total} steps; "
+        f"peak rate {derived['peak_lr']:g} after {plural(derived['warmup_steps'], 'warmup step')} "
+        f"({config.warmup}); each epoch leaves out the last "
+        f"{derived['examples_left_out_per_epoch']} of its {derived['num_train_examples']} "
+        f"shuffled examples (N mod kn)")
     writer.write("start", step, **{k: v for k, v in derived.items() if not isinstance(v, list)})
 
     # --- steps ---------------------------------------------------------------
@@ -195,9 +199,11 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *,
         batches = eval_batches(eval_source, global_batch_size=eval_batch_size,
                                process_index=process_index, process_count=process_count)
         sums = None
+        # Each eval step holds an all-reduce: at most two in flight (see InFlight).
+        inflight = InFlight(depth=2)
         with prefetch_to_mesh(batches, data_sharding(mesh), size=2) as stream:
             for batch in stream:
-                m = eval_step(state, batch)
+                m = inflight.push(eval_step(state, batch))
                 sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
         sums = jax.device_get(sums)
         count = int(sums["count"])
@@ -226,10 +232,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *,
         if not values.pop("finite"):
             lr = float(schedule(step_done - 1))
             raise NonFiniteError(
-                f"non-finite loss or gradient at step {step_done} (learning rate {lr:g}, "
-                f"loss {values['loss']}); the state was not updated with it and no checkpoint "
-                f"holds it; the latest checkpoint is step {ckpts.latest_step()}. Lower "
-                "--base-lr or lengthen --warmup-epochs.")
+                f"non-finite loss, gradient or updated state at step {step_done} (learning "
+                f"rate {lr:g}, loss {values['loss']}); the state was not updated with it and no "
+                f"checkpoint holds it; the latest checkpoint is step {ckpts.latest_step()}. "
+                "Lower --base-lr or lengthen --warmup-epochs.")
         window.append(values)
 
     # --- the loop ---------------------------------------------------------------
@@ -247,8 +253,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *,
             preempted = preemption.reached(step)
             save_now = (epoch_end or step == total or preempted
                         or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0))
-            eval_now = step == total or (
-                epoch_end and (step // spe) % config.eval_every_epochs == 0)
+            eval_now = step in eval_steps
             log_now = step % config.log_every_steps == 0 or save_now
             if save_now or eval_now or log_now:
                 check(*pending)
@@ -287,19 +292,27 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *,
     summary: dict[str, Any] = {"step": step, "total_steps": total, "preempted": preempted}
     history = eval_history(workdir) if is_main else {}
     if history:
-        ordered = [history[e] for e in sorted(history)]
+        ordered = list(history.values())
+        used = ordered[-config.median_evals:]
         summary["last_eval"] = ordered[-1]
-        summary["median_top1_error_last5"] = paper_error(r["top1_error"] for r in ordered)
+        # The paper's figure; how many evaluations it covers is part of the record.
+        summary["median_top1_error"] = paper_error([r["top1_error"] for r in used],
+                                                   last=config.median_evals)
+        summary["median_num_evals"] = len(used)
+        summary["median_eval_epochs"] = [round(r["epoch"], 4) for r in used]
     if preempted:
         log(f"preempted: checkpoint saved at step {step}; run the same command again to resume")
     elif step >= total and is_main:
         writer.write("result", step, **{k: v for k, v in summary.items()
                                         if k not in ("step", "last_eval")})
-        if "median_top1_error_last5" in summary:
-            n = min(5, len(history))
-            log(f"done: {step} steps; top-1 error {100 * summary['last_eval']['top1_error']:.2f}% "
-                f"at the end, {100 * summary['median_top1_error_last5']:.2f}% as the paper reports "
-                f"it (median of the last {n} evaluation{'s' if n > 1 else ''})")
+        if "median_top1_error" in summary:
+            n, epochs = summary["median_num_evals"], summary["median_eval_epochs"]
+            short = "" if n >= 5 else f"; only {n}, fewer than the paper's 5"
+            log(f"done: {step} steps. Result (the paper's metric, the median top-1 error of "
+                f"the last {plural(n, 'evaluation')}, at epochs "
+                f"{', '.join(f'{e:g}' for e in epochs)}{short}): "
+                f"{100 * summary['median_top1_error']:.2f}%. Last evaluation: "
+                f"{100 * summary['last_eval']['top1_error']:.2f}%.")
     writer.close()
     return summary
 

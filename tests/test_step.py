@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as nn
 import optax
 import pytest
 
@@ -285,6 +286,52 @@ def test_non_finite_step_keeps_the_input_state():
         np.testing.assert_array_equal(x, y)
     state, m = step(state, good)
     assert bool(m["finite"]) and int(state.step) == 2
+
+
+class _SqrtAtZero(nn.Module):
+    """A classifier plus sqrt(w) at w = 0: the loss is finite, d/dw is not."""
+
+    bn_group_size: int | None = None
+
+    @nn.compact
+    def __call__(self, x, train):
+        del train
+        w = self.param("w", nn.initializers.zeros, (CLASSES,))
+        logits = nn.Dense(CLASSES)(x.reshape(x.shape[0], -1))
+        return logits + jnp.sqrt(w)[None, :]
+
+
+def _assert_step_refused(model, tx, batch):
+    mesh = make_mesh()
+    step = make_train_step(model, tx, mesh, global_batch_size=16, bn_group_size=2, **NO_NORM)
+    state = create_train_state(model, tx, rng=jax.random.key(0, impl="rbg"),
+                               input_shape=(1,) + SHAPE, mesh=mesh)
+    before = jax.device_get(state)
+    state, m = step(state, batch)
+    assert np.isfinite(float(m["loss"])), "the case must keep the loss finite"
+    assert not bool(m["finite"])
+    after = jax.device_get(state)
+    assert int(after.step) == 0
+    for x, y in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(x, y)
+    return m
+
+
+def test_non_finite_gradient_with_a_finite_loss_keeps_the_input_state():
+    m = _assert_step_refused(_SqrtAtZero(), goyal_sgd(0.1), batches(16, steps=1, seed=6)[0])
+    assert not np.isfinite(float(m["grad_norm"]))
+
+
+def test_overflowing_update_with_finite_gradients_keeps_the_input_state():
+    # Finite loss and gradients, but the rate overflows float32, as with
+    # --base-lr 1e38 --reference-batch-size 1 at kn = 16: 1e38 · 16 = inf.
+    def overflowing(step):
+        del step
+        return jnp.float32(1e38) * jnp.float32(16)
+
+    m = _assert_step_refused(tiny_model(2), goyal_sgd(overflowing),
+                             batches(16, steps=1, seed=6)[0])
+    assert np.isfinite(float(m["grad_norm"]))
 
 
 def test_bfloat16_step_keeps_float32_state():

@@ -199,7 +199,15 @@ ResNet20 = functools.partial(
     ResNet, stage_sizes=(3, 3, 3), block=BasicBlock, num_filters=16, stem="cifar"
 )
 
+# ResNet-8: one basic block per stage of ResNet-20 (16/32/64 filters): the
+# smallest ResNet with every mechanism of the paper (per-group BN, zero-γ on
+# each block's last BN, projection shortcuts, He init), for CPU-sized studies.
+ResNet8 = functools.partial(
+    ResNet, stage_sizes=(1, 1, 1), block=BasicBlock, num_filters=16, stem="cifar"
+)
+
 _PRESETS = {
+    "resnet8": ResNet8,
     "resnet18": ResNet18,
     "resnet20": ResNet20,
     "resnet34": ResNet34,
@@ -221,7 +229,7 @@ def get_model(
     """Build a preset ResNet by name.
 
     Args:
-      name: one of "resnet18", "resnet20", "resnet34", "resnet50", "resnet101"
+      name: one of "resnet8", "resnet18", "resnet20", "resnet34", "resnet50", "resnet101"
         (case-insensitive).
       num_classes: classifier outputs (1000 for ImageNet, 10 for Fashion-MNIST).
       dtype: compute dtype, jnp.float32 / jnp.bfloat16 or "float32" / "bfloat16".

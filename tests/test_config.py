@@ -1,0 +1,104 @@
+"""TrainConfig: the paper's defaults, and the values derived from it for a run."""
+
+import math
+
+import numpy as np
+import pytest
+
+from lsgd_jax.config import TrainConfig, evaluation_steps
+from lsgd_jax.metrics import MetricsWriter, eval_history
+from lsgd_jax.schedules import goyal_schedule, warmup_steps
+
+
+def test_defaults_are_the_papers_recipe():
+    """Section 5.1: kn 256, n 32, 90 epochs, η 0.1 per 256, 5 gradual warmup epochs,
+    ×0.1 at 30/60/80, Nesterov 0.9, λ 1e-4 (eq. 9), zero-γ, ResNet-50."""
+    c = TrainConfig()
+    assert (c.batch_size, c.bn_group_size, c.grad_accum_steps) == (256, 32, 1)
+    assert (c.epochs, c.base_lr, c.reference_batch_size) == (90, 0.1, 256)
+    assert (c.warmup, c.warmup_epochs) == ("gradual", 5)
+    assert (c.decay_epochs, c.decay_factor) == ((30, 60, 80), 0.1)
+    assert (c.momentum, c.nesterov, c.momentum_form) == (0.9, True, "eq9")
+    assert c.weight_decay == 1e-4
+    assert c.zero_init_residual is True
+    assert c.model == "resnet50" and c.median_evals == 5 and c.eval_every_epochs == 1
+    d = c.derived(1_281_167)
+    assert d["steps_per_epoch"] == 5004 and d["total_steps"] == 90 * 5004
+    assert d["peak_lr"] == pytest.approx(0.1) and d["warmup_steps"] == 0  # k = 1
+    assert d["decay_steps"] == [30 * 5004, 60 * 5004, 80 * 5004]
+    assert d["num_bn_workers"] == 8
+
+
+@pytest.mark.parametrize("kn, spe, warmup_epochs, expected", [
+    (1024, 3, 5 / 6, 3),     # W = 2.5 steps: the schedule is below the peak at steps 0, 1, 2
+    (8192, 156, 5, 780),     # the paper's 8k: exactly 5 epochs
+    (512, 117, 0.5, 59),     # W = 58.5
+    (256, 5004, 5, 0),       # k = 1: nothing to warm up
+])
+def test_reported_warmup_steps_are_the_schedules(kn, spe, warmup_epochs, expected):
+    ref = 64 if kn == 1024 else 256
+    config = TrainConfig(batch_size=kn, reference_batch_size=ref, warmup_epochs=warmup_epochs,
+                         bn_group_size=32 if kn % 32 == 0 else 16)
+    reported = config.derived(spe * kn)["warmup_steps"]
+    assert reported == expected
+    lr = goyal_schedule(batch_size=kn, steps_per_epoch=spe, base_lr=0.1,
+                        reference_batch_size=ref, warmup_epochs=warmup_epochs)
+    peak = 0.1 * kn / ref
+    rates = np.asarray([float(lr(t)) for t in range(expected + 2)])
+    # Every reported warmup step is below the peak; the first step after is the peak.
+    assert np.all(rates[:expected] < peak * (1 - 1e-6))
+    assert rates[expected] == pytest.approx(peak, rel=1e-6)
+    assert warmup_steps(batch_size=kn, steps_per_epoch=spe, reference_batch_size=ref,
+                        warmup_epochs=warmup_epochs) == expected
+
+
+def test_examples_left_out_per_epoch():
+    d = TrainConfig(batch_size=8192).derived(1_281_167)
+    assert d["examples_left_out_per_epoch"] == 1_281_167 - 156 * 8192 == 3215
+    d = TrainConfig(batch_size=65536).derived(1_281_167)
+    assert d["examples_left_out_per_epoch"] == 35_983
+
+
+def test_evaluation_steps_end_with_the_medians_points():
+    # 90 epochs: the median's five points are the last five epoch ends.
+    steps = evaluation_steps(total_steps=90 * 10, steps_per_epoch=10, eval_every_epochs=1,
+                             median_evals=5)
+    assert steps == [10 * e for e in range(1, 91)]
+    # 2 epochs of 117 steps: one point per 90th of the run (2.6 steps), ending at the last.
+    steps = evaluation_steps(total_steps=234, steps_per_epoch=117, eval_every_epochs=1,
+                             median_evals=5)
+    assert steps == [117, 224, 226, 229, 231, 234]
+    # A run shorter than 90 steps still gets 5 distinct points.
+    steps = evaluation_steps(total_steps=12, steps_per_epoch=4, eval_every_epochs=2,
+                             median_evals=5)
+    assert steps == [8, 9, 10, 11, 12]
+    # Fractional epochs: 2.5 epochs of 10 steps evaluates at epochs 1, 2 and the end.
+    steps = evaluation_steps(total_steps=25, steps_per_epoch=10, eval_every_epochs=1,
+                             median_evals=1)
+    assert steps == [10, 20, 25]
+
+
+def test_eval_history_keeps_every_evaluation_of_a_fractional_epoch(tmp_path):
+    writer = MetricsWriter(str(tmp_path), tensorboard=False)
+    for step, epoch, err in [(10, 1.0, 0.5), (20, 2.0, 0.4), (25, 2.5, 0.3)]:
+        writer.write("eval", step, epoch=epoch, top1_error=err)
+    writer.write("eval", 25, epoch=2.5, top1_error=0.2)  # evaluated again after a resume
+    history = eval_history(str(tmp_path))
+    assert list(history) == [10, 20, 25]
+    assert [r["top1_error"] for r in history.values()] == [0.5, 0.4, 0.2]
+
+
+@pytest.mark.parametrize("changes, text", [
+    (dict(median_evals=0), "median_evals must be a positive integer, got 0"),
+    (dict(eval_every_epochs=0), "eval_every_epochs must be a positive integer, got 0"),
+])
+def test_evaluation_settings_are_checked(changes, text):
+    with pytest.raises(ValueError, match=text):
+        TrainConfig(**changes)
+
+
+def test_a_paper_length_run_warms_up_over_five_epochs():
+    d = TrainConfig(batch_size=8192).derived(1_281_167)
+    assert d["warmup_steps"] == 5 * 156
+    assert d["peak_lr"] == pytest.approx(3.2)
+    assert math.isclose(d["rate_multiplier"], 32)
