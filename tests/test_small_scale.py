@@ -1,5 +1,6 @@
 """The small-scale study runner: its run definitions, aggregation, tables, skipping, one real run."""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -39,30 +40,50 @@ def _fake_metrics(workdir, errors, *, result=True):
         f.write("\n".join(json.dumps(r) for r in records) + "\n")
 
 
+def _paths(tmp_path):
+    return ss.Paths(out=str(tmp_path / "runs"), results=str(tmp_path / "results"))
+
+
 @pytest.mark.parametrize("scale", [ss.FULL, ss.QUICK], ids=["full", "quick"])
 def test_every_run_is_a_valid_trainer_command(scale, tmp_path):
-    studies = ss.define_studies(scale, str(tmp_path))
-    assert [s.key for s in studies] == ["kn_sweep", "warmup", "lr_rule", "zero_gamma", "momentum"]
+    paths = _paths(tmp_path)
+    studies = ss.define_studies(scale, paths, large_kn=scale.kn_sweep[1])
+    assert [s.key for s in studies] == list(ss.STUDY_KEYS)
     runs = ss.unique_runs(studies)
-    assert len({r.flag("--workdir") for r in runs}) == len(runs)
+    assert len({r.workdir for r in runs}) == len(runs) == len({r.record for r in runs})
     for run in runs:
         config = _config(run)  # the trainer's own parser and checks
-        assert config.batch_size % (scale.devices * scale.bn_group) == 0
+        devices = int(run.flag("--cpu-devices"))
+        assert config.batch_size % (devices * scale.bn_group) == 0
         assert config.batch_size <= scale.train_examples
         # Warmup and decays shrink by the same factor as the epochs (paper: 5; 30, 60, 80 of 90).
         assert config.warmup_epochs == pytest.approx(5 * scale.epochs / 90, rel=1e-5)
         assert config.decay_epochs == pytest.approx(
             tuple(e * scale.epochs / 90 for e in (30, 60, 80)), rel=1e-5)
         assert (config.num_steps is not None) == (scale is ss.QUICK)
+        assert config.median_evals == 5
     if scale is ss.FULL:
-        key = [row for s in studies for row in s.rows if row.label.startswith(f"kn={ss.FULL.large_kn}, no")]
-        assert len(key[0].runs) >= 3
+        # The whole data set, and 3 seeds for every compared row up to k = 32.
+        assert all(run.flag("--data-dir") == ss.FMNIST_DIR for run in runs)
+        for study in studies:
+            for row in study.rows:
+                kn = int(row.runs[0].flag("--batch-size"))
+                assert len(row.runs) >= (3 if kn <= 32 * scale.reference_kn else 1)
+
+
+def test_the_sweep_alone_until_the_ablation_kn_is_known(tmp_path):
+    paths = _paths(tmp_path)
+    assert [s.key for s in ss.define_studies(ss.FULL, paths)] == ["kn_sweep"]
+    ss.store_large_kn(paths, 256, "test")
+    assert [s.key for s in ss.define_studies(ss.FULL, paths)] == list(ss.STUDY_KEYS)
+    assert "kn256_nowarmup_s0" in {r.name for r in ss.unique_runs(ss.define_studies(ss.FULL, paths))}
 
 
 def test_the_rate_rows_reach_eta_sqrtk_and_k_multiples(tmp_path):
     scale = ss.FULL
-    study = {s.key: s for s in ss.define_studies(scale, str(tmp_path))}["lr_rule"]
-    k = scale.large_kn / scale.reference_kn
+    big = 512
+    study = {s.key: s for s in ss.define_studies(scale, _paths(tmp_path), big)}["lr_rule"]
+    k = big / scale.reference_kn
     eta = scale.base_lr
     peaks = []
     for row in study.rows[1:]:
@@ -76,28 +97,32 @@ def test_the_rate_rows_reach_eta_sqrtk_and_k_multiples(tmp_path):
 
 
 def test_shared_rows_are_one_run_and_conflicting_flags_are_refused(tmp_path):
-    studies = ss.define_studies(ss.FULL, str(tmp_path))
-    big = f"kn{ss.FULL.large_kn}_s0"
-    holders = [s.key for s in studies for row in s.rows for r in row.runs if r.name == big]
+    studies = ss.define_studies(ss.FULL, _paths(tmp_path), 512)
+    holders = [s.key for s in studies for row in s.rows for r in row.runs if r.name == "kn512_s0"]
     assert holders == ["kn_sweep", "warmup", "lr_rule", "zero_gamma", "momentum"]
     run = studies[0].rows[0].runs[0]
     clash = ss.Study("x", "x", (ss.Row("a", (run,), "-"), ss.Row("b", (
-        ss.Run(run.name, run.flags + (("--seed", "9"),)),), "-")), run)
+        ss.Run(run.name, run.flags + (("--seed", "9"),), run.record),), "-")), run)
     with pytest.raises(ValueError, match=run.name):
         ss.unique_runs([clash])
 
 
 def test_status_and_the_paper_figure_of_a_run(tmp_path):
-    run = ss.define_studies(ss.QUICK, str(tmp_path))[0].rows[0].runs[0]
-    workdir = run.flag("--workdir")
+    run = ss.define_studies(ss.QUICK, _paths(tmp_path))[0].rows[0].runs[0]
     assert ss.status(run) == "missing"
     errors = [0.9, 0.5, 0.30, 0.25, 0.20, 0.22, 0.26]
-    _fake_metrics(workdir, errors, result=False)
+    _fake_metrics(run.workdir, errors, result=False)
     assert ss.status(run) == "partial" and ss.run_error(run) is None
-    _fake_metrics(workdir, errors)
+    _fake_metrics(run.workdir, errors)
     assert ss.status(run) == "done"
     assert ss.run_error(run) == pytest.approx(25.0)  # median of 0.30 0.25 0.20 0.22 0.26
-    ss._mark_diverged(workdir, "nan at step 3")
+    # The committed record decides, even without the workdir (a fresh clone).
+    ss.keep_record(run)
+    import shutil
+
+    shutil.rmtree(run.workdir)
+    assert ss.status(run) == "done" and ss.run_error(run) == pytest.approx(25.0)
+    ss._mark_diverged(run.record, "nan at step 3")
     assert ss.status(run) == "diverged" and ss.run_error(run) == "diverged"
 
 
@@ -112,29 +137,66 @@ def test_aggregate_counts_seeds_and_uses_the_sample_std():
     assert ss.format_cell(ss.aggregate([None, None])) == "not run yet"
 
 
+def test_verdicts_from_hand_computed_differences():
+    ref = ss.aggregate([9.5, 9.6, 9.7])                 # mean 9.6, std 0.1
+    same = ss.aggregate([9.55, 9.65, 9.75])             # +0.05 ± 2·sqrt(2·0.01/3) = ±0.163
+    d = ss.difference(same, ref)
+    assert d["diff"] == pytest.approx(0.05) and d["se"] == pytest.approx(math.sqrt(0.02 / 3))
+    assert ss.verdict_matches(same, ref, 0.3)[0] == "matches"
+    worse = ss.aggregate([10.4, 10.5, 10.6])            # +0.9, interval above 0.3
+    assert ss.verdict_matches(worse, ref, 0.3)[0] == "does not match"
+    assert ss.verdict_worse(worse, ref, 0.3)[0] == "reproduces"
+    noisy = ss.aggregate([9.0, 9.9, 10.8])              # +0.3 ± 1.06
+    assert ss.verdict_matches(noisy, ref, 0.3)[0].startswith("cannot tell")
+    assert ss.verdict_worse(same, ref, 0.3)[0] == "does not reproduce"
+    # One seed borrows the other row's spread.
+    one = ss.aggregate([9.6])
+    assert ss.difference(one, ref)["se"] == pytest.approx(math.sqrt(0.01 / 1 + 0.01 / 3))
+    assert ss.verdict_matches(ss.aggregate(["diverged"]), ref, 0.3)[0] == "does not match"
+
+
+def test_the_ablation_kn_is_the_largest_that_matches(tmp_path):
+    paths = _paths(tmp_path)
+    scale = dataclasses.replace(ss.FULL, kn_sweep=(16, 32, 64, 128), seeded_k=4)
+    sweep = ss.define_studies(scale, paths)[0]
+    assert ss.choose_large_kn(sweep, scale) is None  # nothing finished
+    errors = {16: [0.095, 0.096, 0.097], 32: [0.0955, 0.0965, 0.0975],
+              64: [0.0950, 0.0960, 0.0970], 128: [0.11]}
+    for row in sweep.rows:
+        for run, err in zip(row.runs, errors[int(row.runs[0].flag("--batch-size"))]):
+            _fake_metrics(run.workdir, [0.5, err, err, err, err, err])
+    assert ss.choose_large_kn(sweep, scale) == 64
+
+
 def test_table_and_reports_from_fake_runs(tmp_path):
     scale = ss.QUICK
-    studies = ss.define_studies(scale, str(tmp_path / "runs"))
+    paths = _paths(tmp_path)
+    studies = ss.define_studies(scale, paths)
     warmup = {s.key: s for s in studies}["warmup"]
     base, none, const, gradual = warmup.rows
-    _fake_metrics(base.runs[0].flag("--workdir"), [0.5, 0.3, 0.2, 0.2, 0.2])
-    _fake_metrics(gradual.runs[0].flag("--workdir"), [0.6, 0.4, 0.3, 0.25, 0.35])  # median 0.35
-    ss._mark_diverged(none.runs[0].flag("--workdir"), "nan")
+    _fake_metrics(base.runs[0].workdir, [0.5, 0.3, 0.2, 0.2, 0.2])
+    _fake_metrics(gradual.runs[0].workdir, [0.6, 0.4, 0.3, 0.25, 0.35])  # median 0.35
+    ss._mark_diverged(none.runs[0].workdir, "nan")
     table, record = ss.study_table(warmup, scale)
     lines = table.splitlines()
     assert lines[0] == f"### {warmup.title}"
     row_of = {r["label"]: r for r in record["rows"]}
     assert row_of[gradual.label]["mean"] == pytest.approx(35.0)
     assert f"| {gradual.label} | {scale.large_kn} |" in table and "35.00 (1/1 seeds)" in table
+    # iterations per epoch and in all, next to the paper's
+    # k = 2 ↔ the paper's kn = 512: 1,281,167 // 512 = 2,502 per epoch, 225,180 in 90 epochs
+    assert f"| {scale.train_examples // 32} (2,502) | 3 (225,180) |" in table
     assert f"| {none.label} |" in table and "| diverged | 24.84 ± 0.37 |" in table
     assert f"| {const.label} |" in table and "not run yet" in table
-    results = tmp_path / "results"
-    written = ss.write_reports(studies, scale, str(results), only={"warmup"})
+    written = ss.write_reports(studies, scale, paths, only={"warmup"})
     assert sorted(os.path.basename(p) for p in written) == [
-        "summary.md", "warmup.json", "warmup.md", "warmup.png"]
+        "claims.md", "summary.md", "warmup.json", "warmup.md", "warmup.png"]
+    results = tmp_path / "results"
     assert (results / "warmup.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((results / "warmup.json").read_text())["rows"][3]["mean"] == pytest.approx(35.0)
     assert "### Warmup" in (results / "summary.md").read_text()
+    claims = (results / "claims.md").read_text()
+    assert "no warmup is worse than gradual warmup (table 1): **reproduces** " in claims
 
 
 @pytest.mark.skipif(not HAVE_FMNIST, reason="dataset-fashion-mnist is not installed")
@@ -143,7 +205,7 @@ def test_subset_is_class_balanced_and_readable(tmp_path):
 
     from lsgd_jax.data.fashion_mnist import FashionMNISTSource
 
-    path = ss.write_subset(ss.QUICK, str(tmp_path))
+    path = ss.write_subset(ss.QUICK, _paths(tmp_path))
     for split, size in (("train", ss.QUICK.train_examples), ("validation", ss.QUICK.val_examples)):
         source = FashionMNISTSource(split=split, data_dir=path)
         assert source.num_examples == size
@@ -154,39 +216,38 @@ def test_subset_is_class_balanced_and_readable(tmp_path):
 @pytest.mark.skipif(not HAVE_FMNIST, reason="dataset-fashion-mnist is not installed")
 def test_main_skips_finished_runs_and_runs_the_others(tmp_path, monkeypatch):
     out, results = tmp_path / "runs", tmp_path / "results"
-    studies = ss.define_studies(ss.QUICK, str(out))
+    paths = ss.Paths(out=str(out), results=str(results))
+    studies = ss.define_studies(ss.QUICK, paths)
     runs = ss.unique_runs([s for s in studies if s.key == "momentum"])
-    _fake_metrics(runs[0].flag("--workdir"), [0.5, 0.4])                 # done: skipped
-    _fake_metrics(runs[1].flag("--workdir"), [0.5], result=False)        # partial: resumed
-    ss._mark_diverged(runs[2].flag("--workdir"), "nan")                  # diverged: skipped
+    _fake_metrics(runs[0].workdir, [0.5, 0.4])                 # done: skipped
+    _fake_metrics(runs[1].workdir, [0.5], result=False)        # partial: resumed
+    ss._mark_diverged(runs[2].workdir, "nan")                  # diverged: skipped
     called = []
 
-    def fake_execute(run, use_subprocess=False):
+    def fake_execute(run):
         called.append(run.name)
-        _fake_metrics(run.flag("--workdir"), [0.5, 0.45])
+        _fake_metrics(run.workdir, [0.5, 0.45])
+        ss.keep_record(run)
         return ss.status(run)
 
     monkeypatch.setattr(ss, "execute", fake_execute)
-    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
     assert ss.main(["--quick", "--only", "momentum", "--out", str(out),
                     "--results", str(results)]) == 0
     assert called == [r.name for r in runs if r.name not in (runs[0].name, runs[2].name)]
     text = (results / "momentum.md").read_text()
     assert "| diverged |" in text and "45.00 (1/1 seeds)" in text
+    assert (results / "runs" / runs[1].name / "metrics.jsonl").exists()
 
 
 @pytest.mark.skipif(not HAVE_FMNIST, reason="dataset-fashion-mnist is not installed")
 def test_one_quick_run_trains_for_real(tmp_path):
-    import jax
-
     scale = ss.QUICK
-    if jax.device_count() != scale.devices:
-        pytest.skip(f"needs {scale.devices} devices")
-    out = str(tmp_path)
-    ss.write_subset(scale, out)
-    run = ss.define_studies(scale, out)[0].rows[0].runs[0]
+    paths = _paths(tmp_path)
+    ss.write_subset(scale, paths)
+    run = ss.define_studies(scale, paths)[0].rows[0].runs[0]
     assert ss.execute(run) == "done"
     error = ss.run_error(run)
     assert isinstance(error, float) and 0.0 <= error <= 100.0
-    steps = [r["step"] for r in ss.read_metrics(run.flag("--workdir"), "train")]
+    steps = [r["step"] for r in ss.read_metrics(run.workdir, "train")]
     assert max(steps) == scale.num_steps
+    assert ss.read_metrics(run.record, "result")  # the record was kept
