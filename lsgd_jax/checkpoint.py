@@ -148,11 +148,23 @@ class Checkpoints:
         return dict(restored["data"]), dict(restored["meta"])
 
     def read_state(self, step: int) -> Any:
-        """The ``state`` item of checkpoint ``step`` as saved (nested dicts of arrays), for inspection."""
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
-        )
-        return restored["state"]
+        """The ``state`` item of checkpoint ``step`` (nested dicts of arrays), for inspection.
+
+        Shapes and dtypes come from the checkpoint's own metadata and every array
+        lands on this process's first device, so a checkpoint written on any
+        number of devices or processes can be read here.
+        """
+        path = os.path.join(self.directory, str(step), "state")
+        checkpointer = ocp.StandardCheckpointer()
+        try:
+            metadata = checkpointer.metadata(path)
+            tree = getattr(metadata, "item_metadata", metadata)
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            abstract = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+            return checkpointer.restore(path, abstract)
+        finally:
+            checkpointer.close()
 
     def restore(self, step: int, target: Any, *, config: dict) -> tuple[Any, dict, dict]:
         """Restore checkpoint ``step`` onto the shapes and shardings of ``target``.

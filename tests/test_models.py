@@ -216,3 +216,72 @@ def test_get_model_rejects_bad_arguments():
         get_model("resnet20", num_classes=0)
     with pytest.raises(ValueError, match="bn_group_size"):
         get_model("resnet20", num_classes=10, bn_group_size=0)
+
+
+@pytest.fixture(scope="module")
+def built_models():
+    """ResNet-50 (at 32 pixels, to keep the CPU busy for seconds only) and ResNet-20, as
+    get_model builds them, with γ = 1 everywhere so that every BN passes its input on."""
+    out = {}
+    for name in ("resnet50", "resnet20"):
+        model = get_model(name, num_classes=10, zero_init_residual=False)
+        out[name] = (model, _init(model, (1, 32, 32, 3)))
+    return out
+
+
+def test_convolution_init_is_he_fan_out_where_fan_in_differs(built_models):
+    """fb.resnet.torch draws N(0, 2 / (kH·kW·c_out)); fan-in would give 4× the variance here."""
+    _, variables = built_models["resnet50"]
+    block = variables["params"]["stage1_block1"]
+    w = np.asarray(block["conv3"]["kernel"])  # 1×1, 64 → 256
+    assert w.shape == (1, 1, 64, 256)
+    # tolerance: ≥ 16k samples, the sample std is within ~1 % of the true one.
+    np.testing.assert_allclose(w.std(), np.sqrt(2.0 / 256), rtol=0.05)
+    w = np.asarray(variables["params"]["stage2_block1"]["conv1"]["kernel"])  # 1×1, 256 → 128
+    assert w.shape == (1, 1, 256, 128)
+    np.testing.assert_allclose(w.std(), np.sqrt(2.0 / 128), rtol=0.05)
+    assert abs(w.std() - np.sqrt(2.0 / 256)) > 0.2 * np.sqrt(2.0 / 256)  # not fan-in
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnet20"])
+def test_batch_norm_momentum_and_epsilon_are_the_papers(built_models, name):
+    """Running averages with momentum 0.9 and ε = 1e-5, measured on the built model.
+
+    Momentum: in training, BN normalizes with the batch's statistics, so two updates on
+    one batch see the same inputs: mean₁ = (1−m)·μ, mean₂ = m·mean₁ + (1−m)·μ, and
+    mean₂ / mean₁ = 1 + m in every BN layer. ε: in evaluation with running mean 0 and
+    variance 0, γ = 1, β = 0, the stem BN maps x to x / sqrt(ε).
+    """
+    model, variables = built_models[name]
+    x = jax.random.normal(jax.random.key(1), (32, 32, 32, 3), jnp.float32)
+
+    def update(stats):
+        _, new = model.apply({"params": variables["params"], "batch_stats": stats}, x,
+                             train=True, mutable=["batch_stats"])
+        return new["batch_stats"]
+
+    zeros = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
+    first = update(zeros)
+    second = update(first)
+    ratios = []
+    for path, m1 in jax.tree_util.tree_flatten_with_path(first)[0]:
+        if path[-1].key != "mean":
+            continue
+        m2 = second
+        for p in path:
+            m2 = m2[p.key]
+        m1, m2 = np.asarray(m1), np.asarray(m2)
+        big = np.abs(m1) > 1e-3 * np.abs(m1).max()
+        ratios.append(np.median(m2[big] / m1[big]))
+    assert len(ratios) >= 20
+    # tolerance: float32 rounding of the two updates.
+    np.testing.assert_allclose(ratios, 1.9, rtol=1e-4)
+
+    stats = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
+    _, inter = model.apply({"params": variables["params"], "batch_stats": stats}, x[:2],
+                           train=False, capture_intermediates=True, mutable=["intermediates"])
+    conv = np.asarray(inter["intermediates"]["stem_conv"]["__call__"][0])
+    bn = np.asarray(inter["intermediates"]["stem_bn"]["__call__"][0])
+    big = np.abs(conv) > 1e-3
+    eps = np.median((conv[big] / bn[big]) ** 2)
+    np.testing.assert_allclose(eps, 1e-5, rtol=1e-3)

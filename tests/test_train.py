@@ -285,6 +285,28 @@ def test_two_processes_preempted_through_the_local_launcher_then_resumed(tmp_pat
     for step in range(1, 9):
         # tolerance: float32 all-reduce over 2 processes vs 4 local devices, 8 steps
         assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-5), step
+    # The final parameters, BN averages and optimizer state agree too.
+    import jax
+    import numpy as np
+
+    from lsgd_jax.checkpoint import Checkpoints
+
+    states = []
+    for w in (workdir, single):
+        ckpts = Checkpoints(os.path.join(w, "checkpoints"))
+        try:
+            states.append(ckpts.read_state(8))
+        finally:
+            ckpts.close()
+    leaves_two = jax.tree_util.tree_flatten_with_path(states[0])[0]
+    leaves_one = jax.tree.leaves(states[1])
+    assert len(leaves_two) == len(leaves_one) > 20
+    assert {str(p[0]) for p, _ in leaves_two} >= {"['params']", "['opt_state']",
+                                                 "['batch_stats']"}
+    for (path, a), b in zip(leaves_two, leaves_one):
+        # tolerance: as for the losses, carried into the state over 8 steps
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5,
+                                   err_msg=jax.tree_util.keystr(path))
 
 
 def test_unfinished_checkpoints_are_ignored_and_cleaned(tmp_path):
