@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import io
 import os
 import tempfile
@@ -30,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from lsgd_jax.data.augment import (
+    CROP_ATTEMPTS,
     NUM_TRAIN_UNIFORMS,
     decode_train,
     example_uniforms,
@@ -56,7 +58,7 @@ def transform_no_draft(data: bytes, u, size=224) -> np.ndarray:
     img = Image.open(io.BytesIO(data)).convert("RGB")
     x, y, w, h = random_resized_crop_box(img.size[0], img.size[1], u)
     out = np.asarray(img.resize((size, size), Image.Resampling.BILINEAR, box=(x, y, x + w, y + h)))
-    return out[:, ::-1] if u[-1] < 0.5 else out
+    return out[:, ::-1] if u[4 * CROP_ATTEMPTS] < 0.5 else out
 
 
 def make_tf_transform():
@@ -71,7 +73,7 @@ def make_tf_transform():
         img = tf.image.decode_and_crop_jpeg(data, [y, x, h, w], channels=3)
         img = tf.image.resize(img, (size, size), method="bilinear", antialias=True)
         img = tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8).numpy()
-        return img[:, ::-1] if u[-1] < 0.5 else img
+        return img[:, ::-1] if u[4 * CROP_ATTEMPTS] < 0.5 else img
 
     return transform
 
@@ -155,6 +157,11 @@ def main():
     for threads in sorted({1, cores}):
         report("PIL + draft (decode_train)", rate(decode_train, blobs, uniforms, threads,
                                                   args.rounds), threads)
+    jitter_lighting = functools.partial(decode_train, color_jitter_strength=0.4,
+                                        lighting_std=0.1)
+    for threads in sorted({1, cores}):
+        report("PIL + draft + colour jitter 0.4 + lighting 0.1",
+               rate(jitter_lighting, blobs, uniforms, threads, args.rounds), threads)
     for threads in sorted({1, cores}):
         report("PIL, full-resolution decode", rate(transform_no_draft, blobs, uniforms,
                                                    threads, args.rounds), threads)

@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, default=d["num_workers"], help="decoding threads per process")
     g.add_argument("--max-bad-fraction", type=float, default=d["max_bad_fraction"],
                    help="fail when more than this fraction of images cannot be decoded")
+    g.add_argument("--color-jitter", type=float, default=d["color_jitter"],
+                   help="ImageNet: brightness/contrast/saturation jitter strength "
+                        "(fb.resnet.torch: 0.4; the paper names none)")
+    g.add_argument("--lighting", type=float, default=d["lighting"],
+                   help="ImageNet: PCA lighting noise std (fb.resnet.torch: 0.1)")
     g.add_argument("--synthetic-examples", type=int, default=d["synthetic_examples"],
                    help="size of the synthetic training set")
     g.add_argument("--synthetic-eval-examples", type=int, default=d["synthetic_eval_examples"],
@@ -144,7 +149,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         eval_every_epochs=args.eval_every_epochs, median_evals=args.median_evals,
         eval_batch_size=args.eval_batch_size,
         log_every_steps=args.log_every_steps, num_workers=args.num_workers,
-        max_bad_fraction=args.max_bad_fraction, synthetic_examples=args.synthetic_examples,
+        max_bad_fraction=args.max_bad_fraction, color_jitter=args.color_jitter,
+        lighting=args.lighting, synthetic_examples=args.synthetic_examples,
         synthetic_eval_examples=args.synthetic_eval_examples)
 
 

@@ -64,6 +64,9 @@ class TrainConfig:
       log_every_steps: console and metrics cadence.
       num_workers: decoding threads per process (ImageNet).
       max_bad_fraction: fail when more than this fraction of images is corrupt.
+      color_jitter, lighting: fb.resnet.torch's colour jitter strength (0.4) and PCA
+        lighting std (0.1) for ImageNet training images; 0 (off) by default, as the
+        paper names only scale and aspect-ratio augmentation and the flip.
       synthetic_examples, synthetic_eval_examples: sizes of the synthetic splits.
     """
 
@@ -101,6 +104,8 @@ class TrainConfig:
     log_every_steps: int = 50
     num_workers: int = 8
     max_bad_fraction: float = 1e-3
+    color_jitter: float = 0.0
+    lighting: float = 0.0
     synthetic_examples: int = 1_281_167
     synthetic_eval_examples: int = 50_000
 
@@ -134,6 +139,11 @@ class TrainConfig:
         _non_negative_float("weight_decay", self.weight_decay)
         if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        for name in ("color_jitter", "lighting"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 <= value < 1):
+                raise ValueError(f"{name} must be in [0, 1) (fb.resnet.torch: color_jitter 0.4, "
+                                 f"lighting 0.1), got {value!r}")
         if not (isinstance(self.max_bad_fraction, (int, float)) and 0 <= self.max_bad_fraction < 1):
             raise ValueError(f"max_bad_fraction must be in [0, 1), got {self.max_bad_fraction!r}")
         if list(self.decay_epochs) != sorted(self.decay_epochs) or any(

@@ -13,12 +13,16 @@ Per worker w of n images (n = ``bn_group_size``), with kn images in all:
   ``lax.scan``), each with its own BN groups, and adds their gradients before
   the all-reduce: the math of K × devices workers (footnote 5 of the paper).
 
-Running BN averages: every worker (device × microbatch × group) updates the
-same starting averages with its own statistics; the result is averaged over
-workers (the paper averages the workers' running averages for evaluation and
-checkpoints). The update is linear, so this equals
-``avg ← 0.9·avg + 0.1·mean over all kn/n workers of their statistics``, and the
-stored averages are identical on every device after every step.
+Running BN averages (this project's choice, not the paper's): every worker
+(device × microbatch × group) updates the same starting averages with its own
+statistics, and the result is averaged over workers. The paper only says
+"running average (momentum 0.9)"; in its Caffe2 setting each worker kept its
+own averages. Averaging them keeps one state, identical on every device, so a
+checkpoint and an evaluation do not depend on which worker they are read
+from, and no per-worker copies are stored. The update is linear, so this
+equals ``avg ← 0.9·avg + 0.1·mean over all kn/n workers of their statistics``.
+The training math (gradients, the per-worker normalization) is unaffected:
+running averages are used in evaluation only.
 """
 
 from __future__ import annotations

@@ -90,8 +90,10 @@ def open_sources(config: TrainConfig):
     if config.data == "imagenet":
         kwargs = {"num_workers": config.num_workers, "max_bad_fraction": config.max_bad_fraction,
                   "builder_name": config.tfds_name}
+    augment = ({"color_jitter": config.color_jitter, "lighting": config.lighting}
+               if config.data == "imagenet" else {})
     train = get_source(config.data, split="train", data_dir=config.data_dir,
-                       image_size=config.image_size, **kwargs)
+                       image_size=config.image_size, **kwargs, **augment)
     val = get_source(config.data, split="validation", data_dir=config.data_dir,
                      image_size=config.image_size, **kwargs)
     return train, val

@@ -136,3 +136,72 @@ def test_undecodable_data_raises_decode_errors(data):
 
     with pytest.raises(DECODE_ERRORS):
         decode_train(data, np.full(NUM_TRAIN_UNIFORMS, 0.5), size=16)
+
+
+def test_color_jitter_blends_as_fb_resnet_torch():
+    from lsgd_jax.data.augment import color_jitter
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (4, 5, 3)).astype(np.float32)
+    gray = x @ np.array([0.299, 0.587, 0.114], np.float32)
+    # u = (order, brightness, contrast, saturation); 0.5 gives α = 1 (no change).
+    np.testing.assert_allclose(color_jitter(x, np.array([0.0, 1.0, 0.5, 0.5]), 0.4), 1.4 * x,
+                               rtol=1e-6)
+    np.testing.assert_allclose(color_jitter(x, np.array([0.0, 0.5, 0.0, 0.5]), 0.4),
+                               0.6 * x + 0.4 * gray.mean(), rtol=1e-5)
+    np.testing.assert_allclose(color_jitter(x, np.array([0.0, 0.5, 0.5, 1.0]), 0.4),
+                               1.4 * x - 0.4 * gray[..., None], rtol=1e-5, atol=1e-3)
+    # Order matters: brightness then saturation = saturation then brightness (both linear
+    # in x), but contrast then brightness differs from brightness then contrast only by
+    # the blend's offset, which brightness scales: checked through the first and last order.
+    u = np.array([0.0, 1.0, 0.0, 0.5])      # brightness (α 1.4), then contrast (α 0.6)
+    first = color_jitter(x, u, 0.4)
+    np.testing.assert_allclose(first, 0.6 * (1.4 * x) + 0.4 * (1.4 * gray.mean()), rtol=1e-5)
+    u[0] = 0.99                              # order (2, 1, 0): saturation, contrast, brightness
+    last = color_jitter(x, u, 0.4)
+    np.testing.assert_allclose(last, 1.4 * (0.6 * x + 0.4 * gray.mean()), rtol=1e-5)
+
+
+def test_pca_lighting_adds_the_eigenvector_combination():
+    from lsgd_jax.data.augment import PCA_EIGVAL, PCA_EIGVEC, pca_lighting
+
+    x = np.full((2, 2, 3), 100.0, np.float32)
+    # Box-Muller with u1 = e^-0.5, u2 = 0 gives the normal 1, so α = std on every axis.
+    u = np.array([math.exp(-0.5), 0.0] * 3)
+    shift = PCA_EIGVEC @ (0.1 * PCA_EIGVAL) * 255
+    np.testing.assert_allclose(pca_lighting(x, u, 0.1), x + shift.astype(np.float32), rtol=1e-6)
+    # Over many examples the shift has mean 0 and the per-axis std of the paper's 0.1.
+    draws = example_uniforms(0, 0, np.arange(4000), 6)
+    shifts = np.stack([pca_lighting(np.zeros((1, 1, 3), np.float32), d, 0.1)[0, 0]
+                       for d in draws])
+    alphas = np.linalg.solve(PCA_EIGVEC, shifts.T / 255).T / PCA_EIGVAL
+    # tolerance: 4000 samples, standard error of the std ~1.1 %, of the mean ~0.0016.
+    np.testing.assert_allclose(alphas.std(axis=0), 0.1, rtol=0.05)
+    np.testing.assert_allclose(alphas.mean(axis=0), 0.0, atol=0.01)
+
+
+def test_jitter_and_lighting_are_off_by_default_and_keep_the_crop():
+    # Mid-range pixels, so that no jitter saturates the crop.
+    data = jpeg_bytes((smooth_image(120, 90) * 0.4 + 60).astype(np.uint8))
+    u = example_uniforms(3, 1, [7], NUM_TRAIN_UNIFORMS)[0]
+    plain = decode_train(data, u, size=32)
+    np.testing.assert_array_equal(decode_train(data, u, size=32, color_jitter_strength=0.0,
+                                               lighting_std=0.0), plain)
+    both = decode_train(data, u, size=32, color_jitter_strength=0.4, lighting_std=0.1)
+    assert both.dtype == np.uint8 and not np.array_equal(both, plain)
+    # The same crop and flip, then jitter, then lighting, rounded and clipped to uint8.
+    from lsgd_jax.data.augment import color_jitter, pca_lighting
+
+    x = color_jitter(plain.astype(np.float32), u[4 * CROP_ATTEMPTS + 1:4 * CROP_ATTEMPTS + 5],
+                     0.4)
+    x = pca_lighting(x, u[4 * CROP_ATTEMPTS + 5:4 * CROP_ATTEMPTS + 11], 0.1)
+    np.testing.assert_array_equal(both, np.clip(np.rint(x), 0, 255).astype(np.uint8))
+
+
+def test_jitter_and_lighting_settings_are_checked():
+    from lsgd_jax.config import TrainConfig
+
+    with pytest.raises(ValueError, match="color_jitter must be in \\[0, 1\\).*got 1.5"):
+        TrainConfig(color_jitter=1.5)
+    with pytest.raises(ValueError, match="lighting must be in \\[0, 1\\).*got -0.1"):
+        TrainConfig(lighting=-0.1)

@@ -31,8 +31,23 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 AREA_RANGE = (0.08, 1.0)
 RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
 CROP_ATTEMPTS = 10
-# 4 uniforms per crop attempt (area, log-ratio, x, y) and one for the flip.
-NUM_TRAIN_UNIFORMS = 4 * CROP_ATTEMPTS + 1
+# 4 uniforms per crop attempt (area, log-ratio, x, y), one for the flip, then 4 for
+# colour jitter (order, brightness, contrast, saturation) and 6 for PCA lighting (three
+# Box-Muller normals). Draws are indexed, so the crop and flip are the same whether or
+# not the optional transforms are on.
+_FLIP = 4 * CROP_ATTEMPTS
+_JITTER = _FLIP + 1
+_LIGHTING = _JITTER + 4
+NUM_TRAIN_UNIFORMS = _LIGHTING + 6
+
+# fb.resnet.torch's PCA of ImageNet's RGB pixels (in [0, 1] units), used by its
+# Lighting(0.1) transform (after Krizhevsky et al. 2012).
+PCA_EIGVAL = np.array([0.2175, 0.0188, 0.0045])
+PCA_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
+                       [-0.5808, -0.0045, -0.8140],
+                       [-0.5836, -0.6948, 0.4203]])
+_GRAY = np.array([0.299, 0.587, 0.114])
+_ORDERS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
 
 # Errors by which PIL reports undecodable data (UnidentifiedImageError is an OSError;
 # truncated files raise OSError on load; some corrupt headers raise the others).
@@ -127,16 +142,55 @@ def _crop_resize(img: Image.Image, box, size: int) -> np.ndarray:
     return np.asarray(out, dtype=np.uint8)
 
 
-def decode_train(data: bytes, u: np.ndarray, *, size: int = 224, **crop_kwargs) -> np.ndarray:
-    """Encoded image -> uint8 ``(size, size, 3)``: random-resized crop and flip.
+def color_jitter(image: np.ndarray, u: np.ndarray, strength: float) -> np.ndarray:
+    """fb.resnet.torch's ColorJitter: brightness, contrast, saturation in a random order.
+
+    Each is a blend ``x·α + other·(1 − α)`` with α uniform in [1 − s, 1 + s]: with
+    black (brightness), the mean gray level (contrast) and the pixel's gray
+    (saturation). ``u``: 4 uniforms (order, then the three α). Float32 in, float32 out.
+    """
+    alphas = 1.0 + strength * (2.0 * u[1:4] - 1.0)
+    for which in _ORDERS[min(int(u[0] * 6), 5)]:
+        alpha = np.float32(alphas[which])
+        if which == 0:
+            image = image * alpha
+        else:
+            gray = image @ _GRAY.astype(np.float32)
+            other = gray.mean() if which == 1 else gray[..., None]
+            image = image * alpha + other * (1.0 - alpha)
+    return image
+
+
+def pca_lighting(image: np.ndarray, u: np.ndarray, std: float) -> np.ndarray:
+    """fb.resnet.torch's Lighting: add ``eigvec · (α ⊙ eigval)``, α ~ N(0, std²), to every
+    pixel (0-255 units). ``u``: 6 uniforms, three Box-Muller normals."""
+    u1, u2 = np.maximum(u[0:6:2], 1e-12), u[1:6:2]
+    alpha = std * np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+    rgb = PCA_EIGVEC @ (alpha * PCA_EIGVAL) * 255.0
+    return image + rgb.astype(np.float32)
+
+
+def decode_train(data: bytes, u: np.ndarray, *, size: int = 224, color_jitter_strength: float = 0.0,
+                 lighting_std: float = 0.0, **crop_kwargs) -> np.ndarray:
+    """Encoded image -> uint8 ``(size, size, 3)``: random-resized crop and flip, then the
+    optional colour jitter (fb.resnet.torch: 0.4) and PCA lighting (0.1), off by default.
 
     Raises one of ``DECODE_ERRORS`` when the data cannot be decoded.
     """
     img = Image.open(io.BytesIO(data))
     box = random_resized_crop_box(img.size[0], img.size[1], u, **crop_kwargs)
     out = _crop_resize(img, box, size)
-    if u[4 * CROP_ATTEMPTS] < 0.5:
+    if u[_FLIP] < 0.5:
         out = out[:, ::-1]
+    if color_jitter_strength or lighting_std:
+        x = out.astype(np.float32)
+        if color_jitter_strength:
+            x = color_jitter(x, u[_JITTER:_JITTER + 4], color_jitter_strength)
+        if lighting_std:
+            x = pca_lighting(x, u[_LIGHTING:_LIGHTING + 6], lighting_std)
+        # uint8 out, as the pipeline delivers it: rounded and clipped (fb.resnet.torch
+        # works on unclipped floats; the difference is confined to saturated pixels).
+        out = np.clip(np.rint(x), 0, 255).astype(np.uint8)
     return out
 
 

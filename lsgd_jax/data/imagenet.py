@@ -103,6 +103,8 @@ class ImageNetSource:
         max_bad_fraction: float = 1e-3,
         area_range: tuple[float, float] = AREA_RANGE,
         ratio_range: tuple[float, float] = RATIO_RANGE,
+        color_jitter: float = 0.0,
+        lighting: float = 0.0,
     ):
         if num_workers is None:
             num_workers = os.cpu_count() or 1
@@ -119,6 +121,10 @@ class ImageNetSource:
             raise ValueError(f"area_range must satisfy 0 < lo <= hi <= 1, got {area_range}")
         if not 0.0 < ratio_range[0] <= ratio_range[1]:
             raise ValueError(f"ratio_range must satisfy 0 < lo <= hi, got {ratio_range}")
+        for name, value in (("color_jitter", color_jitter), ("lighting", lighting)):
+            if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+                raise ValueError(f"{name} must lie in [0, 1) (fb.resnet.torch: 0.4 and 0.1), "
+                                 f"got {value!r}")
         builder, tfds = _open_builder(builder_name, data_dir)
         if split not in builder.info.splits:
             raise ValueError(
@@ -134,7 +140,9 @@ class ImageNetSource:
         self.image_shape = (image_size, image_size, 3)
         self.max_bad_fraction = max_bad_fraction
         self._eval_resize = eval_resize
-        self._crop_kwargs = {"area_range": tuple(area_range), "ratio_range": tuple(ratio_range)}
+        self._crop_kwargs = {"area_range": tuple(area_range), "ratio_range": tuple(ratio_range),
+                             "color_jitter_strength": float(color_jitter),
+                             "lighting_std": float(lighting)}
         self._pool = concurrent.futures.ThreadPoolExecutor(
             num_workers, thread_name_prefix="imagenet_decode"
         )

@@ -6,10 +6,12 @@ hyper-parameter of BN, independent of the number of workers k. A device that
 holds b = g·n images therefore computes g independent sets of statistics,
 exactly as g workers of n images would.
 
-Running averages (momentum 0.9) follow the paper's rule for evaluation and
-checkpoints: the averages of all workers are averaged. The update is linear,
-so averaging after every step equals keeping one average per worker and
-averaging at the end; this module therefore keeps a single copy::
+Running averages (momentum 0.9, the paper's value): averaging them over all
+workers is this project's choice, not the paper's (which only says "running
+average"; a Caffe2 worker kept its own). One copy, identical everywhere, makes
+checkpoints and evaluation independent of the worker they are read from. The
+update is linear, so averaging after every step equals keeping one average per
+worker and averaging at the end; this module therefore keeps a single copy::
 
   mean ← m·mean + (1 − m)·avg_groups(μ_g)
   var  ← m·var  + (1 − m)·avg_groups(σ²_g)
