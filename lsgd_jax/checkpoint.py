@@ -18,7 +18,9 @@ multiple of ``keep_period``.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -32,52 +34,102 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint that the current configuration cannot resume from."""
 
 
-def state_sha256(state: Any) -> str:
+class CorruptCheckpointError(Exception):
+    """A checkpoint that cannot be read back as it was saved."""
+
+    def __init__(self, step: int, path: str | None, reason: str):
+        self.step, self.path, self.reason = step, path, reason
+        where = f" ({path})" if path else ""
+        super().__init__(f"checkpoint step {step} is damaged{where}: {reason}")
+
+
+# Files every complete checkpoint of this project has (orbax's OCDBT layout).
+_REQUIRED_FILES = ("data/metadata", "meta/metadata", "state/_METADATA", "state/manifest.ocdbt")
+
+_PATH = re.compile(r"(/[^\s'\",:)]+)")
+
+
+def _damaged_file(error: BaseException, step_dir: str) -> str | None:
+    """The first path under ``step_dir`` that an orbax/tensorstore error message names."""
+    for match in _PATH.finditer(str(error)):
+        if match.group(1).startswith(step_dir):
+            return match.group(1)
+    return None
+
+
+def _first_line(error: BaseException, limit: int = 240) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"{type(error).__name__}: {text[:limit]}"
+
+
+def state_sha256(state: Any, *, require_finite: bool = False) -> str:
     """SHA-256 of the bytes of every array of ``state``, in tree order.
 
-    For the reproducibility audit in ``metrics.jsonl``: two runs that agree on
-    this agree bit for bit. Replicated global arrays are read from this
-    process's first copy, so every process computes the same digest.
+    For the reproducibility audit in ``metrics.jsonl`` and the check of every
+    restore: two states that agree on this agree bit for bit. Replicated global
+    arrays are read from this process's first copy, so every process computes
+    the same digest.
+
+    Args:
+      require_finite: raise ``FloatingPointError`` naming the first array with a
+        NaN or Inf (checked in the same pass over the state).
     """
     digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(state):
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
         if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
             leaf = leaf.addressable_data(0)
         array = np.asarray(jax.device_get(leaf))
+        if require_finite and array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+            raise FloatingPointError(
+                f"the train state holds non-finite values in {jax.tree_util.keystr(path)}")
         digest.update(str((array.dtype.str, array.shape)).encode())
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
 
 
+def _step_dirs(directory: str) -> list[int]:
+    """Steps of the complete checkpoints (orbax renames a finished save to its step)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted((int(n) for n in os.listdir(directory) if n.isdigit()), reverse=True)
+
+
+def _read_json_item(directory: str, step: int, item: str) -> dict:
+    """The JSON item ``item`` of checkpoint ``step``, read directly (no orbax manager)."""
+    path = os.path.join(directory, str(step), item, "metadata")
+    with open(path) as f:
+        try:
+            value = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CorruptCheckpointError(step, path, f"not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CorruptCheckpointError(step, path, "not a JSON object")
+    return value
+
+
 def check_resumable(directory: str, config: dict) -> int | None:
     """Refuse early a checkpoint directory written by an incompatible configuration.
 
-    Reads only the small ``meta`` item of the latest complete checkpoint (no
-    arrays), so a run can fail before opening data sets or compiling.
+    Reads only the small ``meta`` item of the newest checkpoint whose ``meta`` can
+    be read (no arrays, no orbax manager: nothing is written or logged), so a run
+    can fail before opening data sets or compiling. Damaged checkpoints are
+    skipped here and dealt with by :meth:`Checkpoints.restore_latest`.
 
     Returns:
-      The latest complete step, or None when there is nothing to resume.
+      The step whose configuration was compared, or None when there is none.
 
     Raises:
       CheckpointMismatchError: naming each differing field and both values.
     """
-    if not os.path.isdir(directory):
-        return None
-    manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-        item_names=("state", "data", "meta"),
-    )
-    try:
-        step = manager.latest_step()
-        if step is None:
-            return None
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    finally:
-        manager.close()
-    _compare(os.path.join(os.path.abspath(directory), str(step)), dict(meta).get("config", {}),
-             config)
-    return step
+    directory = os.path.abspath(directory)
+    for step in _step_dirs(directory):
+        try:
+            meta = _read_json_item(directory, step, "meta")
+        except (OSError, CorruptCheckpointError):
+            continue
+        _compare(os.path.join(directory, str(step)), meta.get("config", {}), config)
+        return step
+    return None
 
 
 def _compare(where: str, saved: dict, config: dict) -> None:
@@ -194,6 +246,77 @@ class Checkpoints:
             ) from e
         return restored["state"], position, meta
 
+    def quarantine(self, step: int) -> str:
+        """Move checkpoint ``step`` aside to ``corrupt-<step>`` (never deleted); returns the path."""
+        source = os.path.join(self.directory, str(step))
+        target = os.path.join(self.directory, f"corrupt-{step}")
+        suffix = 1
+        while os.path.exists(target):
+            suffix += 1
+            target = os.path.join(self.directory, f"corrupt-{step}-{suffix}")
+        if jax.process_index() == 0 and os.path.exists(source):
+            os.rename(source, target)
+        _sync(f"lsgd_jax quarantine {step}")
+        self._manager.reload()
+        return target
+
+    def restore_latest(self, target: Any, *, config: dict,
+                       log: Any = print) -> tuple[Any, dict, dict, int] | None:
+        """Restore the newest intact checkpoint onto ``target``, verified by its SHA-256.
+
+        Each candidate, newest first, is read and its state hashed on every process;
+        the hash must equal the ``state_sha256`` saved with it. A checkpoint that
+        cannot be read (a missing or truncated file, unparsable ``data`` or
+        ``meta``, an empty folder) or whose hash differs is moved aside to
+        ``corrupt-<step>`` with a message naming the step and the file, and the
+        next older one is tried. The cost is one pass over the state.
+
+        Returns:
+          (state, data position, meta, step), or None when no checkpoint is intact.
+
+        Raises:
+          CheckpointMismatchError: an intact checkpoint of another configuration.
+        """
+        for step in _step_dirs(self.directory):
+            step_dir = os.path.join(self.directory, str(step))
+            problem = None
+            try:
+                for name in _REQUIRED_FILES:  # name the file when a known one is missing
+                    if not os.path.exists(os.path.join(step_dir, name)):
+                        raise CorruptCheckpointError(step, os.path.join(step_dir, name),
+                                                     "the file is missing")
+                position = _read_json_item(self.directory, step, "data")
+                meta = _read_json_item(self.directory, step, "meta")
+                _compare(step_dir, meta.get("config", {}), config)
+                abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+                state = self._manager.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+                )["state"]
+                digest = state_sha256(state)
+                if "state_sha256" in meta and digest != meta["state_sha256"]:
+                    problem = CorruptCheckpointError(
+                        step, os.path.join(step_dir, "state"),
+                        f"the restored state's SHA-256 {digest[:12]}… differs from the "
+                        f"{meta['state_sha256'][:12]}… saved with it")
+            except CheckpointMismatchError:
+                raise
+            except CorruptCheckpointError as e:
+                problem = e
+            except Exception as e:  # orbax and tensorstore raise many kinds
+                path = _damaged_file(e, step_dir)
+                if path is None and isinstance(e, FileNotFoundError) and e.filename:
+                    path = str(e.filename)
+                problem = CorruptCheckpointError(step, path or step_dir, _first_line(e))
+            if not _all_processes_agree(problem is None):
+                problem = problem or CorruptCheckpointError(
+                    step, step_dir, "another process could not restore it")
+            if problem is None:
+                return state, position, meta, step
+            moved = self.quarantine(step)
+            log(f"warning: {problem}. Moved it to {moved} (nothing deleted); trying the "
+                "previous checkpoint.")
+        return None
+
     def wait(self) -> None:
         """Block until every started save is complete on disk."""
         self._manager.wait_until_finished()
@@ -201,3 +324,19 @@ class Checkpoints:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _all_processes_agree(ok: bool) -> bool:
+    """True when ``ok`` holds on every process (a collective on several processes)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))

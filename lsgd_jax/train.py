@@ -164,12 +164,14 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *,
     ckpts = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
                         keep_period=config.keep_every_epochs * spe)
     position = None
-    latest = ckpts.latest_step()
-    if latest is not None:
-        state, data_item, _ = ckpts.restore(latest, state, config=config.to_dict())
+    restored = ckpts.restore_latest(state, config=config.to_dict(), log=log)
+    if restored is not None:
+        state, data_item, _, latest = restored
         position = data_item["position"]
         log(f"resuming from {ckpts.directory}/{latest} (epoch {position['epoch']}, "
-            f"step {position['step']} of the epoch)")
+            f"step {position['step']} of the epoch; its state SHA-256 verified)")
+    else:
+        log(f"no checkpoint in {ckpts.directory}: starting from scratch")
     step = int(jax.device_get(state.step))
 
     writer = MetricsWriter(workdir, enabled=is_main)
@@ -214,7 +216,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *,
                 "loss": float(sums["loss_sum"]) / count, "count": count}
 
     def save(step: int, state, position) -> None:
-        digest = state_sha256(state)
+        try:  # the step's guard keeps the state finite; never write one that is not
+            digest = state_sha256(state, require_finite=True)
+        except FloatingPointError as e:
+            raise NonFiniteError(f"{e} at step {step}; not saved. Lower --base-lr.") from None
         ckpts.save(step, state, position={"position": position.to_dict(), "seed": config.seed},
                    meta={"config": config.to_dict(), "state_sha256": digest})
         writer.write("checkpoint", step, epoch=step / spe, state_sha256=digest)

@@ -389,3 +389,129 @@ def test_trains_on_a_host_without_tensorflow(tmp_path):
                             text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["step"] for r in read_metrics(str(tmp_path), "checkpoint")] == [2]
+
+
+# ---------------------------------------------------------------- damaged checkpoints
+def _largest_chunk(step_dir):
+    chunks = [p for p in step_dir.glob("state/ocdbt.process_0/d/*")]
+    return max(chunks, key=lambda p: p.stat().st_size)
+
+
+def _flip_bit(step_dir):
+    path = _largest_chunk(step_dir)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    return "SHA-256"
+
+
+def _truncate(step_dir):
+    path = _largest_chunk(step_dir)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return "checkpoint step 6 is damaged"
+
+
+def _delete(name):
+    def damage(step_dir):
+        (step_dir / "state" / name).unlink()
+        return name
+
+    return damage
+
+
+def _empty(step_dir):
+    import shutil
+
+    for child in step_dir.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    return "checkpoint step 6 is damaged"
+
+
+def _garbage(item):
+    def damage(step_dir):
+        (step_dir / item / "metadata").write_text("{not json")
+        return f"{item}/metadata): not valid JSON"
+
+    return damage
+
+
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory):
+    """A run of TINY stopped after step 6 (checkpoints 2, 4, 6), and the state hash of an
+    uninterrupted run at step 8."""
+    from lsgd_jax.train import train_and_evaluate
+
+    root = tmp_path_factory.mktemp("six")
+    config = TrainConfig(**TINY | dict(checkpoint_every_steps=2, median_evals=1))
+    train_and_evaluate(config.replace(num_steps=6), str(root / "run"))
+    train_and_evaluate(config.replace(num_steps=8), str(root / "ref"))
+    ref8 = [r for r in read_metrics(str(root / "ref"), "checkpoint") if r["step"] == 8]
+    return config, root / "run", ref8[-1]["state_sha256"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", [
+    _flip_bit, _truncate, _delete("manifest.ocdbt"), _delete("_METADATA"), _empty,
+    _garbage("meta"), _garbage("data"),
+], ids=["bit_flip", "truncated_chunk", "no_manifest", "no_METADATA", "empty_step",
+        "bad_meta", "bad_data"])
+def test_a_damaged_checkpoint_is_moved_aside_and_the_previous_one_resumed(
+        tmp_path, six_steps, damage):
+    import shutil
+
+    from lsgd_jax.train import train_and_evaluate
+
+    config, run, ref_sha = six_steps
+    workdir = tmp_path / "w"
+    shutil.copytree(run, workdir)
+    ckpts = workdir / "checkpoints"
+    expected = damage(ckpts / "6")
+    before = sorted(str(p.relative_to(ckpts / "6")) for p in (ckpts / "6").rglob("*"))
+    messages = []
+    summary = train_and_evaluate(config.replace(num_steps=8), str(workdir), log=messages.append)
+    text = "\n".join(messages)
+    assert f"checkpoint step 6 is damaged" in text and expected in text, text
+    assert f"Moved it to {ckpts / 'corrupt-6'}" in text
+    assert f"resuming from {ckpts / '4'}" in text
+    # Nothing was deleted: the damaged step is kept aside, file for file.
+    after = sorted(str(p.relative_to(ckpts / "corrupt-6"))
+                   for p in (ckpts / "corrupt-6").rglob("*"))
+    assert after == before
+    # The run redid steps 5 and 6 and ends bit-identical to the uninterrupted one.
+    assert summary["step"] == 8
+    final = [r for r in read_metrics(str(workdir), "checkpoint") if r["step"] == 8]
+    assert final[-1]["state_sha256"] == ref_sha
+
+
+def test_no_checkpoint_says_it_starts_from_scratch(tmp_path):
+    from lsgd_jax.train import train_and_evaluate
+
+    messages = []
+    train_and_evaluate(TrainConfig(**TINY | dict(num_steps=1, median_evals=1)), str(tmp_path),
+                       log=messages.append)
+    assert any("no checkpoint in" in m and "starting from scratch" in m for m in messages)
+
+
+def test_an_overflowing_rate_stops_before_any_bad_checkpoint_and_a_sane_rerun_works(tmp_path):
+    """--base-lr 1e38 --reference-batch-size 1 --warmup none: the rate overflows at the
+    first step; nothing non-finite is saved, and a rerun with a sane rate trains on."""
+    from lsgd_jax.checkpoint import Checkpoints
+    from lsgd_jax.train import NonFiniteError, train_and_evaluate
+
+    bad = TrainConfig(**TINY | dict(base_lr=1e38, reference_batch_size=1, warmup="none",
+                                    checkpoint_every_steps=1, num_steps=3, median_evals=1))
+    with pytest.raises(NonFiniteError, match="at step 1 "):
+        train_and_evaluate(bad, str(tmp_path))
+    assert _complete_checkpoints(str(tmp_path)) == []
+    sane = bad.replace(base_lr=0.1, reference_batch_size=256, warmup="gradual")
+    summary = train_and_evaluate(sane, str(tmp_path))
+    assert summary["step"] == 3
+    ckpts = Checkpoints(str(tmp_path / "checkpoints"))
+    try:
+        import jax
+        import numpy as np
+
+        assert all(np.all(np.isfinite(np.asarray(x)))
+                   for x in jax.tree.leaves(ckpts.read_state(3)))
+    finally:
+        ckpts.close()
