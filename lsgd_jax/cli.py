@@ -11,6 +11,7 @@ import dataclasses
 import os
 import sys
 
+from lsgd_jax.collectives import ALLREDUCE_NAMES
 from lsgd_jax.config import DATA_NAMES, DTYPES, MODEL_NAMES, MOMENTUM_FORMS, TrainConfig
 from lsgd_jax.schedules import WARMUP_KINDS
 
@@ -45,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "checkpoint.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("run")
-    g.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, config.json, TensorBoard")
+    g.add_argument("--workdir", required=True, default=argparse.SUPPRESS,
+                   help="checkpoints, metrics.jsonl, config.json, TensorBoard (required)")
     g.add_argument("--seed", type=int, default=d["seed"], help="initialization, shuffles, augmentation")
     g = p.add_argument_group("data")
     g.add_argument("--data", choices=DATA_NAMES, default=d["data"],
@@ -68,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic-eval-examples", type=int, default=d["synthetic_eval_examples"],
                    help="size of the synthetic validation set")
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=MODEL_NAMES, default=None,
-                   help="default: resnet50, or resnet20 for fashion_mnist")
+    g.add_argument("--model", choices=MODEL_NAMES, default=argparse.SUPPRESS,
+                   help="(default: resnet50, or resnet20 for --data fashion_mnist)")
     g.add_argument("--dtype", choices=DTYPES, default=d["dtype"],
                    help="compute dtype; parameters and optimizer state are float32")
     g.add_argument("--zero-gamma", type=_bool, default=d["zero_init_residual"],
@@ -105,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--momentum-correction", type=_bool, default=d["momentum_correction"],
                    help="eq10 only: rescale the buffer when the rate changes")
     g.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="λ, not on BN γ/β")
-    g.add_argument("--allreduce", default=d["allreduce"],
-                   help="psum (XLA's) or one of lsgd_jax.collectives' algorithms")
+    g.add_argument("--allreduce", choices=ALLREDUCE_NAMES, default=d["allreduce"],
+                   help="psum (XLA's, the production choice) or one of the paper's section-4 "
+                        "algorithms in lsgd_jax.collectives")
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--checkpoint-every-steps", type=int, default=d["checkpoint_every_steps"],
                    help="0: at the end of every epoch only")
@@ -135,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
-        data=args.data, data_dir=args.data_dir, tfds_name=args.tfds_name, model=args.model, image_size=args.image_size,
+        data=args.data, data_dir=args.data_dir, tfds_name=args.tfds_name, model=getattr(args, "model", None), image_size=args.image_size,
         batch_size=args.batch_size, bn_group_size=args.bn_group_size,
         grad_accum_steps=args.grad_accum_steps, epochs=args.epochs, num_steps=args.num_steps,
         base_lr=args.base_lr, reference_batch_size=args.reference_batch_size, warmup=args.warmup,
@@ -160,11 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Validate the configuration before any process starts talking to the others.
         config = config_from_args(args)
+        if args.cpu_devices is not None and args.cpu_devices < 1:
+            raise ValueError(f"--cpu-devices must be a positive integer, got {args.cpu_devices}")
     except ValueError as e:
-        parser.error(str(e))
+        # One line, like every other error of the run (the usage is in --help).
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     if args.cpu_devices is not None:
-        if args.cpu_devices < 1:
-            parser.error(f"--cpu-devices must be a positive integer, got {args.cpu_devices}")
         # Read when JAX starts its backends, which has not happened yet.
         os.environ["JAX_PLATFORMS"] = "cpu"
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +

@@ -10,7 +10,9 @@ the last 5 epochs).
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import signal
 import sys
@@ -24,11 +26,19 @@ import numpy as np
 
 from lsgd_jax.checkpoint import Checkpoints, check_resumable, state_sha256
 from lsgd_jax.config import TrainConfig
-from lsgd_jax.metrics import MetricsWriter, eval_history, format_duration, paper_error, plural
+from lsgd_jax.metrics import (
+    MetricsWriter,
+    eval_history,
+    format_duration,
+    paper_error,
+    plural,
+    read_metrics,
+)
 from lsgd_jax.models import get_model
 from lsgd_jax.optim import goyal_sgd
 from lsgd_jax.parallel import InFlight, data_sharding, make_mesh
 from lsgd_jax.schedules import goyal_schedule
+from lsgd_jax.workdir import WorkdirError, WorkdirLock
 from lsgd_jax.step import (
     create_train_state,
     make_eval_step,
@@ -48,18 +58,36 @@ class PreemptionWatcher:
     Several processes: JAX's preemption sync manager (started by
     ``jax.distributed.initialize``) catches SIGTERM on any host and agrees on a
     step at which all of them save. One process: a SIGTERM handler sets a flag.
+
+    Ctrl-C (SIGINT) is a preemption too: the first one saves at the agreed step on
+    every process and exits; a second one aborts at once (KeyboardInterrupt).
     """
 
-    def __init__(self):
+    def __init__(self, log: Callable[[str], None] = print):
         self.multi = jax.process_count() > 1
         self._flag = threading.Event()
-        self._previous = None
-        if not self.multi and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._log = log
+        self._previous: dict = {}
+        if threading.current_thread() is threading.main_thread():
+            if not self.multi:
+                self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
 
     def _on_sigterm(self, signum, frame):
         del signum, frame
         self._flag.set()
+
+    def _on_sigint(self, signum, frame):
+        del frame
+        if self._flag.is_set():
+            raise KeyboardInterrupt("second Ctrl-C")
+        self._flag.set()
+        self._log("Ctrl-C: saving a checkpoint at the next step, then exiting "
+                  "(Ctrl-C again aborts at once, losing the work since the last checkpoint)")
+        if self.multi:
+            # Several processes agree on the step through JAX's preemption notice,
+            # which listens for SIGTERM.
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def reached(self, step: int) -> bool:
         if self.multi:
@@ -69,9 +97,9 @@ class PreemptionWatcher:
         return self._flag.is_set()
 
     def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
 
 
 # ------------------------------------------------------------------ input
@@ -119,12 +147,48 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *,
       ValueError: bad configuration (before anything is compiled).
       NonFiniteError: the loss or a gradient became non-finite.
     """
-    process_index, process_count = jax.process_index(), jax.process_count()
-    is_main = process_index == 0
+    is_main = jax.process_index() == 0
     if log is None:
         def log(msg: str) -> None:
             if is_main:
                 print(msg, flush=True)
+
+    # --- one run per workdir: process 0 holds the lock; every process learns the outcome
+    lock = WorkdirLock(workdir) if is_main else None
+    error = note = ""
+    if lock is not None:
+        try:
+            note = lock.acquire()
+        except WorkdirError as e:
+            error = str(e)
+    error = _same_on_every_process(error)
+    if error:
+        raise WorkdirError(error)
+    if note:
+        log(f"{workdir}: {note}")
+    try:
+        return _train_and_evaluate(config, workdir, log)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _same_on_every_process(text: str, size: int = 2048) -> str:
+    """Process 0's ``text`` on every process (so all raise the same error, or none)."""
+    if jax.process_count() == 1:
+        return text
+    from jax.experimental import multihost_utils
+
+    buf = np.zeros(size, np.uint8)
+    raw = text.encode()[:size]
+    buf[:len(raw)] = np.frombuffer(raw, np.uint8)
+    out = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+    return bytes(out[out != 0]).decode(errors="replace")
+
+
+def _train_and_evaluate(config: TrainConfig, workdir: str, log: Callable[[str], None]) -> dict:
+    process_index, process_count = jax.process_index(), jax.process_count()
+    is_main = process_index == 0
 
     # --- processes, mesh and input; every check before compiling ---------
     mesh = make_mesh()
@@ -141,6 +205,11 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *,
     eval_batch_size = config.eval_batch_size or config.batch_size
     _check_eval_batch(eval_batch_size, num_devices, process_count)
     spe, total = derived["steps_per_epoch"], derived["total_steps"]
+    planned = math.ceil(config.epochs * spe)  # --num-steps only cuts a run short
+    if derived["warmup_steps"] > planned:
+        log(f"warning: the warmup ({derived['warmup_steps']} steps, --warmup-epochs "
+            f"{config.warmup_epochs:g}) is longer than the run ({planned} steps, --epochs "
+            f"{config.epochs:g}): the rate never reaches its peak {derived['peak_lr']:g}")
     eval_steps = set(derived["eval_steps"])
     derived.update(num_devices=num_devices, num_processes=process_count,
                    per_device_batch=layout.per_device, microbatch=layout.microbatch)
@@ -173,6 +242,16 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *,
     else:
         log(f"no checkpoint in {ckpts.directory}: starting from scratch")
     step = int(jax.device_get(state.step))
+    done = read_metrics(workdir, "result") if step >= total else []
+    if done:  # a rerun of a finished run: nothing to do, nothing to record
+        ckpts.close()
+        result = done[-1]
+        figure = result.get("median_top1_error")
+        log(f"already finished at step {step} of {total}"
+            + (f": result {100 * figure:.2f}% top-1 error" if figure is not None else "")
+            + f". Nothing to do; use a new --workdir for a new run.")
+        return {"step": step, "total_steps": total, "preempted": False,
+                **{k: v for k, v in result.items() if k not in ("kind", "step", "time")}}
 
     writer = MetricsWriter(workdir, enabled=is_main)
     if is_main:
@@ -228,7 +307,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *,
                              process_index=process_index, process_count=process_count,
                              position=position)
     prefetch = prefetch_to_mesh(iterator, data_sharding(mesh), size=2)
-    preemption = PreemptionWatcher()
+    preemption = PreemptionWatcher(log)
     window: list[dict] = []
     last_eval_step = max((int(r["step"]) for r in eval_history(workdir).values()), default=-1)
     preempted = False
@@ -331,4 +410,15 @@ def main_guard(fn: Callable[[], Any]) -> int:
     except (ValueError, FileNotFoundError, NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2 if not isinstance(e, NonFiniteError) else 3
+    except KeyboardInterrupt:
+        print("aborted by a second Ctrl-C; rerun the same command to resume from the latest "
+              "complete checkpoint", file=sys.stderr, flush=True)
+        return 130
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"error: no space left on the device ({e.filename or e}); free some space and "
+              "rerun the same command: it resumes from the latest complete checkpoint",
+              file=sys.stderr, flush=True)
+        return 2
     return 0

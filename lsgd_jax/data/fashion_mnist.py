@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 
 import numpy as np
 
@@ -33,8 +34,14 @@ PAD = 4
 
 def _read_idx(path: str, ndim: int) -> np.ndarray:
     """Reads an IDX file (big-endian header: magic 0x0000 08 ndim, then the dims)."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        # A cut-short download or a file that is not gzip: name it, say what to do.
+        raise ValueError(
+            f"{path} is damaged ({type(e).__name__}: {e}); reinstall dataset-fashion-mnist "
+            "or point --data-dir at intact copies of the four IDX .gz files") from None
     magic = int.from_bytes(data[:4], "big")
     if magic != 0x0800 | ndim:
         raise ValueError(
