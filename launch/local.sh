@@ -5,6 +5,8 @@
 #   launch/local.sh 2 2 --workdir /tmp/run --data synthetic --model resnet20 ...
 #
 # SIGTERM/SIGINT are forwarded to every process (they checkpoint and exit 0).
+# On one machine a dead process is noticed after 10 s, not JAX's default 100 s; set
+# LSGD_HEARTBEAT_TIMEOUT and LSGD_SHUTDOWN_TIMEOUT (seconds) to change them.
 # If one process fails, the others are stopped and the exit status is the failure's.
 set -uo pipefail
 if [ $# -lt 2 ] || ! [[ "$1" =~ ^[1-9][0-9]*$ ]] || ! [[ "$2" =~ ^[1-9][0-9]*$ ]]; then
@@ -22,7 +24,8 @@ trap 'stop' TERM INT
 for ((i = 0; i < n; i++)); do
   "$python" "$here/../experiments/imagenet_resnet50.py" "$@" \
     --coordinator-address "127.0.0.1:$port" --num-processes "$n" --process-id "$i" \
-    --cpu-devices "$devices" &
+    --cpu-devices "$devices" --heartbeat-timeout "${LSGD_HEARTBEAT_TIMEOUT:-10}" \
+    --shutdown-timeout "${LSGD_SHUTDOWN_TIMEOUT:-30}" &
   pids+=($!)
 done
 

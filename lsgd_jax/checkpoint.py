@@ -317,6 +317,10 @@ class Checkpoints:
                 "previous checkpoint.")
         return None
 
+    def saving(self) -> bool:
+        """True while an asynchronous save is still being written."""
+        return bool(self._manager.is_saving_in_progress())
+
     def wait(self) -> None:
         """Block until every started save is complete on disk."""
         self._manager.wait_until_finished()

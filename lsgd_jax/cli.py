@@ -131,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="total number of processes (with --coordinator-address)")
     g.add_argument("--process-id", type=int, default=None,
                    help="this process, 0 .. num_processes-1")
+    g.add_argument("--heartbeat-timeout", type=int, default=100,
+                   help="seconds after which a silent process is declared dead and the "
+                        "others stop (jax.distributed)")
+    g.add_argument("--shutdown-timeout", type=int, default=300,
+                   help="seconds to wait for every process at exit (jax.distributed)")
     g.add_argument("--cpu-devices", type=int, default=None,
                    help="run on N fake CPU devices per process (testing without GPUs)")
     return p
@@ -163,8 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Validate the configuration before any process starts talking to the others.
         config = config_from_args(args)
-        if args.cpu_devices is not None and args.cpu_devices < 1:
-            raise ValueError(f"--cpu-devices must be a positive integer, got {args.cpu_devices}")
+        for flag in ("cpu_devices", "heartbeat_timeout", "shutdown_timeout"):
+            value = getattr(args, flag)
+            if value is not None and value < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, "
+                                 f"got {value}")
     except ValueError as e:
         # One line, like every other error of the run (the usage is in --help).
         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -179,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     from lsgd_jax.train import main_guard, train_and_evaluate
 
     def run():
-        initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+        initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
+                               heartbeat_timeout=args.heartbeat_timeout,
+                               shutdown_timeout=args.shutdown_timeout)
         train_and_evaluate(config, args.workdir)
 
     return main_guard(run)

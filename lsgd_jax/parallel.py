@@ -44,6 +44,8 @@ def initialize_distributed(
     cpu_collectives: str | None = "gloo",
     local_device_ids: Sequence[int] | None = None,
     initialization_timeout: int = 300,
+    heartbeat_timeout: int = 100,
+    shutdown_timeout: int = 300,
 ) -> bool:
     """Start the multi-process runtime if there is more than one process.
 
@@ -61,6 +63,9 @@ def initialize_distributed(
         (None leaves JAX's default, which has none).
       local_device_ids: devices this process drives (None: all visible).
       initialization_timeout: seconds to wait for every process.
+      heartbeat_timeout: seconds without a heartbeat after which the coordinator
+        declares a process dead and stops the others (JAX's default: 100).
+      shutdown_timeout: seconds to wait for every process at shutdown.
 
     Returns:
       True if the runtime is (now) multi-process, False for a single process.
@@ -108,6 +113,8 @@ def initialize_distributed(
         process_id,
         local_device_ids=local_device_ids,
         initialization_timeout=initialization_timeout,
+        heartbeat_timeout_seconds=heartbeat_timeout,
+        shutdown_timeout_seconds=shutdown_timeout,
     )
     return True
 

@@ -301,7 +301,17 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, log: Callable[[str], 
             raise NonFiniteError(f"{e} at step {step}; not saved. Lower --base-lr.") from None
         ckpts.save(step, state, position={"position": position.to_dict(), "seed": config.seed},
                    meta={"config": config.to_dict(), "state_sha256": digest})
-        writer.write("checkpoint", step, epoch=step / spe, state_sha256=digest)
+        pending_records.append((step, digest))
+
+    pending_records: list[tuple[int, str]] = []
+
+    def record_committed(wait: bool = False) -> None:
+        """The ``checkpoint`` record is written once the save is complete on disk."""
+        if pending_records and (wait or not ckpts.saving()):
+            ckpts.wait()
+            for saved, digest in pending_records:
+                writer.write("checkpoint", saved, epoch=saved / spe, state_sha256=digest)
+            pending_records.clear()
 
     iterator = TrainIterator(train_source, global_batch_size=config.batch_size, seed=config.seed,
                              process_index=process_index, process_count=process_count,
@@ -356,6 +366,7 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, log: Callable[[str], 
                     f"ETA {format_duration(per_step * (total - step))}")
                 window.clear()
                 t_window = now
+            record_committed()
             if save_now:
                 save(step, state, prefetch.position)
             if eval_now and step != last_eval_step:
@@ -372,7 +383,8 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, log: Callable[[str], 
     finally:
         prefetch.close()
         preemption.close()
-        ckpts.close()  # waits for the last asynchronous save
+        record_committed(wait=True)  # waits for the last asynchronous save
+        ckpts.close()
         writer.flush()
 
     summary: dict[str, Any] = {"step": step, "total_steps": total, "preempted": preempted}

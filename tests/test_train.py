@@ -632,3 +632,29 @@ def test_a_bad_value_is_one_line_without_the_usage(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == "error: base_lr must be a positive finite number, got -1.0"
     assert not (tmp_path / "w").exists()
+
+
+def test_checkpoint_records_are_written_once_the_save_is_on_disk(tmp_path, monkeypatch):
+    """A save still in progress has no record; once committed it has, with its hash."""
+    from lsgd_jax import checkpoint
+    from lsgd_jax.train import train_and_evaluate
+
+    seen = []
+    original = checkpoint.Checkpoints.save
+
+    def save_and_look(self, step, state, **kwargs):
+        original(self, step, state, **kwargs)
+        # The record of this step must not exist yet, whatever the save's progress.
+        seen.append((step, [r["step"] for r in read_metrics(str(tmp_path), "checkpoint")]))
+
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", save_and_look)
+    train_and_evaluate(TrainConfig(**TINY | dict(num_steps=6, checkpoint_every_steps=2,
+                                                 median_evals=1)), str(tmp_path))
+    assert [s for s, _ in seen] == [2, 4, 6]
+    for step, recorded in seen:
+        assert step not in recorded
+    records = read_metrics(str(tmp_path), "checkpoint")
+    assert [r["step"] for r in records] == [2, 4, 6]
+    for r in records:  # written after the checkpoint was complete on disk
+        commit = tmp_path / "checkpoints" / str(r["step"]) / "commit_success.txt"
+        assert r["time"] >= os.stat(commit).st_mtime - 0.002, r["step"]
