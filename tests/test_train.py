@@ -658,3 +658,34 @@ def test_checkpoint_records_are_written_once_the_save_is_on_disk(tmp_path, monke
     for r in records:  # written after the checkpoint was complete on disk
         commit = tmp_path / "checkpoints" / str(r["step"]) / "commit_success.txt"
         assert r["time"] >= os.stat(commit).st_mtime - 0.002, r["step"]
+
+
+@pytest.mark.slow
+def test_a_killed_process_stops_the_other_within_the_heartbeat_timeout(tmp_path):
+    """Two hand-launched processes with --heartbeat-timeout 5: kill -9 one, and the other
+    ends within seconds (JAX's default would wait 100 s), leaving a resumable workdir."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = str(tmp_path)
+    procs = [subprocess.Popen(
+        [sys.executable, ENTRY, "--workdir", workdir, *TINY_FLAGS, "--epochs", "50",
+         "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+         "--process-id", str(i), "--cpu-devices", "2", "--heartbeat-timeout", "5"],
+        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(2)]
+    try:
+        _wait_for(workdir, procs[0], lambda r: r["kind"] == "train" and r["step"] >= 2)
+        procs[1].kill()
+        start = time.time()
+        procs[0].wait(timeout=60)
+        assert time.time() - start < 30
+        assert procs[0].returncode != 0
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    # Whatever the lock's state (released by process 0, or stale), a rerun goes on.
+    result = _run(["--workdir", workdir, *TINY_FLAGS, "--num-steps", "6"], devices=4)
+    assert result.returncode == 0, result.stderr[-3000:]
