@@ -14,6 +14,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -173,6 +174,26 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *,
             lock.release()
 
 
+def _check_free_space(workdir: str, state) -> str:
+    """An error message when the workdir cannot hold one more checkpoint, else ""."""
+    need = sum(x.nbytes for x in jax.tree.leaves(state))
+    need = int(need * 1.1) + (1 << 20)  # orbax's metadata and file-system blocks
+    leftovers = 0  # unfinished saves of an earlier run are removed before the next save
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(ckpt_dir):
+        for name in os.listdir(ckpt_dir):
+            if "orbax-checkpoint-tmp" in name:
+                for root, _, files in os.walk(os.path.join(ckpt_dir, name)):
+                    leftovers += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    free = shutil.disk_usage(workdir).free + leftovers
+    if free >= need:
+        return ""
+    return (f"not enough free space for a checkpoint in --workdir {workdir}: "
+            f"{free / 2**20:.1f} MiB free, a checkpoint needs about {need / 2**20:.1f} MiB. "
+            "Free some space (the run resumes from its latest complete checkpoint) or choose "
+            "another --workdir")
+
+
 def _same_on_every_process(text: str, size: int = 2048) -> str:
     """Process 0's ``text`` on every process (so all raise the same error, or none)."""
     if jax.process_count() == 1:
@@ -230,6 +251,10 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, log: Callable[[str], 
     os.makedirs(workdir, exist_ok=True)
     state = create_train_state(model, tx, rng=jax.random.key(config.seed),
                                input_shape=(1, *train_source.image_shape), mesh=mesh)
+    error = _check_free_space(workdir, state) if is_main else ""
+    error = _same_on_every_process(error)
+    if error:
+        raise WorkdirError(error)
     ckpts = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
                         keep_period=config.keep_every_epochs * spe)
     position = None
@@ -420,14 +445,20 @@ def main_guard(fn: Callable[[], Any]) -> int:
     try:
         fn()
     except (ValueError, FileNotFoundError, NonFiniteError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        text = str(e)
+        if "No space left on device" in text or "RESOURCE_EXHAUSTED" in text:
+            # orbax/tensorstore report a full disk as a ValueError with a long path.
+            text = ("no space left on the device while saving a checkpoint "
+                    f"({text.splitlines()[0][:300]}); free some space and rerun the same "
+                    "command: it resumes from the latest complete checkpoint")
+        print(f"error: {text}", file=sys.stderr, flush=True)
         return 2 if not isinstance(e, NonFiniteError) else 3
     except KeyboardInterrupt:
         print("aborted by a second Ctrl-C; rerun the same command to resume from the latest "
               "complete checkpoint", file=sys.stderr, flush=True)
         return 130
     except OSError as e:
-        if e.errno != errno.ENOSPC:
+        if e.errno != errno.ENOSPC and "No space left" not in str(e):
             raise
         print(f"error: no space left on the device ({e.filename or e}); free some space and "
               "rerun the same command: it resumes from the latest complete checkpoint",

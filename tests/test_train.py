@@ -689,3 +689,27 @@ def test_a_killed_process_stops_the_other_within_the_heartbeat_timeout(tmp_path)
     # Whatever the lock's state (released by process 0, or stale), a rerun goes on.
     result = _run(["--workdir", workdir, *TINY_FLAGS, "--num-steps", "6"], devices=4)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1.2 MB file system (tmpfs), where root may mount one; skipped elsewhere."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mount)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_disk_too_small_for_a_checkpoint_is_one_clear_error_every_time(tiny_disk):
+    args = ["--workdir", str(tiny_disk / "w"), *TINY_FLAGS, "--model", "resnet8"]
+    for attempt in range(2):  # the first run and the rerun alike
+        result = _run(args, timeout=120)
+        assert result.returncode == 2, result.stderr[-2000:]
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(
+            f"error: not enough free space for a checkpoint in --workdir {tiny_disk / 'w'}: ")
+        assert "a checkpoint needs about" in lines[0]
