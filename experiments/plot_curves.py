@@ -1,6 +1,6 @@
 """Plot training and validation curves of one or more runs into a PNG.
 
-    python experiments/plot_curves.py runs/kn256 runs/kn8k --reference runs/kn256 -o curves.png
+    python experiments/plot_curves.py runs/kn256 runs/kn8k --reference runs/kn256
 """
 
 import argparse
@@ -15,7 +15,8 @@ from lsgd_jax.plotting import plot_runs  # noqa: E402
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workdirs", nargs="+", help="run directories (with metrics.jsonl)")
-    parser.add_argument("-o", "--output", default="curves.png", help="PNG to write")
+    parser.add_argument("-o", "--output", default=None,
+                        help="PNG to write (default: curves.png in the first run's directory)")
     parser.add_argument("--labels", default=None, help="comma-separated legend names")
     parser.add_argument("--reference", default=None, help="run drawn in black underneath")
     parser.add_argument("--title", default=None)

@@ -6,6 +6,7 @@ runs copied from a cluster. Needs matplotlib (the ``plot`` or ``test`` extra).
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Sequence
 
@@ -14,6 +15,33 @@ from lsgd_jax.metrics import eval_history, read_metrics
 
 def _label(workdir: str) -> str:
     return os.path.basename(os.path.normpath(workdir))
+
+
+def schedule_curve(workdir: str) -> tuple[list[float], list[float]] | None:
+    """(epochs, rates) at every step of the run, from ``goyal_schedule`` and the run's
+    ``config.json``; None when the run has no config.json."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return None
+    import jax
+    import numpy as np
+
+    from lsgd_jax.schedules import goyal_schedule
+
+    with open(path) as f:
+        saved = json.load(f)
+    config, derived = saved["config"], saved["derived"]
+    spe, total = derived["steps_per_epoch"], derived["total_steps"]
+    schedule = goyal_schedule(
+        batch_size=config["batch_size"], steps_per_epoch=spe, base_lr=config["base_lr"],
+        reference_batch_size=config["reference_batch_size"],
+        warmup_epochs=config["warmup_epochs"], warmup=config["warmup"],
+        decay_epochs=tuple(config["decay_epochs"]), decay_factor=config["decay_factor"])
+    steps = np.arange(total)
+    # The rate step t runs with, drawn from t to t + 1 (a step function, as applied).
+    rates = np.asarray(jax.vmap(schedule)(steps), np.float64)
+    epochs = np.repeat(np.arange(total + 1) / spe, 2)[1:-1]
+    return epochs.tolist(), np.repeat(rates, 2).tolist()
 
 
 def curves(workdir: str) -> dict[str, list[float]]:
@@ -35,19 +63,23 @@ def curves(workdir: str) -> dict[str, list[float]]:
     }
 
 
-def plot_runs(workdirs: Sequence[str], output: str, *, labels: Sequence[str] | None = None,
-              reference: str | None = None, title: str | None = None,
-              smooth: int = 1) -> str:
+def plot_runs(workdirs: Sequence[str], output: str | None = None, *,
+              labels: Sequence[str] | None = None, reference: str | None = None,
+              title: str | None = None, smooth: int = 1) -> str:
     """Write a PNG with training error, training loss, validation error and the rate.
 
     Args:
       workdirs: run directories.
-      output: the PNG path.
+      output: the PNG path (default: ``curves.png`` in the first run's directory).
       labels: legend names (default: directory names).
       reference: a run drawn in black underneath the others (the paper overlays
-        every large-minibatch curve on the kn = 256 reference).
-      title: figure title.
+        every large-minibatch curve on the kn = 256 reference); listed once in the
+        legend even when it is also one of ``workdirs``.
+      title: figure title (default: the runs' names).
       smooth: moving-average window over logged training points.
+
+    The rate is drawn at every step from the run's schedule (``config.json``),
+    not from the logged points; validation results are drawn as points.
     """
     import matplotlib
 
@@ -57,34 +89,53 @@ def plot_runs(workdirs: Sequence[str], output: str, *, labels: Sequence[str] | N
     labels = list(labels) if labels else [_label(w) for w in workdirs]
     if len(labels) != len(workdirs):
         raise ValueError(f"{len(labels)} labels for {len(workdirs)} workdirs")
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    if output is None:
+        output = os.path.join(workdirs[0], "curves.png")
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.6))
 
-    def draw(series, label, **style):
+    def draw(workdir, label, **style):
+        series = curves(workdir)
+
         def avg(xs):
             if smooth <= 1:
                 return xs
             return [sum(xs[max(0, i - smooth + 1):i + 1]) / len(xs[max(0, i - smooth + 1):i + 1])
                     for i in range(len(xs))]
 
-        axes[0].plot(series["train_epoch"], avg(series["train_error"]), label=label, **style)
-        axes[1].plot(series["train_epoch"], avg(series["train_loss"]), label=label, **style)
-        axes[2].plot(series["eval_epoch"], series["eval_error"], marker=".", label=label, **style)
-        axes[3].plot(series["train_epoch"], series["lr"], label=label, **style)
+        line, = axes[0].plot(series["train_epoch"], avg(series["train_error"]), label=label,
+                             **style)
+        style = dict(style, color=line.get_color())
+        axes[1].plot(series["train_epoch"], avg(series["train_loss"]), **style)
+        axes[2].plot(series["eval_epoch"], series["eval_error"], marker="o", markersize=4,
+                     linestyle="none" if len(series["eval_epoch"]) < 2 else "-", **style)
+        schedule = schedule_curve(workdir)
+        if schedule is not None:
+            axes[3].plot(*schedule, **style)
+        else:  # no config.json: the logged rates, as points
+            axes[3].plot(series["train_epoch"], series["lr"], marker=".", linestyle="none",
+                         **style)
 
     if reference is not None:
-        draw(curves(reference), f"{_label(reference)} (reference)", color="black", linewidth=2,
+        draw(reference, f"{_label(reference)} (reference)", color="black", linewidth=2,
              alpha=0.6)
     for workdir, label in zip(workdirs, labels):
-        draw(curves(workdir), label, linewidth=1.2)
-    for ax, name in zip(axes, ("training error (%)", "training loss", "validation error (%)",
-                               "learning rate")):
+        if reference is not None and os.path.realpath(workdir) == os.path.realpath(reference):
+            continue  # already drawn, once, as the reference
+        draw(workdir, label, linewidth=1.2)
+    for ax, name in zip(axes, ("training error (%)", "training loss",
+                               "validation top-1 error (%)", "learning rate")):
         ax.set_xlabel("epochs")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
+    axes[3].set_yscale("log")  # the ×0.1 decays as equal steps
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 6), fontsize=9,
+               frameon=False)
+    if title is None:
+        names = [_label(w) for w in ([reference] if reference else []) + list(workdirs)]
+        title = " vs ".join(dict.fromkeys(names))  # each run once, in order
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     fig.savefig(output, dpi=110)
     plt.close(fig)

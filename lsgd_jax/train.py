@@ -362,13 +362,27 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, log: Callable[[str], 
     # --- the loop ---------------------------------------------------------------
     try:
         pending = None
+        first = step < total
         while step < total:
             batch = next(prefetch)
+            if first:
+                log("compiling the train step (the first step includes it)…")
+                t_first = time.time()
             state, metrics = train_step(state, batch)
             step += 1
-            if pending is not None:  # read step t-1 while step t runs
-                check(*pending)
-            pending = (step, metrics)
+            if first:
+                # Wait for it: the compile time is worth knowing, and the ETA counts
+                # only the steps after it.
+                jax.block_until_ready(metrics)
+                log(f"first step done in {time.time() - t_first:.1f} s (compilation included)")
+                first = False
+                start_step, t_start, t_window = step, time.time(), t_first
+                check(step, metrics)
+                pending = None
+            else:
+                if pending is not None:  # read step t-1 while step t runs
+                    check(*pending)
+                pending = (step, metrics)
 
             epoch_end = step % spe == 0
             preempted = preemption.reached(step)
@@ -376,19 +390,20 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, log: Callable[[str], 
                         or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0))
             eval_now = step in eval_steps
             log_now = step % config.log_every_steps == 0 or save_now
-            if save_now or eval_now or log_now:
+            if (save_now or eval_now or log_now) and pending is not None:
                 check(*pending)
                 pending = None
             if log_now and window:
                 now = time.time()
                 mean = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
                 rate = len(window) * config.batch_size / max(now - t_window, 1e-9)
-                per_step = (now - t_start) / max(step - start_step, 1)
+                eta = ("ETA after the next steps" if step == start_step else "ETA " +
+                       format_duration((now - t_start) / (step - start_step) * (total - step)))
                 lr = float(schedule(step - 1))
                 writer.write("train", step, epoch=step / spe, lr=lr, images_per_second=rate, **mean)
                 log(f"step {step}/{total} epoch {step / spe:.2f} | loss {mean['loss']:.4f} "
                     f"top1 {100 * mean['top1_error']:.2f}% | lr {lr:.4g} | {rate:,.0f} img/s | "
-                    f"ETA {format_duration(per_step * (total - step))}")
+                    f"{eta}")
                 window.clear()
                 t_window = now
             record_committed()

@@ -52,3 +52,41 @@ def test_plot_command_writes_a_png(tmp_path):
     missing = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "plot_curves.py"),
                               str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "no metrics.jsonl" in missing.stderr
+
+
+def _config_json(path, **config):
+    base = dict(batch_size=1024, base_lr=0.1, reference_batch_size=256, warmup_epochs=1,
+                warmup="gradual", decay_epochs=[2, 3], decay_factor=0.1)
+    base.update(config)
+    (path / "config.json").write_text(json.dumps(
+        {"config": base, "derived": {"steps_per_epoch": 4, "total_steps": 16}}))
+
+
+def test_the_rate_is_drawn_from_the_schedule_at_every_step(tmp_path):
+    from lsgd_jax.plotting import schedule_curve
+
+    run = _fake_run(tmp_path / "a", [0.5])
+    _config_json(tmp_path / "a")
+    epochs, rates = schedule_curve(run)
+    assert len(epochs) == len(rates) == 32  # 16 steps, each drawn from t to t + 1
+    # k = 4: 0.1 → 0.4 over 4 steps (0.1, 0.175, 0.25, 0.325), then 0.4, ×0.1 at epochs 2, 3.
+    by_step = rates[::2]
+    assert by_step == pytest.approx([0.1, 0.175, 0.25, 0.325] + [0.4] * 4 + [0.04] * 4
+                                    + [0.004] * 4, rel=1e-6)
+    assert epochs[:4] == pytest.approx([0.0, 0.25, 0.25, 0.5])
+    assert schedule_curve(_fake_run(tmp_path / "b", [0.5])) is None  # no config.json
+
+
+def test_the_png_goes_into_the_first_run_and_the_reference_is_drawn_once(tmp_path,
+                                                                        monkeypatch):
+    from lsgd_jax import plotting
+
+    a = _fake_run(tmp_path / "a", [0.5, 0.4])
+    b = _fake_run(tmp_path / "b", [0.6, 0.45])
+    drawn = []
+    original = plotting.curves
+    monkeypatch.setattr(plotting, "curves", lambda w: drawn.append(w) or original(w))
+    path = plotting.plot_runs([a, b], reference=a)
+    assert path == os.path.join(a, "curves.png")
+    assert (tmp_path / "a" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert drawn == [a, b]  # the reference once, not again as a run

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import logging
 import os
 import threading
 
@@ -50,9 +51,30 @@ PREPARE_HINT = (
 )
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, fragment: str):
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.fragment not in record.getMessage()
+
+
 def _open_builder(builder_name: str, data_dir):
     import tensorflow_datasets as tfds  # deferred: hosts without TensorFlow never get here
 
+    # tfds warns "Variant folder ... has no dataset_info.json" for a data set that is not
+    # prepared (even for a folder that does not exist); the error below says it plainly.
+    absl_logger = logging.getLogger("absl")
+    quiet = _DropMessages("has no dataset_info.json")
+    absl_logger.addFilter(quiet)
+    try:
+        return _builder(tfds, builder_name, data_dir)
+    finally:
+        absl_logger.removeFilter(quiet)
+
+
+def _builder(tfds, builder_name: str, data_dir):
     try:
         builder = tfds.builder(builder_name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
