@@ -560,8 +560,9 @@ def header(scale: Scale, paths: Paths, studies: list[Study]) -> str:
     return (f"Mode `{scale.name}`: Fashion-MNIST, {scale.train_examples:,} training and "
             f"{scale.val_examples:,} test images, {scale.model}, n={scale.bn_group}, "
             f"reference kn={scale.reference_kn} at η={scale.base_lr:g}, {scale.epochs:g} epochs "
-            f"(warmup and decays × {scale.factor:.4g} of the paper's), ablations at kn="
-            f"{big if big else 'chosen after the sweep'}. Top-1 error: median of the last 5 "
+            f"(warmup and decays × {scale.factor:.4g} of the paper's), ablations at "
+            f"{f'kn={big}' if big else 'the kn the sweep will choose'}. Top-1 error: median of "
+            "the last 5 "
             f"evaluations (the last 5/90 of each run), mean ± sample std over seeds. "
             f"{len(done)} of {len(runs)} runs finished, {seconds / 3600:.2f} h of machine time."
             "\n\n")
@@ -569,8 +570,8 @@ def header(scale: Scale, paths: Paths, studies: list[Study]) -> str:
 
 def write_reports(studies: list[Study], scale: Scale, paths: Paths,
                   only: set[str] | None = None, plots: bool = True) -> list[str]:
-    """Rewrite the tables (and plots) of ``only`` (default: every study), summary.md and
-    claims.md."""
+    """Rewrite the tables (and plots) of ``only`` (default: every study), summary.md,
+    claims.md, and the snapshot section of the results README next to ``paths.results``."""
     from lsgd_jax.plotting import plot_runs
 
     results = paths.results
@@ -603,7 +604,26 @@ def write_reports(studies: list[Study], scale: Scale, paths: Paths,
     with open(os.path.join(results, "claims.md"), "w") as f:
         f.write(text + "\n".join(claims(studies, scale)) + "\n")
     written += [os.path.join(results, "summary.md"), os.path.join(results, "claims.md")]
-    return written
+    readme = update_readme(os.path.join(os.path.dirname(os.path.abspath(results)), "README.md"),
+                           text + "#### Claims\n\n" + "\n".join(claims(studies, scale))
+                           + "\n\n" + "\n".join(tables))
+    return written + ([readme] if readme else [])
+
+
+def update_readme(path: str, snapshot: str) -> str | None:
+    """Replace the text between the snapshot markers of ``path`` (if it has them)."""
+    begin, end = "<!-- snapshot start -->", "<!-- snapshot end -->"
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        text = f.read()
+    if begin not in text or end not in text:
+        return None
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    with open(path, "w") as f:
+        f.write(f"{head}{begin}\n{snapshot.strip()}\n{end}{tail}")
+    return path
 
 
 def git_commit(paths: Paths, message: str) -> None:
