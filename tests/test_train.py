@@ -713,3 +713,28 @@ def test_a_disk_too_small_for_a_checkpoint_is_one_clear_error_every_time(tiny_di
         assert len(lines) == 1 and lines[0].startswith(
             f"error: not enough free space for a checkpoint in --workdir {tiny_disk / 'w'}: ")
         assert "a checkpoint needs about" in lines[0]
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_terminal_stops_two_processes_at_one_checkpoint(tmp_path):
+    """Ctrl-C in a terminal sends SIGINT to the launcher and both processes at once:
+    they agree on one step, both save it, and everything exits 0."""
+    launcher = os.path.join(ROOT, "launch", "local.sh")
+    workdir = str(tmp_path)
+    env = _env() | {"PYTHON": sys.executable}
+    command = ["bash", launcher, "2", "2", "--workdir", workdir, *TINY_FLAGS, "--epochs", "50"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        _wait_for(workdir, proc, lambda r: r["kind"] == "train" and r["step"] >= 3)
+        os.killpg(proc.pid, signal.SIGINT)  # the whole process group, as a terminal does
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out[-3000:]
+    assert "preempted: checkpoint saved at step" in out
+    saved = _complete_checkpoints(workdir)
+    step = int(out.split("preempted: checkpoint saved at step ")[1].split(";")[0])
+    assert saved and saved[-1] == step
