@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                                shutdown_timeout=args.shutdown_timeout)
         train_and_evaluate(config, args.workdir)
 
-    return main_guard(run)
+    return main_guard(run, workdir=args.workdir)
 
 
 if __name__ == "__main__":

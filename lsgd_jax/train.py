@@ -455,7 +455,7 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, log: Callable[[str], 
     return summary
 
 
-def main_guard(fn: Callable[[], Any]) -> int:
+def main_guard(fn: Callable[[], Any], workdir: str | None = None) -> int:
     """Run ``fn``; turn configuration and data errors into a message and exit status 2."""
     try:
         fn()
@@ -475,8 +475,9 @@ def main_guard(fn: Callable[[], Any]) -> int:
     except OSError as e:
         if e.errno != errno.ENOSPC and "No space left" not in str(e):
             raise
-        print(f"error: no space left on the device ({e.filename or e}); free some space and "
-              "rerun the same command: it resumes from the latest complete checkpoint",
+        where = e.filename or workdir or "the workdir"
+        print(f"error: no space left on the device of {where}; free some space and rerun the "
+              "same command: it resumes from the latest complete checkpoint",
               file=sys.stderr, flush=True)
         return 2
     return 0
