@@ -415,34 +415,31 @@ def difference(a: dict, b: dict) -> dict | None:
     return {"diff": d, "se": se, "low": d - 2 * se, "high": d + 2 * se}
 
 
-def verdict_matches(a: dict, ref: dict, tolerance: float) -> tuple[str, str]:
-    """Does row ``a`` match the reference: worse by at most ``tolerance`` points?"""
-    d = difference(a, ref)
+CANNOT_TELL = "cannot tell (spread too large)"
+
+
+def _judge(a: dict, b: dict, if_diverged: str, decide) -> tuple[str, str]:
+    """A verdict on row ``a`` against row ``b``, and the numbers that decide it."""
     if a["finished"] == 0 and a["diverged"]:
-        return "does not match", "diverged"
+        return if_diverged, "diverged"
+    d = difference(a, b)
     if d is None:
         return "cannot tell yet", "not enough finished seeds"
-    text = f"{d['diff']:+.2f} ± {2 * d['se']:.2f} points"
-    if d["high"] <= tolerance:
-        return "matches", text
-    if d["low"] > tolerance:
-        return "does not match", text
-    return "cannot tell (spread too large)", text
+    return decide(d), f"{d['diff']:+.2f} ± {2 * d['se']:.2f} points"
+
+
+def verdict_matches(a: dict, ref: dict, tolerance: float) -> tuple[str, str]:
+    """Does row ``a`` match the reference: worse by at most ``tolerance`` points?"""
+    return _judge(a, ref, "does not match", lambda d: (
+        "matches" if d["high"] <= tolerance
+        else "does not match" if d["low"] > tolerance else CANNOT_TELL))
 
 
 def verdict_worse(a: dict, b: dict, tolerance: float) -> tuple[str, str]:
     """Is row ``a`` worse than row ``b``, as the paper finds?"""
-    d = difference(a, b)
-    if a["finished"] == 0 and a["diverged"]:
-        return "reproduces", "diverged"
-    if d is None:
-        return "cannot tell yet", "not enough finished seeds"
-    text = f"{d['diff']:+.2f} ± {2 * d['se']:.2f} points"
-    if d["low"] > 0:
-        return "reproduces", text
-    if d["high"] < tolerance:
-        return "does not reproduce", text
-    return "cannot tell (spread too large)", text
+    return _judge(a, b, "reproduces", lambda d: (
+        "reproduces" if d["low"] > 0
+        else "does not reproduce" if d["high"] < tolerance else CANNOT_TELL))
 
 
 def choose_large_kn(sweep: Study, scale: Scale) -> int | None:

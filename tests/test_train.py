@@ -72,6 +72,21 @@ def _wait_for(workdir, proc, predicate, timeout=180):
     pytest.fail("timed out waiting for the run to reach the expected point")
 
 
+def _launch_and_interrupt(command, env, workdir, interrupt):
+    """Start ``command`` in its own session, ``interrupt(proc)`` after step 3; (status, output)."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        _wait_for(workdir, proc, lambda r: r["kind"] == "train" and r["step"] >= 3)
+        interrupt(proc)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, out
+
+
 # ---------------------------------------------------------------- in process
 def test_end_to_end_trains_evaluates_and_checkpoints(tmp_path):
     from lsgd_jax.train import train_and_evaluate
@@ -199,17 +214,21 @@ def test_kill_9_then_rerun_is_bit_identical(tmp_path, reference_sha):
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_exits_0_and_resumes_bit_identical(tmp_path, reference_sha):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl_c"])
+def test_sigterm_or_ctrl_c_checkpoints_exits_0_and_resumes_bit_identical(tmp_path, reference_sha,
+                                                                         signum):
     workdir = str(tmp_path)
     proc = _start(["--workdir", workdir, *TINY_FLAGS])
     try:
         _wait_for(workdir, proc, lambda r: r["kind"] == "train" and r["step"] >= 3)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         out, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 0, out[-3000:]
-    assert "preempted" in out and "resume" in out
+    assert "preempted" in out and "resume" in out and "Traceback" not in out
+    if signum == signal.SIGINT:
+        assert "Ctrl-C: saving a checkpoint" in out
     saved = [r["step"] for r in read_metrics(workdir, "checkpoint")]
     assert saved and saved[-1] < TOTAL_STEPS
     result = _run(["--workdir", workdir, *TINY_FLAGS])
@@ -260,17 +279,9 @@ def test_two_processes_preempted_through_the_local_launcher_then_resumed(tmp_pat
     workdir, single = str(tmp_path / "two"), str(tmp_path / "one")
     env = _env() | {"PYTHON": sys.executable}
     command = ["bash", launcher, "2", "2", "--workdir", workdir, *TINY_FLAGS, "--num-steps", "8"]
-    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, start_new_session=True)
-    try:
-        _wait_for(workdir, first, lambda r: r["kind"] == "train" and r["step"] >= 3)
-        first.send_signal(signal.SIGTERM)
-        out, _ = first.communicate(timeout=180)
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
-    assert first.returncode == 0, out[-3000:]
+    returncode, out = _launch_and_interrupt(command, env, workdir,
+                                            lambda p: p.send_signal(signal.SIGTERM))
+    assert returncode == 0, out[-3000:]
     assert "preempted: checkpoint saved at step" in out
     saved = _complete_checkpoints(workdir)
     assert saved and saved[-1] < 8
@@ -540,26 +551,6 @@ def test_a_second_run_on_a_busy_workdir_refuses_at_once_and_the_first_finishes(t
 
 
 @pytest.mark.slow
-def test_ctrl_c_checkpoints_exits_0_and_resumes_bit_identical(tmp_path, reference_sha):
-    workdir = str(tmp_path)
-    proc = _start(["--workdir", workdir, *TINY_FLAGS])
-    try:
-        _wait_for(workdir, proc, lambda r: r["kind"] == "train" and r["step"] >= 3)
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, out[-3000:]
-    assert "Ctrl-C: saving a checkpoint" in out and "preempted: checkpoint saved" in out
-    assert "Traceback" not in out
-    saved = _complete_checkpoints(workdir)
-    assert saved and saved[-1] < TOTAL_STEPS
-    result = _run(["--workdir", workdir, *TINY_FLAGS])
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert _final_sha(workdir) == reference_sha
-
-
-@pytest.mark.slow
 def test_a_second_ctrl_c_aborts_at_once(tmp_path):
     workdir = str(tmp_path)
     proc = _start(["--workdir", workdir, *TINY_FLAGS, "--epochs", "50"])
@@ -723,17 +714,10 @@ def test_ctrl_c_in_a_terminal_stops_two_processes_at_one_checkpoint(tmp_path):
     workdir = str(tmp_path)
     env = _env() | {"PYTHON": sys.executable}
     command = ["bash", launcher, "2", "2", "--workdir", workdir, *TINY_FLAGS, "--epochs", "50"]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        _wait_for(workdir, proc, lambda r: r["kind"] == "train" and r["step"] >= 3)
-        os.killpg(proc.pid, signal.SIGINT)  # the whole process group, as a terminal does
-        out, _ = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, out[-3000:]
+    # SIGINT to the whole process group, as a terminal does.
+    returncode, out = _launch_and_interrupt(command, env, workdir,
+                                            lambda p: os.killpg(p.pid, signal.SIGINT))
+    assert returncode == 0, out[-3000:]
     assert "preempted: checkpoint saved at step" in out
     saved = _complete_checkpoints(workdir)
     step = int(out.split("preempted: checkpoint saved at step ")[1].split(";")[0])
