@@ -102,3 +102,12 @@ def test_a_paper_length_run_warms_up_over_five_epochs():
     assert d["warmup_steps"] == 5 * 156
     assert d["peak_lr"] == pytest.approx(3.2)
     assert math.isclose(d["rate_multiplier"], 32)
+
+
+def test_counts_read_in_the_right_number():
+    from lsgd_jax.metrics import plural
+
+    assert [plural(1, "process"), plural(2, "process"), plural(1, "microbatch"),
+            plural(4, "microbatch"), plural(0, "warmup step"), plural(1, "device")] == [
+        "1 process", "2 processes", "1 microbatch", "4 microbatches", "0 warmup steps",
+        "1 device"]

@@ -16,12 +16,12 @@ from lsgd_jax.metrics import read_metrics
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = os.path.join(ROOT, "experiments", "imagenet_resnet50.py")
 
-# A run small enough for a 2-core CPU: ResNet-20 on 32-pixel synthetic images,
+# A run small enough for a 2-core CPU: ResNet-8 on 32-pixel synthetic images,
 # kn = 32 over 8 fake devices with BN groups of 4; 4 steps per epoch.
-TINY = dict(data="synthetic", model="resnet20", image_size=32, batch_size=32, bn_group_size=4,
+TINY = dict(data="synthetic", model="resnet8", image_size=32, batch_size=32, bn_group_size=4,
             synthetic_examples=128, synthetic_eval_examples=40, eval_batch_size=16,
             dtype="float32", epochs=3, warmup_epochs=1, decay_epochs=(2,), log_every_steps=1)
-TINY_FLAGS = ["--data", "synthetic", "--model", "resnet20", "--image-size", "32",
+TINY_FLAGS = ["--data", "synthetic", "--model", "resnet8", "--image-size", "32",
               "--batch-size", "32", "--bn-group-size", "4", "--synthetic-examples", "128",
               "--synthetic-eval-examples", "40", "--eval-batch-size", "16", "--dtype", "float32",
               "--epochs", "3", "--warmup-epochs", "1", "--decay-epochs", "2",
@@ -175,6 +175,16 @@ def test_help_explains_every_flag():
 
     parser = build_parser()
     assert [a.option_strings for a in parser._actions if not a.help] == []
+    text = " ".join(parser.format_help().split())
+
+    def help_of(flag):  # its line in the options list (the usage comes first)
+        return text.split(f" {flag} ")[-1].split(" --")[0]
+
+    assert help_of("--workdir").endswith("(required)")
+    model = text.split(" --model ")[-1].split(" --dtype ")[0]
+    assert model.endswith("(default: resnet50, or resnet20 for --data fashion_mnist)")
+    assert "(default: None)" not in help_of("--workdir") + model
+    assert "{psum,ring,halving_doubling,binary_blocks,hierarchical}" in text
     for flag in ("--workdir", "--data", "--data-dir", "--model", "--image-size", "--batch-size",
                  "--bn-group-size", "--grad-accum-steps", "--epochs", "--num-steps", "--base-lr",
                  "--warmup", "--warmup-epochs", "--decay-epochs", "--momentum-form",
@@ -265,7 +275,7 @@ def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path):
     before = sorted((str(p.relative_to(ckpt_dir)), p.stat().st_size) for p in ckpt_dir.rglob("*"))
     second = _run(["--workdir", workdir, *TINY_FLAGS, "--model", "resnet18"])
     assert second.returncode == 2
-    assert "model: checkpoint has 'resnet20', this run has 'resnet18'" in second.stderr
+    assert "model: checkpoint has 'resnet8', this run has 'resnet18'" in second.stderr
     after = sorted((str(p.relative_to(ckpt_dir)), p.stat().st_size) for p in ckpt_dir.rglob("*"))
     assert after == before
 
@@ -453,7 +463,7 @@ def six_steps(tmp_path_factory):
     from lsgd_jax.train import train_and_evaluate
 
     root = tmp_path_factory.mktemp("six")
-    config = TrainConfig(**TINY | dict(model="resnet8", checkpoint_every_steps=2, median_evals=1))
+    config = TrainConfig(**TINY | dict(checkpoint_every_steps=2, median_evals=1))
     train_and_evaluate(config.replace(num_steps=6), str(root / "run"))
     train_and_evaluate(config.replace(num_steps=8), str(root / "ref"))
     ref8 = [r for r in read_metrics(str(root / "ref"), "checkpoint") if r["step"] == 8]
@@ -501,6 +511,11 @@ def test_no_checkpoint_says_it_starts_from_scratch(tmp_path):
     train_and_evaluate(TrainConfig(**TINY | dict(num_steps=1, median_evals=1)), str(tmp_path),
                        log=messages.append)
     assert any("no checkpoint in" in m and "starting from scratch" in m for m in messages)
+    # No minute of silence: the compilation is announced and the first step timed.
+    assert "compiling the train step (the first step includes it)…" in messages
+    assert any(m.startswith("first step done in ") for m in messages)
+    start = next(m for m in messages if m.startswith("kn=32"))
+    assert "on 8 devices in 1 process, 4 images per device in 1 microbatch;" in start
 
 
 def test_an_overflowing_rate_stops_before_any_bad_checkpoint_and_a_sane_rerun_works(tmp_path):
@@ -696,7 +711,7 @@ def tiny_disk(tmp_path):
 
 
 def test_a_disk_too_small_for_a_checkpoint_is_one_clear_error_every_time(tiny_disk):
-    args = ["--workdir", str(tiny_disk / "w"), *TINY_FLAGS, "--model", "resnet8"]
+    args = ["--workdir", str(tiny_disk / "w"), *TINY_FLAGS]
     for attempt in range(2):  # the first run and the rerun alike
         result = _run(args, timeout=120)
         assert result.returncode == 2, result.stderr[-2000:]
