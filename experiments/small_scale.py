@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gzip
 import json
 import math
 import os
@@ -267,37 +266,10 @@ def command(run: Run) -> list[str]:
 # ----------------------------------------------------------------------------- data
 def write_subset(scale: Scale, paths: Paths, source_dir: str = FMNIST_DIR) -> str:
     """Class-balanced subsets of the train and test IDX files, written once (seed 0)."""
-    import numpy as np
+    from lsgd_jax.data.fashion_mnist import write_subset as write
 
-    from lsgd_jax.data.fashion_mnist import _FILES, _read_idx
-
-    target = paths.data_dir(scale)
-    names = [n for pair in _FILES.values() for n in pair]
-    if all(os.path.exists(os.path.join(target, n)) for n in names):
-        return target
-    os.makedirs(target, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for split, size in (("train", scale.train_examples), ("validation", scale.val_examples)):
-        image_file, label_file = _FILES[split]
-        images = _read_idx(os.path.join(source_dir, image_file), 3)
-        labels = _read_idx(os.path.join(source_dir, label_file), 1)
-        if size % 10 or size > len(labels):
-            raise ValueError(f"{split} subset of {size} images must be a multiple of the 10 "
-                             f"classes and at most {len(labels)}")
-        ids = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:size // 10]
-                                      for c in range(10)]))
-        _write_idx(os.path.join(target, image_file), images[ids])
-        _write_idx(os.path.join(target, label_file), labels[ids])
-    return target
-
-
-def _write_idx(path: str, array) -> None:
-    """IDX of unsigned bytes: magic 0x0000 08 ndim, big-endian dims, then the data."""
-    header = (0x0800 | array.ndim).to_bytes(4, "big") + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path + ".tmp", "wb") as f:
-        f.write(header + array.astype("uint8").tobytes())
-    os.replace(path + ".tmp", path)  # a half-written file never looks finished
+    return write(source_dir, paths.data_dir(scale),
+                 {"train": scale.train_examples, "validation": scale.val_examples})
 
 
 # ----------------------------------------------------------------------------- execution

@@ -154,3 +154,27 @@ def test_small_sources_never_import_tensorflow():
     )
     subprocess.run([sys.executable, "-c", code], check=True,
                    cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_idx_files_round_trip_and_subsets_are_class_balanced(tmp_path):
+    from lsgd_jax.data.fashion_mnist import FILES, read_idx, write_idx, write_subset
+
+    rng = np.random.default_rng(0)
+    source = tmp_path / "full"
+    source.mkdir()
+    for split, n in (("train", 200), ("validation", 50)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        write_idx(str(source / FILES[split][0]), images)
+        write_idx(str(source / FILES[split][1]), labels)
+        np.testing.assert_array_equal(read_idx(str(source / FILES[split][0]), 3), images)
+    assert not list(source.glob("*.tmp"))
+    target = write_subset(str(source), str(tmp_path / "sub"), {"train": 40, "validation": 20})
+    for split, size in (("train", 40), ("validation", 20)):
+        src = FashionMNISTSource(split=split, data_dir=target)
+        assert src.num_examples == size
+        labels = src.get_batch(np.arange(size), seed=0, epoch=0, train=False)["label"]
+        assert np.bincount(labels, minlength=10).tolist() == [size // 10] * 10
+    with pytest.raises(ValueError, match="a train subset of 45 images must be a positive "
+                                         "multiple of the 10 classes and at most 200"):
+        write_subset(str(source), str(tmp_path / "bad"), {"train": 45})

@@ -200,20 +200,6 @@ def test_table_and_reports_from_fake_runs(tmp_path):
 
 
 @pytest.mark.skipif(not HAVE_FMNIST, reason="dataset-fashion-mnist is not installed")
-def test_subset_is_class_balanced_and_readable(tmp_path):
-    import numpy as np
-
-    from lsgd_jax.data.fashion_mnist import FashionMNISTSource
-
-    path = ss.write_subset(ss.QUICK, _paths(tmp_path))
-    for split, size in (("train", ss.QUICK.train_examples), ("validation", ss.QUICK.val_examples)):
-        source = FashionMNISTSource(split=split, data_dir=path)
-        assert source.num_examples == size
-        labels = source.get_batch(np.arange(size), seed=0, epoch=0, train=False)["label"]
-        assert np.bincount(labels, minlength=10).tolist() == [size // 10] * 10
-
-
-@pytest.mark.skipif(not HAVE_FMNIST, reason="dataset-fashion-mnist is not installed")
 def test_main_skips_finished_runs_and_runs_the_others(tmp_path, monkeypatch):
     out, results = tmp_path / "runs", tmp_path / "results"
     paths = ss.Paths(out=str(out), results=str(results))

@@ -586,20 +586,16 @@ def test_a_second_ctrl_c_aborts_at_once(tmp_path):
     (lambda b: b"this is not gzip data at all", "BadGzipFile"),
 ], ids=["truncated", "garbage"])
 def test_a_damaged_fashion_mnist_file_is_named(tmp_path, damage, text):
-    import gzip
-
     import numpy as np
 
-    from lsgd_jax.data.fashion_mnist import _FILES
+    from lsgd_jax.data.fashion_mnist import FILES, write_idx
 
     images = np.zeros((20, 28, 28), np.uint8)
     labels = np.arange(20, dtype=np.uint8) % 10
     for split in ("train", "validation"):
-        for name, array in zip(_FILES[split], (images, labels)):
-            header = (0x0800 | array.ndim).to_bytes(4, "big") + b"".join(
-                int(d).to_bytes(4, "big") for d in array.shape)
-            (tmp_path / name).write_bytes(gzip.compress(header + array.tobytes()))
-    bad = tmp_path / _FILES["train"][0]
+        for name, array in zip(FILES[split], (images, labels)):
+            write_idx(str(tmp_path / name), array)
+    bad = tmp_path / FILES["train"][0]
     bad.write_bytes(damage(bad.read_bytes()))
     result = _run(["--workdir", str(tmp_path / "w"), "--data", "fashion_mnist", "--data-dir",
                    str(tmp_path), "--batch-size", "8", "--bn-group-size", "1", "--num-steps",

@@ -22,7 +22,7 @@ import numpy as np
 from lsgd_jax.data.augment import example_uniforms
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
-_FILES = {
+FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "validation": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
@@ -32,7 +32,42 @@ PIXEL_STD = (90.021,)
 PAD = 4
 
 
-def _read_idx(path: str, ndim: int) -> np.ndarray:
+def write_idx(path: str, array: np.ndarray) -> None:
+    """Write ``array`` (uint8) as a gzipped IDX file, atomically (a half-written file never
+    has the final name). Format: magic 0x0000 08 ndim, big-endian dims, then the bytes."""
+    array = np.asarray(array)
+    header = (0x0800 | array.ndim).to_bytes(4, "big") + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path + ".tmp", "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+    os.replace(path + ".tmp", path)
+
+
+def write_subset(source_dir: str, target_dir: str, sizes: dict[str, int], *,
+                 seed: int = 0) -> str:
+    """Class-balanced subsets of the splits in ``source_dir``, written as IDX files in
+    ``target_dir`` (once: existing files are kept). ``sizes``: images per split, each a
+    multiple of the 10 classes. Returns ``target_dir``, readable with ``data_dir=``."""
+    names = [n for split in sizes for n in FILES[split]]
+    if all(os.path.exists(os.path.join(target_dir, n)) for n in names):
+        return target_dir
+    os.makedirs(target_dir, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split, size in sizes.items():
+        image_file, label_file = FILES[split]
+        images = read_idx(os.path.join(source_dir, image_file), 3)
+        labels = read_idx(os.path.join(source_dir, label_file), 1)
+        if size % 10 or not 0 < size <= len(labels):
+            raise ValueError(f"a {split} subset of {size} images must be a positive multiple "
+                             f"of the 10 classes and at most {len(labels)}")
+        ids = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:size // 10]
+                                      for c in range(10)]))
+        write_idx(os.path.join(target_dir, image_file), images[ids])
+        write_idx(os.path.join(target_dir, label_file), labels[ids])
+    return target_dir
+
+
+def read_idx(path: str, ndim: int) -> np.ndarray:
     """Reads an IDX file (big-endian header: magic 0x0000 08 ndim, then the dims)."""
     try:
         with gzip.open(path, "rb") as f:
@@ -66,20 +101,20 @@ class FashionMNISTSource:
     def __init__(self, *, split: str = "train", data_dir: str | None = None):
         if split == "test":
             split = "validation"
-        if split not in _FILES:
+        if split not in FILES:
             raise ValueError(f"unknown split {split!r}; valid: 'train', 'validation' (or 'test')")
         data_dir = DEFAULT_DIR if data_dir is None else os.fspath(data_dir)
-        paths = [os.path.join(data_dir, name) for name in _FILES[split]]
+        paths = [os.path.join(data_dir, name) for name in FILES[split]]
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
             raise FileNotFoundError(
                 f"Fashion-MNIST files not found: {', '.join(missing)}. Install them with "
                 f"`sudo apt-get install dataset-fashion-mnist` (files go to {DEFAULT_DIR}), "
                 "or pass --data-dir pointing to a folder with "
-                f"{', '.join(sum(_FILES.values(), ()))}."
+                f"{', '.join(sum(FILES.values(), ()))}."
             )
-        images = _read_idx(paths[0], 3)
-        labels = _read_idx(paths[1], 1)
+        images = read_idx(paths[0], 3)
+        labels = read_idx(paths[1], 1)
         if images.shape[1:] != (28, 28) or len(images) != len(labels):
             raise ValueError(
                 f"{paths[0]} / {paths[1]}: expected N 28x28 images and N labels, got "
