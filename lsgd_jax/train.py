@@ -39,13 +39,13 @@ from lsgd_jax.models import get_model
 from lsgd_jax.optim import goyal_sgd
 from lsgd_jax.parallel import InFlight, data_sharding, make_mesh
 from lsgd_jax.schedules import goyal_schedule
-from lsgd_jax.workdir import WorkdirError, WorkdirLock
 from lsgd_jax.step import (
     create_train_state,
     make_eval_step,
     make_train_step,
     validate_batch_layout,
 )
+from lsgd_jax.workdir import WorkdirError, WorkdirLock
 
 
 class NonFiniteError(FloatingPointError):
@@ -145,8 +145,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *,
     available, and whether the run stopped for preemption).
 
     Raises:
-      ValueError: bad configuration (before anything is compiled).
-      NonFiniteError: the loss or a gradient became non-finite.
+      ValueError: bad configuration (before anything is compiled); WorkdirError, a
+        ValueError, when the workdir is in use by another run, is not a writable
+        directory or has no room for a checkpoint.
+      NonFiniteError: the loss, a gradient or the updated state became non-finite.
     """
     is_main = jax.process_index() == 0
     if log is None:
@@ -268,9 +270,11 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, log: Callable[[str], 
         log(f"no checkpoint in {ckpts.directory}: starting from scratch")
     step = int(jax.device_get(state.step))
     done = read_metrics(workdir, "result") if step >= total else []
-    if done:  # a rerun of a finished run: nothing to do, nothing to record
+    # Process 0 writes metrics.jsonl: its reading decides for every process.
+    if _same_on_every_process("finished" if done else "") == "finished":
+        # A rerun of a finished run: nothing to do, nothing to record.
         ckpts.close()
-        result = done[-1]
+        result = done[-1] if done else {}
         figure = result.get("median_top1_error")
         log(f"already finished at step {step} of {total}"
             + (f": result {100 * figure:.2f}% top-1 error" if figure is not None else "")
