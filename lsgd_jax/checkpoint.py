@@ -12,7 +12,9 @@ Orbax writes a checkpoint under a temporary name and renames it when complete,
 so a process killed mid-save leaves no half checkpoint under a step name; the
 temporary directories are removed when the next run opens the directory.
 Retention keeps the latest ``keep`` checkpoints and every one whose step is a
-multiple of ``keep_period``.
+multiple of ``keep_period``. Every restore is verified against the saved
+``state_sha256``; a damaged checkpoint is moved aside to ``corrupt-<step>``
+(:meth:`Checkpoints.restore_latest`).
 """
 
 from __future__ import annotations
@@ -177,9 +179,6 @@ class Checkpoints:
         """Step of the latest complete checkpoint, or None."""
         return self._manager.latest_step()
 
-    def all_steps(self) -> list[int]:
-        return list(self._manager.all_steps())
-
     def save(self, step: int, state: Any, *, position: dict, meta: dict) -> None:
         """Start saving; returns once the arrays are copied off the devices."""
         self._manager.save(
@@ -191,13 +190,6 @@ class Checkpoints:
             ),
             force=True,
         )
-
-    def read_meta(self, step: int) -> tuple[dict, dict]:
-        """The ``data`` and ``meta`` items of checkpoint ``step``."""
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
-        )
-        return dict(restored["data"]), dict(restored["meta"])
 
     def read_state(self, step: int) -> Any:
         """The ``state`` item of checkpoint ``step`` (nested dicts of arrays), for inspection.
@@ -217,34 +209,6 @@ class Checkpoints:
             return checkpointer.restore(path, abstract)
         finally:
             checkpointer.close()
-
-    def restore(self, step: int, target: Any, *, config: dict) -> tuple[Any, dict, dict]:
-        """Restore checkpoint ``step`` onto the shapes and shardings of ``target``.
-
-        Checks first that the checkpoint was written by a compatible
-        configuration (same model, data, batch size, ...), so a mismatch is
-        reported by name instead of as an array-shape error deep in orbax.
-
-        Returns:
-          (state, data position, meta).
-
-        Raises:
-          CheckpointMismatchError: naming each differing field, both values,
-            and the checkpoint directory.
-        """
-        position, meta = self.read_meta(step)
-        _compare(os.path.join(self.directory, str(step)), meta.get("config", {}), config)
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        try:
-            restored = self._manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-            )
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointMismatchError(
-                f"checkpoint {self.directory}/{step} does not match this run's train state "
-                f"(model {config.get('model')!r}): {e}"
-            ) from e
-        return restored["state"], position, meta
 
     def quarantine(self, step: int) -> str:
         """Move checkpoint ``step`` aside to ``corrupt-<step>`` (never deleted); returns the path."""
