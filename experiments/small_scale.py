@@ -600,10 +600,12 @@ def git_commit(paths: Paths, message: str) -> None:
     repository that holds it (which may be another checkout than the running code's)."""
     results = os.path.abspath(paths.results)
     repo = os.path.dirname(results)
+    readme = os.path.join(repo, "README.md")  # its snapshot section (update_readme)
+    targets = [results] + ([readme] if os.path.exists(readme) else [])
     for attempt in range(5):
-        add = subprocess.run(["git", "-C", repo, "add", "-A", results],
+        add = subprocess.run(["git", "-C", repo, "add", "-A", *targets],
                              capture_output=True, text=True)
-        done = subprocess.run(["git", "-C", repo, "commit", "-q", "-m", message, "--", results],
+        done = subprocess.run(["git", "-C", repo, "commit", "-q", "-m", message, "--", *targets],
                               capture_output=True, text=True)
         if add.returncode == 0 and (done.returncode == 0 or "nothing" in done.stdout + done.stderr):
             return
