@@ -237,3 +237,26 @@ def test_one_quick_run_trains_for_real(tmp_path):
     steps = [r["step"] for r in ss.read_metrics(run.workdir, "train")]
     assert max(steps) == scale.num_steps
     assert ss.read_metrics(run.record, "result")  # the record was kept
+
+
+def test_commit_takes_the_results_and_the_readme_and_nothing_else(tmp_path):
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True,
+                              text=True, check=True).stdout
+
+    git("init", "-q")
+    git("config", "user.email", "study@example.com")
+    git("config", "user.name", "study")
+    (tmp_path / "other.txt").write_text("work in progress")
+    git("add", "other.txt")  # staged by someone else: must stay out of the study's commit
+    results = tmp_path / "small_scale"
+    (results / "runs" / "kn16_s0").mkdir(parents=True)
+    (results / "runs" / "kn16_s0" / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "README.md").write_text("snapshot\n")
+    ss.git_commit(ss.Paths(out=str(tmp_path / "runs"), results=str(results)), "kn16_s0 done")
+    committed = git("show", "--name-only", "--format=%s", "HEAD").split()
+    assert committed[:2] == ["kn16_s0", "done"]
+    assert sorted(committed[2:]) == ["README.md", "small_scale/runs/kn16_s0/metrics.jsonl"]
+    assert git("diff", "--cached", "--name-only").split() == ["other.txt"]
