@@ -38,7 +38,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from lsgd_jax.metrics import eval_history, read_metrics  # noqa: E402
+from lsgd_jax.metrics import eval_history, paper_error, read_metrics  # noqa: E402
 
 TRAINER = os.path.join("experiments", "imagenet_resnet50.py")
 PAPER_EPOCHS = 90
@@ -335,8 +335,7 @@ def run_error(run: Run) -> float | str | None:
     results = [r for r in read_metrics(metrics_dir(run), "result")]
     if results and "median_top1_error" in results[-1]:
         return 100 * results[-1]["median_top1_error"]
-    last5 = [r["top1_error"] for r in eval_history(metrics_dir(run)).values()][-5:]
-    return 100 * statistics.median(last5)
+    return 100 * paper_error([r["top1_error"] for r in eval_history(metrics_dir(run)).values()])
 
 
 def run_seconds(run: Run) -> float | None:
