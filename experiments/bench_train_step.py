@@ -4,7 +4,10 @@ Runs lsgd_jax.step.make_train_step (per-worker BN, loss / kn, gradient
 all-reduce, goyal_sgd) on every visible device with a device-resident
 synthetic uint8 batch, so the figure is the step alone (no input pipeline).
 Prints compile time, step time, images/s in total and per device, and the
-XLA flags in effect. No TensorFlow is needed.
+XLA flags in effect. No TensorFlow is needed. ``--json FILE`` appends the
+figures as one JSON line; ``--profile-steps N`` traces N more steps with
+jax.profiler and prints the most expensive XLA ops, the step's FLOPs from
+``cost_analysis()`` and the achieved TFLOP/s against the card's bf16 peak.
 
 GPU (the paper's setting, 256 images per device in BN groups of 32):
   . launch/xla_gpu_flags.sh
@@ -19,8 +22,12 @@ CPU smoke run:
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
+import json
 import os
 import platform
+import tempfile
 import time
 
 import jax
@@ -32,6 +39,72 @@ from lsgd_jax.parallel import InFlight, data_sharding, initialize_distributed, m
 from lsgd_jax.schedules import scaled_learning_rate
 from lsgd_jax.step import create_train_state, make_train_step
 
+# Dense bf16 matrix peak by the vendor's datasheets (SXM parts), in FLOP/s.
+BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Profiler lines that summarise rather than time single ops.
+_SUMMARY_LINES = ("XLA Modules", "Steps", "Source", "Framework", "XLA TraceMe")
+# Host events that wrap or wait for the ops rather than run them (CPU traces).
+_HOST_WRAPPERS = ("end:", "Threadpool", "ThunkExecutor", "Wait:", "Rendezvous")
+
+
+def bf16_peak(device_kind: str) -> float | None:
+    return next((v for k, v in BF16_PEAK.items() if k in device_kind), None)
+
+
+def step_flops(compiled) -> float | None:
+    """FLOPs of one call of a compiled program, from XLA's cost analysis."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def top_ops(xspace_path: str, count: int) -> tuple[list[tuple[str, int, float]], float]:
+    """The ``count`` ops with the most total time in a profile, and the total (s).
+
+    Reads the device plane's per-op line ("XLA Ops") when a GPU was traced, or
+    every timed event of the host's XLA threads on a CPU.
+    """
+    from jax.profiler import ProfileData
+
+    data = ProfileData.from_file(xspace_path)
+    planes = list(data.planes)
+    device = [pl for pl in planes if pl.name.startswith("/device:")]
+    events = []
+    for plane in device[:1] or [pl for pl in planes if pl.name == "/host:CPU"]:
+        lines = list(plane.lines)
+        ops_lines = [ln for ln in lines if ln.name == "XLA Ops"]
+        for line in ops_lines or lines:
+            if line.name == "python" or line.name in _SUMMARY_LINES:
+                continue
+            for e in line.events:
+                if e.duration_ns <= 0 or e.name.startswith(_HOST_WRAPPERS):
+                    continue
+                # A GPU kernel names the HLO op it runs in its "hlo_op" stat.
+                hlo = dict((k, v) for k, v in e.stats if k).get("hlo_op") if device else None
+                events.append((str(hlo or e.name), e.duration_ns))
+    total = collections.Counter()
+    calls = collections.Counter()
+    for name, ns in events:
+        total[name] += ns
+        calls[name] += 1
+    ranked = [(name, calls[name], ns * 1e-9) for name, ns in total.most_common(count)]
+    return ranked, sum(total.values()) * 1e-9
+
+
+def profile(compiled, state, batch, steps: int, count: int):
+    """Trace ``steps`` steps; return the state, the top ops and their total time."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            for _ in range(steps):
+                state, metrics = compiled(state, batch)
+                jax.block_until_ready(metrics)
+        paths = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
+        if not paths:
+            raise RuntimeError(f"jax.profiler wrote no .xplane.pb under {tmp}")
+        ranked, busy = top_ops(paths[0], count)
+    return state, ranked, busy
+
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -41,6 +114,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--steps", type=int, default=50, help="timed steps")
     p.add_argument("--warmup-steps", type=int, default=10, help="untimed steps after compiling")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed windows of --steps steps; the median window is reported")
     p.add_argument("--grad-accum-steps", type=int, default=1)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--channels", type=int, default=3)
@@ -48,12 +123,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--allreduce", default="psum")
     p.add_argument("--input-dtype", choices=("uint8", "float32"), default="uint8",
                    help="uint8 is normalized on device, as the input pipeline delivers it")
+    p.add_argument("--json", metavar="FILE", help="append the figures as one JSON line")
+    p.add_argument("--label", default="", help="a name for this variant in the JSON line")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="trace this many more steps and print the top XLA ops (0: no trace)")
+    p.add_argument("--top-ops", type=int, default=15, help="how many ops the profile prints")
     args = p.parse_args()
-    for name in ("batch_per_device", "steps", "grad_accum_steps", "image_size", "channels"):
+    for name in ("batch_per_device", "steps", "repeats", "grad_accum_steps", "image_size", "channels"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.warmup_steps < 0:
-        p.error(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+    for name in ("warmup_steps", "profile_steps"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     return args
 
 
@@ -99,17 +180,23 @@ def main() -> None:
         inflight.push(metrics)
     inflight.drain()
     jax.block_until_ready(state)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        state, metrics = compiled(state, batch)
-        inflight.push(metrics)
-    inflight.drain()
-    jax.block_until_ready(state)
-    elapsed = time.perf_counter() - t0
+    windows = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            state, metrics = compiled(state, batch)
+            inflight.push(metrics)
+        inflight.drain()
+        jax.block_until_ready(state)
+        windows.append((time.perf_counter() - t0) / args.steps)
     if not bool(metrics["finite"]):
         raise RuntimeError("the benchmark step produced non-finite values")
 
-    step_s = elapsed / args.steps
+    step_s = sorted(windows)[len(windows) // 2]  # the median window
+    flops = step_flops(compiled)
+    ranked, busy = [], None
+    if args.profile_steps:
+        state, ranked, busy = profile(compiled, state, batch, args.profile_steps, args.top_ops)
     layout = train_step.layout
     devices = mesh.devices.flat
     if jax.process_index() == 0:
@@ -124,14 +211,46 @@ def main() -> None:
               f"allreduce={args.allreduce}")
         print(f"XLA_FLAGS        {os.environ.get('XLA_FLAGS', '') or '(unset)'}")
         print(f"compile          {compile_s:.1f} s")
-        print(f"step time        {1e3 * step_s:.1f} ms (mean of {args.steps} steps after "
-              f"{args.warmup_steps} warm-up)")
+        spread = ", ".join(f"{1e3 * w:.1f}" for w in windows)
+        print(f"step time        {1e3 * step_s:.1f} ms (median of {args.repeats} windows of "
+              f"{args.steps} steps after {args.warmup_steps} warm-up: {spread} ms)")
         print(f"images/s         {kn / step_s:,.0f} total, "
               f"{kn / step_s / num_devices:,.0f} per device")
         stats = getattr(devices[0], "memory_stats", lambda: None)()
         if stats and "peak_bytes_in_use" in stats:
             print(f"peak memory      {stats['peak_bytes_in_use'] / 2**30:.1f} GiB on device 0")
         print(f"final loss       {float(metrics['loss']):.4f}")
+        peak = bf16_peak(devices[0].device_kind)
+        if flops:
+            achieved = flops / step_s
+            versus = (f", {100 * achieved / peak:.1f} % of the {peak / 1e12:.0f} TFLOP/s bf16 "
+                      "peak" if peak else "")
+            print(f"flops            {flops / 1e9:,.1f} GFLOP per step (cost_analysis, "
+                  f"all devices of this process): {achieved / 1e12:.1f} TFLOP/s{versus}")
+        if ranked:
+            print(f"profile          {args.profile_steps} steps, {busy:.3f} s of op time; "
+                  f"top {len(ranked)} ops by total time:")
+            for name, n_calls, seconds in ranked:
+                print(f"  {100 * seconds / busy:5.1f} %  {1e3 * seconds / args.profile_steps:8.3f} "
+                      f"ms/step  {n_calls // args.profile_steps:4d}x  {name[:100]}")
+        if args.json:
+            record = dict(
+                label=args.label, system="lsgd-jax train step", device=devices[0].device_kind,
+                num_devices=num_devices, jax=jax.__version__, model=args.model, dtype=args.dtype,
+                batch_per_device=args.batch_per_device, bn_group_size=args.bn_group_size,
+                grad_accum_steps=args.grad_accum_steps, input_dtype=args.input_dtype,
+                xla_flags=os.environ.get("XLA_FLAGS", ""), compile_s=compile_s, step_s=step_s,
+                window_step_s=windows,
+                img_per_s=kn / step_s, img_per_s_per_device=kn / step_s / num_devices,
+                flops_per_step=flops, tflops_per_s=flops / step_s / 1e12 if flops else None,
+                bf16_peak_tflops=peak / 1e12 if peak else None,
+                peak_memory_gib=(stats["peak_bytes_in_use"] / 2**30
+                                 if stats and "peak_bytes_in_use" in stats else None),
+                top_ops=[dict(name=n, calls_per_step=c // max(args.profile_steps, 1),
+                              ms_per_step=1e3 * t / args.profile_steps)
+                         for n, c, t in ranked])
+            with open(args.json, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":

@@ -73,6 +73,9 @@ class Scale:
     eval_batch: int
     large_kn: int | None = None      # None: the largest kn of the sweep that matches
     num_steps: int | None = None     # cap per run (quick only)
+    platform: str = "cpu"            # "cpu": fake CPU devices; "gpu": the visible GPU
+    parallel: int = 1                # runs trained at once (a GPU is idle between small steps)
+    run_order: tuple[int, ...] = ()  # kn first trained, per seed (default: the sweep's order)
 
     @property
     def factor(self) -> float:
@@ -90,6 +93,13 @@ FULL = Scale(name="cpu", model="resnet8", train_examples=60_000, val_examples=10
              subset=False, epochs=5, reference_kn=16, bn_group=16, max_devices=2, base_lr=0.1,
              kn_sweep=(16, 32, 64, 128, 256, 512, 1024, 2048), seeds=(0, 1, 2),
              extra_seeds=(0,), seeded_k=32, tolerance=0.3, eval_batch=1000)
+# GPU mode: the CPU mode's recipe with twice the epochs, so that every k has twice the
+# iterations (k = 16: 2,340, as many as k = 8 had on the CPU, where it matched). It asks
+# whether the CPU sweep's break at k = 16-32 comes from the iteration budget. One GPU;
+# small-kn steps leave the GPU idle between launches, so 4 runs train at once. The order
+# puts the reference and the k that decide the question first, in case a call's time ends.
+GPU = dataclasses.replace(FULL, name="gpu", epochs=10, max_devices=1, platform="gpu",
+                          parallel=4, run_order=(16, 256, 512, 128, 1024, 64, 32, 2048))
 QUICK = Scale(name="quick", model="resnet8", train_examples=320, val_examples=80, subset=True,
               epochs=2, reference_kn=16, bn_group=8, max_devices=2, base_lr=0.05,
               kn_sweep=(16, 32, 64), seeds=(0,), extra_seeds=(0,), seeded_k=2,
@@ -137,10 +147,11 @@ class Study:
 class Paths:
     out: str       # workdirs (not committed)
     results: str   # tables, plots, and the records of finished runs (committed)
+    source: str = FMNIST_DIR  # the four IDX .gz files of Fashion-MNIST
 
     def data_dir(self, scale: Scale) -> str:
         if not scale.subset:
-            return FMNIST_DIR
+            return self.source
         return os.path.join(self.out, "data",
                             f"fmnist_train{scale.train_examples}_val{scale.val_examples}")
 
@@ -154,7 +165,7 @@ def _run(scale: Scale, paths: Paths, name: str, seed: int, *, kn: int,
     flags = {
         "--workdir": os.path.join(paths.out, full_name),
         "--data": "fashion_mnist", "--data-dir": paths.data_dir(scale), "--model": scale.model,
-        "--dtype": "float32", "--cpu-devices": str(scale.devices(kn)), "--num-workers": "1",
+        "--dtype": "float32", "--num-workers": "1",
         "--batch-size": str(kn), "--bn-group-size": str(scale.bn_group),
         "--eval-batch-size": str(scale.eval_batch),
         "--epochs": f"{scale.epochs:g}",
@@ -168,6 +179,8 @@ def _run(scale: Scale, paths: Paths, name: str, seed: int, *, kn: int,
         "--log-every-steps": str(max(1, steps_per_epoch // 20)),
         "--keep-checkpoints": "1", "--keep-every-epochs": "0",
     }
+    if scale.platform == "cpu":
+        flags["--cpu-devices"] = str(scale.devices(kn))
     if scale.num_steps is not None:
         flags["--num-steps"] = str(scale.num_steps)
     return Run(full_name, tuple(flags.items()), os.path.join(paths.results, "runs", full_name))
@@ -264,11 +277,11 @@ def command(run: Run) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- data
-def write_subset(scale: Scale, paths: Paths, source_dir: str = FMNIST_DIR) -> str:
+def write_subset(scale: Scale, paths: Paths) -> str:
     """Class-balanced subsets of the train and test IDX files, written once (seed 0)."""
     from lsgd_jax.data.fashion_mnist import write_subset as write
 
-    return write(source_dir, paths.data_dir(scale),
+    return write(paths.source, paths.data_dir(scale),
                  {"train": scale.train_examples, "validation": scale.val_examples})
 
 
@@ -300,23 +313,43 @@ def keep_record(run: Run) -> None:
             shutil.copyfile(src, os.path.join(run.record, name))
 
 
-def execute(run: Run) -> str:
-    """Train (or resume) one run as its own process; returns its status afterwards."""
+def start(run: Run, scale: Scale, log: str | None = None) -> subprocess.Popen:
+    """Start training (or resuming) one run as its own process."""
     os.makedirs(run.workdir, exist_ok=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     # Runs of one kn and schedule (the seeds) share their compiled programs.
     env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(run.workdir),
                                                              "jax_cache"))
-    result = subprocess.run([sys.executable] + command(run), cwd=ROOT, env=env)
-    if result.returncode == 3:  # the trainer's exit status for a non-finite step
+    if scale.parallel > 1 and scale.platform != "cpu":
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU's memory
+    out = open(log, "a") if log else None
+    try:
+        return subprocess.Popen([sys.executable] + command(run), cwd=ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT if out else None)
+    finally:
+        if out:
+            out.close()
+
+
+def finish(run: Run, returncode: int) -> str:
+    """Record a run whose process ended; returns its status ("partial": stopped by SIGTERM)."""
+    if returncode == 3:  # the trainer's exit status for a non-finite step
         _mark_diverged(run.workdir, f"{TRAINER} exited with status 3 (non-finite step)")
-    elif result.returncode != 0:
-        raise RuntimeError(f"{run.name} failed with exit status {result.returncode}")
+    elif returncode != 0 and status(run) != "partial":
+        raise RuntimeError(f"{run.name} failed with exit status {returncode}"
+                           f" (its log: {os.path.join(run.workdir, 'train.log')})")
     state = status(run)
+    if state != "partial":
+        keep_record(run)
+    return state
+
+
+def execute(run: Run, scale: Scale) -> str:
+    """Train (or resume) one run in the foreground; returns its status afterwards."""
+    state = finish(run, start(run, scale).wait())
     if state == "partial":  # SIGTERM: saved; stop the suite rather than start the next run
         raise KeyboardInterrupt(f"{run.name} stopped by SIGTERM; rerun to resume")
-    keep_record(run)
     return state
 
 
@@ -573,14 +606,15 @@ def write_reports(studies: list[Study], scale: Scale, paths: Paths,
         f.write(text + "\n".join(claims(studies, scale)) + "\n")
     written += [os.path.join(results, "summary.md"), os.path.join(results, "claims.md")]
     readme = update_readme(os.path.join(os.path.dirname(os.path.abspath(results)), "README.md"),
+                           "snapshot" if scale.name == "cpu" else f"snapshot {scale.name}",
                            text + "#### Claims\n\n" + "\n".join(claims(studies, scale))
                            + "\n\n" + "\n".join(tables))
     return written + ([readme] if readme else [])
 
 
-def update_readme(path: str, snapshot: str) -> str | None:
-    """Replace the text between the snapshot markers of ``path`` (if it has them)."""
-    begin, end = "<!-- snapshot start -->", "<!-- snapshot end -->"
+def update_readme(path: str, marker: str, snapshot: str) -> str | None:
+    """Replace the text between the ``marker`` comments of ``path`` (if it has them)."""
+    begin, end = f"<!-- {marker} start -->", f"<!-- {marker} end -->"
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -613,28 +647,87 @@ def git_commit(paths: Paths, message: str) -> None:
 
 
 # ----------------------------------------------------------------------------- main
+MODES = {"cpu": FULL, "gpu": GPU, "quick": QUICK}
+
+
+def order(runs: list[Run], scale: Scale) -> list[Run]:
+    """Seed 0 of every row first (a partial suite already spans every setting); within a
+    seed, the kn of ``scale.run_order`` first."""
+    rank = {kn: i for i, kn in enumerate(scale.run_order)}
+    return sorted(runs, key=lambda r: (int(r.flag("--seed")),
+                                       rank.get(int(r.flag("--batch-size")), len(rank))))
+
+
+class Pool:
+    """Up to ``scale.parallel`` runs training at once, each its own process."""
+
+    def __init__(self, scale: Scale, log_dir: str | None):
+        self.scale, self.log_dir = scale, log_dir
+        self.running: dict[str, tuple[Run, subprocess.Popen, float]] = {}
+
+    def start(self, run: Run) -> None:
+        log = os.path.join(self.log_dir, f"{run.name}.log") if self.log_dir else None
+        if log:
+            os.makedirs(self.log_dir, exist_ok=True)
+        self.running[run.name] = (run, start(run, self.scale, log), time.time())
+
+    def wait_one(self) -> tuple[Run, str, float]:
+        """Block until a run's process ends; its status and seconds."""
+        while True:
+            for name, (run, proc, t0) in list(self.running.items()):
+                if proc.poll() is not None:
+                    del self.running[name]
+                    return run, finish(run, proc.returncode), time.time() - t0
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """SIGTERM every run (each saves a checkpoint and resumes on the next call)."""
+        for run, proc, _ in self.running.values():
+            proc.terminate()
+        for run, proc, _ in self.running.values():
+            proc.wait()
+        self.running.clear()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--mode", choices=tuple(MODES), default="cpu",
+                   help="cpu: the study on this machine's CPU; gpu: twice the epochs on one "
+                        "GPU, 4 runs at once; quick: tiny runs of every study (CI)")
+    p.add_argument("--quick", action="store_true", help="the same as --mode quick")
     p.add_argument("--out", default=None,
-                   help="workdirs (default runs/small_scale, or runs/small_scale_quick)")
+                   help="workdirs (default runs/small_scale[_MODE])")
     p.add_argument("--results", default=None, help="tables, plots and finished runs' records "
-                   "(default experiments/results/small_scale, or OUT/results with --quick)")
-    p.add_argument("--quick", action="store_true", help="tiny runs of every study (CI)")
+                   "(default experiments/results/small_scale[_gpu], or OUT/results with quick)")
+    p.add_argument("--fmnist-dir", default=FMNIST_DIR,
+                   help="the Fashion-MNIST IDX .gz files (Debian's dataset-fashion-mnist)")
     p.add_argument("--only", action="append", default=None, choices=STUDY_KEYS,
                    help="run and report only this study (repeatable)")
     p.add_argument("--large-kn", type=int, default=None,
                    help="kn of the ablations (default: the largest kn that matches)")
+    p.add_argument("--parallel", type=int, default=None,
+                   help="runs trained at once (default: 1 on a CPU, 4 on a GPU)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="start no run after this many seconds, then stop the running ones "
+                        "(they save a checkpoint and resume on the next call)")
     p.add_argument("--list", action="store_true", help="print every run's status and command")
     p.add_argument("--report-only", action="store_true", help="no training: tables and plots")
     p.add_argument("--commit", action="store_true",
                    help="git-commit the results folder after every finished run")
     args = p.parse_args(argv)
-    scale = QUICK if args.quick else FULL
-    out = args.out or ("runs/small_scale_quick" if args.quick else "runs/small_scale")
-    results = args.results or (os.path.join(out, "results") if args.quick
-                               else os.path.join(ROOT, "experiments", "results", "small_scale"))
-    paths = Paths(out=out, results=results)
+    mode = "quick" if args.quick else args.mode
+    scale = MODES[mode]
+    if args.parallel is not None:
+        if args.parallel < 1:
+            p.error(f"--parallel must be at least 1, got {args.parallel}")
+        scale = dataclasses.replace(scale, parallel=args.parallel)
+    suffix = "" if mode == "cpu" else f"_{mode}"
+    out = args.out or f"runs/small_scale{suffix}"
+    results = args.results or (os.path.join(out, "results") if mode == "quick"
+                               else os.path.join(ROOT, "experiments", "results",
+                                                 f"small_scale{suffix}"))
+    paths = Paths(out=out, results=results, source=args.fmnist_dir)
     if args.large_kn is not None and args.large_kn not in scale.kn_sweep:
         p.error(f"--large-kn must be one of the sweep's kn {scale.kn_sweep}, got {args.large_kn}")
 
@@ -648,36 +741,56 @@ def main(argv: list[str] | None = None) -> int:
         if len(studies) == 1:
             print("(the ablations are defined once the sweep's seeded rows are finished)")
         return 0
-    if not args.report_only:
+    t_start = time.time()
+    pool = Pool(scale, os.path.join(out, "logs") if scale.parallel > 1 else None)
+
+    def finished(run: Run, after: str, seconds: float) -> None:
+        print(f"=== {run.name}: {after} in {seconds:.0f} s ===", flush=True)
+        touched = {s.key for s in studies if any(run in row.runs for row in s.rows)}
+        write_reports(studies, scale, paths, only=touched)
+        if args.commit:
+            error = run_error(run)
+            figure = f"{error:.2f} %" if isinstance(error, float) else str(error)
+            git_commit(paths, f"Small-scale study ({scale.name}): {run.name} finished, "
+                              f"{figure} top-1 error")
+
+    while not args.report_only:
         if scale.subset:
             write_subset(scale, paths)
-        while True:
-            # Seed 0 of every row first: a partial suite already spans every setting.
-            todo = sorted((r for r in unique_runs(selected(studies))
-                           if status(r) not in ("done", "diverged")),
-                          key=lambda r: int(r.flag("--seed")))
-            if not todo:
-                if len(studies) > 1 or (args.only and "kn_sweep" not in args.only):
-                    break
-                big = choose_large_kn(studies[0], scale)
-                if big is None:
-                    break
-                store_large_kn(paths, big, "the largest kn of the sweep that matches the "
-                               f"reference within {scale.tolerance:g} points")
-                studies = define_studies(scale, paths, args.large_kn)
-                continue
+        out_of_time = args.time_limit is not None and time.time() - t_start > args.time_limit
+        todo = [] if out_of_time else order(
+            [r for r in unique_runs(selected(studies))
+             if status(r) not in ("done", "diverged") and r.name not in pool.running], scale)
+        if out_of_time and pool.running:
+            print(f"=== time limit of {args.time_limit:g} s reached: stopping "
+                  f"{', '.join(pool.running)} ===", flush=True)
+            pool.stop()
+        if not todo and not pool.running:
+            if out_of_time or len(studies) > 1 or (args.only and "kn_sweep" not in args.only):
+                break
+            big = choose_large_kn(studies[0], scale)
+            if big is None:
+                break
+            store_large_kn(paths, big, "the largest kn of the sweep that matches the "
+                           f"reference within {scale.tolerance:g} points")
+            studies = define_studies(scale, paths, args.large_kn)
+            continue
+        if scale.parallel == 1:
             run = todo[0]
             t0 = time.time()
             print(f"=== {run.name} ({status(run)}; {len(todo)} runs left) ===", flush=True)
-            after = execute(run)
-            print(f"=== {run.name}: {after} in {time.time() - t0:.0f} s ===", flush=True)
-            touched = {s.key for s in studies if any(run in row.runs for row in s.rows)}
-            write_reports(studies, scale, paths, only=touched)
-            if args.commit:
-                error = run_error(run)
-                figure = f"{error:.2f} %" if isinstance(error, float) else str(error)
-                git_commit(paths, f"Small-scale study ({scale.name}): {run.name} finished, "
-                                  f"{figure} top-1 error")
+            finished(run, execute(run, scale), time.time() - t0)
+            continue
+        while todo and len(pool.running) < scale.parallel:
+            run = todo.pop(0)
+            print(f"=== {run.name} ({status(run)}; started with {len(pool.running)} others, "
+                  f"{len(todo)} waiting) ===", flush=True)
+            pool.start(run)
+        run, after, seconds = pool.wait_one()
+        if after == "partial":  # SIGTERM from outside: stop the rest, they resume later
+            pool.stop()
+            raise KeyboardInterrupt(f"{run.name} stopped by SIGTERM; rerun to resume")
+        finished(run, after, seconds)
     for path in write_reports(studies, scale, paths):
         print(path)
     return 0

@@ -210,7 +210,7 @@ def test_main_skips_finished_runs_and_runs_the_others(tmp_path, monkeypatch):
     ss._mark_diverged(runs[2].workdir, "nan")                  # diverged: skipped
     called = []
 
-    def fake_execute(run):
+    def fake_execute(run, scale):
         called.append(run.name)
         _fake_metrics(run.workdir, [0.5, 0.45])
         ss.keep_record(run)
@@ -231,7 +231,7 @@ def test_one_quick_run_trains_for_real(tmp_path):
     paths = _paths(tmp_path)
     ss.write_subset(scale, paths)
     run = ss.define_studies(scale, paths)[0].rows[0].runs[0]
-    assert ss.execute(run) == "done"
+    assert ss.execute(run, scale) == "done"
     error = ss.run_error(run)
     assert isinstance(error, float) and 0.0 <= error <= 100.0
     steps = [r["step"] for r in ss.read_metrics(run.workdir, "train")]
