@@ -51,9 +51,10 @@ def bf16_peak(device_kind: str) -> float | None:
     return next((v for k, v in BF16_PEAK.items() if k in device_kind), None)
 
 
-def step_flops(compiled) -> float | None:
-    """FLOPs of one call of a compiled program, from XLA's cost analysis."""
-    cost = compiled.cost_analysis()
+def step_flops(lowered) -> float | None:
+    """FLOPs of one call of a program, from XLA's cost analysis of the lowered program
+    (the compiled one's leaves out the convolutions that a GPU runs as library calls)."""
+    cost = lowered.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older jax: one dict per program
         cost = cost[0] if cost else None
     return float(cost["flops"]) if cost and "flops" in cost else None
@@ -81,7 +82,7 @@ def top_ops(xspace_path: str, count: int) -> tuple[list[tuple[str, int, float]],
                 if e.duration_ns <= 0 or e.name.startswith(_HOST_WRAPPERS):
                     continue
                 # A GPU kernel names the HLO op it runs in its "hlo_op" stat.
-                hlo = dict((k, v) for k, v in e.stats if k).get("hlo_op") if device else None
+                hlo = dict(st for st in e.stats if st[0]).get("hlo_op") if device else None
                 events.append((str(hlo or e.name), e.duration_ns))
     total = collections.Counter()
     calls = collections.Counter()
@@ -90,6 +91,18 @@ def top_ops(xspace_path: str, count: int) -> tuple[list[tuple[str, int, float]],
         calls[name] += 1
     ranked = [(name, calls[name], ns * 1e-9) for name, ns in total.most_common(count)]
     return ranked, sum(total.values()) * 1e-9
+
+
+def op_kind(name: str) -> str:
+    """A coarse kind of an XLA op or kernel name, to sum a profile by."""
+    lowered = name.lower()
+    for kind, marks in (("convolution", ("conv",)), ("matmul", ("gemm", "dot", "cublas")),
+                        ("reduction", ("reduce",)), ("graph", ("command_buffer",)),
+                        ("collective", ("all-reduce", "all_reduce", "nccl")),
+                        ("copy/transpose", ("copy", "transpose")), ("fusion", ("fusion",))):
+        if any(m in lowered for m in marks):
+            return kind
+    return "other"
 
 
 def profile(compiled, state, batch, steps: int, count: int):
@@ -169,7 +182,8 @@ def main() -> None:
     batch = jax.jit(synthetic, out_shardings=data_sharding(mesh))(jax.random.key(1))
 
     t0 = time.perf_counter()
-    compiled = train_step.jitted.lower(state, batch).compile()
+    lowered = train_step.jitted.lower(state, batch)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
 
     # Step t runs while the host waits for step t-1 (InFlight): an unbounded queue of
@@ -193,10 +207,11 @@ def main() -> None:
         raise RuntimeError("the benchmark step produced non-finite values")
 
     step_s = sorted(windows)[len(windows) // 2]  # the median window
-    flops = step_flops(compiled)
+    flops = step_flops(lowered)
     ranked, busy = [], None
     if args.profile_steps:
-        state, ranked, busy = profile(compiled, state, batch, args.profile_steps, args.top_ops)
+        state, ranked_all, busy = profile(compiled, state, batch, args.profile_steps, 10**6)
+        ranked = ranked_all[:args.top_ops]
     layout = train_step.layout
     devices = mesh.devices.flat
     if jax.process_index() == 0:
@@ -230,6 +245,12 @@ def main() -> None:
         if ranked:
             print(f"profile          {args.profile_steps} steps, {busy:.3f} s of op time; "
                   f"top {len(ranked)} ops by total time:")
+            kinds = collections.Counter()
+            for name, _, seconds in ranked_all:
+                kinds[op_kind(name)] += seconds
+            print("  by kind (all ops): " + ", ".join(
+                f"{k} {1e3 * t / args.profile_steps:.2f} ms/step ({100 * t / busy:.0f} %)"
+                for k, t in kinds.most_common()))
             for name, n_calls, seconds in ranked:
                 print(f"  {100 * seconds / busy:5.1f} %  {1e3 * seconds / args.profile_steps:8.3f} "
                       f"ms/step  {n_calls // args.profile_steps:4d}x  {name[:100]}")

@@ -13,7 +13,12 @@
 # 4. with the time left (BUDGET_S in all), the GPU mode of the Fashion-MNIST study
 #    (experiments/small_scale.py --mode gpu, FMNIST=folder of the four .gz files); its
 #    finished runs' records come back as $OUT/small_scale_gpu.tgz.
-# Optional: WHEELS=folder of wheels installed first (e.g. the orbax version we test with).
+# Optional: WHEELS=folder of wheels installed first (e.g. the orbax version we test with);
+# SECTIONS=comma list of machine,bench,baseline,profile,study (default all but profile):
+# "profile" traces groups of 32 and of 256 with XLA's command buffers off, so that the
+# trace names every op instead of one CUDA graph per stretch of them.
+SECTIONS=${SECTIONS:-machine,bench,baseline,study}
+on() { [[ ",$SECTIONS," == *",$1,"* ]]; }
 set -u
 OUT=${OUT:?set OUT to a folder for the figures}
 mkdir -p "$OUT"
@@ -47,6 +52,7 @@ else
   G=32; BIG=256; PROFILE=10; BASE_ARGS="256 40 0,32"; MATMUL=8192; STUDY_EXTRA="--mode gpu"
 fi
 
+if on machine; then
 section "machine"
 date -u
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit \
@@ -87,6 +93,7 @@ s = (time.perf_counter() - t0) / reps
 print(json.dumps({"label": "matmul_bf16", "n": n, "s": s, "tflops_per_s": 2 * n**3 / s / 1e12,
                   "device": jax.devices()[0].device_kind}))
 EOF
+fi
 
 bench() {  # label, then extra flags
   local label=$1; shift
@@ -94,8 +101,11 @@ bench() {  # label, then extra flags
   $PY experiments/bench_train_step.py $BENCH --json "$JSON" --label "$label" "$@" \
     || echo "FAILED: $label"
 }
+if on bench; then
 bench "groups_of_${G}" --bn-group-size $G --profile-steps $PROFILE --top-ops 15
+fi
 
+if on baseline; then
 section "baseline: own_resnet50.py $BASE_ARGS"
 if [ -f "$BASELINE" ]; then
   if [ -n "${TINY:-}" ]; then
@@ -106,9 +116,27 @@ if [ -f "$BASELINE" ]; then
 else
   echo "FAILED: no baseline at $BASELINE"
 fi
+fi
 
+if on bench; then
 bench "groups_of_${BIG}_whole_device_batch" --bn-group-size $BIG
 ( . launch/xla_gpu_flags.sh && bench "groups_of_${G}_xla_gpu_flags" --bn-group-size $G )
+fi
+
+if on profile; then
+section "profile: groups of $G and of $BIG, command buffers off"
+NOCB="--xla_gpu_enable_command_buffer="
+if XLA_FLAGS="${XLA_FLAGS:-} $NOCB" $PY -c "import jax; jax.devices()" >/dev/null 2>&1; then
+  PROFILE_FLAGS="$NOCB"
+else
+  PROFILE_FLAGS=""; echo "(this jaxlib does not know $NOCB: profiling with command buffers)"
+fi
+for g in $G $BIG; do
+  ( export XLA_FLAGS="${XLA_FLAGS:-} $PROFILE_FLAGS"
+    bench "groups_of_${g}_profiled_no_command_buffers" --bn-group-size $g \
+      --profile-steps $PROFILE --top-ops 25 )
+done
+fi
 
 section "summary"
 $PY - "$JSON" <<'EOF'
@@ -124,6 +152,7 @@ for r in rows:
     print(f"{name:45s} {r['img_per_s']:9,.0f} img/s  {ratio}")
 EOF
 
+if on study; then
 section "Fashion-MNIST study, GPU mode"
 limit=$(( $(left) - 45 ))
 if [ "$limit" -gt 60 ]; then
@@ -135,4 +164,6 @@ if [ "$limit" -gt 60 ]; then
 else
   echo "skipped: only $(left) s left"
 fi
+fi
+
 section "done"

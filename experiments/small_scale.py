@@ -76,6 +76,7 @@ class Scale:
     platform: str = "cpu"            # "cpu": fake CPU devices; "gpu": the visible GPU
     parallel: int = 1                # runs trained at once (a GPU is idle between small steps)
     run_order: tuple[int, ...] = ()  # kn first trained, per seed (default: the sweep's order)
+    seed_major: bool = True          # seed 0 of every row first; else run_order's kn first
 
     @property
     def factor(self) -> float:
@@ -96,10 +97,11 @@ FULL = Scale(name="cpu", model="resnet8", train_examples=60_000, val_examples=10
 # GPU mode: the CPU mode's recipe with twice the epochs, so that every k has twice the
 # iterations (k = 16: 2,340, as many as k = 8 had on the CPU, where it matched). It asks
 # whether the CPU sweep's break at k = 16-32 comes from the iteration budget. One GPU;
-# small-kn steps leave the GPU idle between launches, so 4 runs train at once. The order
-# puts the reference and the k that decide the question first, in case a call's time ends.
+# small-kn steps leave the GPU idle between launches, so 6 runs train at once, the longest
+# (smallest kn, every seed) first so that the last to finish are short.
 GPU = dataclasses.replace(FULL, name="gpu", epochs=10, max_devices=1, platform="gpu",
-                          parallel=4, run_order=(16, 256, 512, 128, 1024, 64, 32, 2048))
+                          parallel=6, seed_major=False,
+                          run_order=(16, 32, 64, 128, 256, 512, 1024, 2048))
 QUICK = Scale(name="quick", model="resnet8", train_examples=320, val_examples=80, subset=True,
               epochs=2, reference_kn=16, bn_group=8, max_devices=2, base_lr=0.05,
               kn_sweep=(16, 32, 64), seeds=(0,), extra_seeds=(0,), seeded_k=2,
@@ -591,12 +593,13 @@ def write_reports(studies: list[Study], scale: Scale, paths: Paths,
         ref = metrics_dir(study.reference)
         seed0 = [(row.label, metrics_dir(row.runs[0])) for row in study.rows
                  if row.runs[0] != study.reference]
-        seed0 = [(label, w) for label, w in seed0 if read_metrics(w)]
+        # A run that has just started has a metrics file but no training record yet.
+        seed0 = [(label, w) for label, w in seed0 if read_metrics(w, "train")]
         if plots and seed0:
             written.append(plot_runs(
                 [w for _, w in seed0], os.path.join(results, f"{study.key}.png"),
                 labels=[label for label, _ in seed0],
-                reference=ref if read_metrics(ref) else None,
+                reference=ref if read_metrics(ref, "train") else None,
                 title=f"{study.title}: {scale.model}, Fashion-MNIST "
                       f"{scale.train_examples:,} images, {scale.epochs:g} epochs (seed 0)"))
     text = header(scale, paths, studies)
@@ -651,11 +654,15 @@ MODES = {"cpu": FULL, "gpu": GPU, "quick": QUICK}
 
 
 def order(runs: list[Run], scale: Scale) -> list[Run]:
-    """Seed 0 of every row first (a partial suite already spans every setting); within a
-    seed, the kn of ``scale.run_order`` first."""
+    """Seed 0 of every row first (a partial suite already spans every setting), within a
+    seed the kn of ``scale.run_order`` first; or, without ``seed_major``, by kn first."""
     rank = {kn: i for i, kn in enumerate(scale.run_order)}
-    return sorted(runs, key=lambda r: (int(r.flag("--seed")),
-                                       rank.get(int(r.flag("--batch-size")), len(rank))))
+
+    def key(r: Run) -> tuple[int, int]:
+        seed, kn = int(r.flag("--seed")), rank.get(int(r.flag("--batch-size")), len(rank))
+        return (seed, kn) if scale.seed_major else (kn, seed)
+
+    return sorted(runs, key=key)
 
 
 class Pool:
@@ -694,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--mode", choices=tuple(MODES), default="cpu",
                    help="cpu: the study on this machine's CPU; gpu: twice the epochs on one "
-                        "GPU, 4 runs at once; quick: tiny runs of every study (CI)")
+                        "GPU, 6 runs at once; quick: tiny runs of every study (CI)")
     p.add_argument("--quick", action="store_true", help="the same as --mode quick")
     p.add_argument("--out", default=None,
                    help="workdirs (default runs/small_scale[_MODE])")
@@ -707,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--large-kn", type=int, default=None,
                    help="kn of the ablations (default: the largest kn that matches)")
     p.add_argument("--parallel", type=int, default=None,
-                   help="runs trained at once (default: 1 on a CPU, 4 on a GPU)")
+                   help="runs trained at once (default: 1 on a CPU, 6 on a GPU)")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="start no run after this many seconds, then stop the running ones "
                         "(they save a checkpoint and resume on the next call)")
