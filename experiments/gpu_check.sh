@@ -12,7 +12,7 @@
 #    the same call: compare ratios, not figures from different calls or cards;
 # 4. with the time left (BUDGET_S in all), the GPU mode of the Fashion-MNIST study
 #    (experiments/small_scale.py --mode gpu, FMNIST=folder of the four .gz files); its
-#    finished runs' records come back as $OUT/small_scale_gpu.tgz.
+#    results folder (records, tables, plots) comes back as $OUT/small_scale_gpu.tgz.
 # Optional: WHEELS=folder of wheels installed first (e.g. the orbax version we test with);
 # SECTIONS=comma list of machine,bench,baseline,profile,study (default all but profile):
 # "profile" traces groups of 32 and of 256 with XLA's command buffers off, so that the
@@ -157,10 +157,12 @@ section "Fashion-MNIST study, GPU mode"
 limit=$(( $(left) - 45 ))
 if [ "$limit" -gt 60 ]; then
   $PY experiments/small_scale.py $STUDY_EXTRA --fmnist-dir "$FMNIST" \
-    --out /tmp/small_scale_gpu --results /tmp/small_scale_gpu/results \
+    --out /tmp/small_scale_gpu --results experiments/results/small_scale_gpu \
     --time-limit "$limit" || echo "FAILED: study"
-  tar -C /tmp/small_scale_gpu -czf "$OUT/small_scale_gpu.tgz" results logs 2>/dev/null \
-    || tar -C /tmp/small_scale_gpu -czf "$OUT/small_scale_gpu.tgz" results
+  # The committed records travel with the call (finished runs are skipped); the new ones
+  # come back here: untar over experiments/results/small_scale_gpu.
+  tar -C experiments/results/small_scale_gpu -czf "$OUT/small_scale_gpu.tgz" . \
+    && tar -C /tmp/small_scale_gpu -czf "$OUT/small_scale_gpu_logs.tgz" logs
 else
   echo "skipped: only $(left) s left"
 fi
