@@ -44,7 +44,7 @@ def _paths(tmp_path):
     return ss.Paths(out=str(tmp_path / "runs"), results=str(tmp_path / "results"))
 
 
-@pytest.mark.parametrize("scale", [ss.FULL, ss.QUICK], ids=["full", "quick"])
+@pytest.mark.parametrize("scale", [ss.FULL, ss.GPU, ss.QUICK], ids=["cpu", "gpu", "quick"])
 def test_every_run_is_a_valid_trainer_command(scale, tmp_path):
     paths = _paths(tmp_path)
     studies = ss.define_studies(scale, paths, large_kn=scale.kn_sweep[1])
@@ -53,7 +53,10 @@ def test_every_run_is_a_valid_trainer_command(scale, tmp_path):
     assert len({r.workdir for r in runs}) == len(runs) == len({r.record for r in runs})
     for run in runs:
         config = _config(run)  # the trainer's own parser and checks
-        devices = int(run.flag("--cpu-devices"))
+        flags = dict(run.flags)
+        # The GPU mode runs on the visible GPU: no fake CPU devices.
+        assert ("--cpu-devices" in flags) == (scale.platform == "cpu")
+        devices = int(flags.get("--cpu-devices", 1))
         assert config.batch_size % (devices * scale.bn_group) == 0
         assert config.batch_size <= scale.train_examples
         # Warmup and decays shrink by the same factor as the epochs (paper: 5; 30, 60, 80 of 90).
@@ -62,7 +65,7 @@ def test_every_run_is_a_valid_trainer_command(scale, tmp_path):
             tuple(e * scale.epochs / 90 for e in (30, 60, 80)), rel=1e-5)
         assert (config.num_steps is not None) == (scale is ss.QUICK)
         assert config.median_evals == 5
-    if scale is ss.FULL:
+    if scale in (ss.FULL, ss.GPU):
         # The whole data set, and 3 seeds for every compared row up to k = 32.
         assert all(run.flag("--data-dir") == ss.FMNIST_DIR for run in runs)
         for study in studies:
@@ -260,3 +263,65 @@ def test_commit_takes_the_results_and_the_readme_and_nothing_else(tmp_path):
     assert committed[:2] == ["kn16_s0", "done"]
     assert sorted(committed[2:]) == ["README.md", "small_scale/runs/kn16_s0/metrics.jsonl"]
     assert git("diff", "--cached", "--name-only").split() == ["other.txt"]
+
+
+def test_cpu_order_is_seed_first_and_gpu_order_longest_first(tmp_path):
+    def names(scale):
+        runs = ss.unique_runs(ss.define_studies(scale, _paths(tmp_path)))
+        return [r.name for r in ss.order(runs, scale)]
+
+    cpu = names(ss.FULL)
+    assert cpu[:8] == [f"kn{kn}_s0" for kn in ss.FULL.kn_sweep]  # every kn once, then seed 1
+    assert cpu[8] == "kn16_s1"
+    gpu = names(ss.GPU)
+    # The reference has the most steps: all its seeds start first, then kn = 32's.
+    assert gpu[:6] == ["kn16_s0", "kn16_s1", "kn16_s2", "kn32_s0", "kn32_s1", "kn32_s2"]
+    assert gpu[-1] == "kn2048_s0"
+
+
+_FAKE_TRAINER = """
+import json, os, sys, time
+workdir, log = sys.argv[1], sys.argv[2]
+with open(log, "a") as f:
+    f.write(f"start {time.time()}\\n")
+time.sleep(0.4)
+os.makedirs(workdir, exist_ok=True)
+with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    for r in ({"kind": "train", "step": 1, "epoch": 1, "lr": 0.1, "loss": 1.0, "top1_error": 0.5},
+              {"kind": "eval", "step": 1, "epoch": 1, "top1_error": 0.5},
+              {"kind": "result", "step": 1}):
+        f.write(json.dumps(r) + "\\n")
+with open(log, "a") as f:
+    f.write(f"end {time.time()}\\n")
+"""
+
+
+def test_parallel_runs_train_each_once_and_at_most_n_at_a_time(tmp_path, monkeypatch):
+    import subprocess
+
+    out, results, log = tmp_path / "runs", tmp_path / "results", tmp_path / "events.log"
+    started = []
+
+    def fake_start(run, scale, log_path=None):
+        started.append(run.name)
+        return subprocess.Popen([sys.executable, "-c", _FAKE_TRAINER, run.workdir, str(log)])
+
+    monkeypatch.setattr(ss, "start", fake_start)
+    assert ss.main(["--quick", "--only", "momentum", "--parallel", "2", "--out", str(out),
+                    "--results", str(results)]) == 0
+    runs = ss.unique_runs([s for s in ss.define_studies(ss.QUICK, ss.Paths(
+        out=str(out), results=str(results))) if s.key == "momentum"])
+    assert sorted(started) == sorted(r.name for r in runs)  # each once
+    assert all(ss.status(r) == "done" for r in runs)
+    events = sorted((float(t), kind) for kind, t in (ln.split() for ln in log.read_text().splitlines()))
+    running = peak = 0
+    for _, kind in events:
+        running += 1 if kind == "start" else -1
+        peak = max(peak, running)
+    assert peak == 2  # two at once, never three
+
+
+def test_a_spent_time_limit_starts_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(ss, "start", lambda *a, **k: pytest.fail("a run was started"))
+    assert ss.main(["--quick", "--only", "momentum", "--parallel", "2", "--time-limit", "0",
+                    "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "r")]) == 0
