@@ -124,7 +124,7 @@ def bench_tfds(blobs, cores, rounds, batch):
         BenchJpegs(data_dir=tmp, file_format="array_record").download_and_prepare()
         for threads in sorted({1, cores}):
             src = ImageNetSource(split="train", data_dir=tmp, builder_name="bench_jpegs",
-                                 num_workers=threads)
+                                 decode_threads=threads)
             it = TrainIterator(src, global_batch_size=batch, seed=0)
             next(it)
             best, best_cpu = 0.0, 0.0

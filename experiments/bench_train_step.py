@@ -80,6 +80,7 @@ def main() -> None:
                       bn_group_size=args.bn_group_size)
     tx = goyal_sgd(scaled_learning_rate(0.1, kn))
     train_step = make_train_step(model, tx, mesh, global_batch_size=kn,
+                                 bn_group_size=args.bn_group_size, dtype=args.dtype,
                                  grad_accum_steps=args.grad_accum_steps,
                                  allreduce=args.allreduce,
                                  pixel_mean=(127.5,) * args.channels,
@@ -141,7 +142,7 @@ def main() -> None:
               f"x{args.channels}, {args.num_classes} classes, input {args.input_dtype}")
         print(f"batch            kn={kn} ({args.batch_per_device}/device, "
               f"{args.grad_accum_steps} microbatch(es) of {layout.microbatch}, "
-              f"BN groups of {args.bn_group_size}: {layout.num_workers} workers), "
+              f"BN groups of {args.bn_group_size}: {layout.num_bn_workers} workers), "
               f"allreduce={args.allreduce}")
         print(f"XLA_FLAGS        {os.environ.get('XLA_FLAGS', '') or '(unset)'}")
         print(f"compile          {compile_s:.1f} s")

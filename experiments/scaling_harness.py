@@ -23,7 +23,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import statistics
 import sys
@@ -121,7 +120,8 @@ def _engine_step(mesh, allreduce, args):
     state = create_train_state(model, tx, rng=jax.random.key(0),
                                input_shape=(1, size, size, 3), mesh=mesh)
     # The engine takes a name or a function; the function carries the fake host size.
-    step = make_train_step(model, tx, mesh, global_batch_size=k * n, allreduce=allreduce)
+    step = make_train_step(model, tx, mesh, global_batch_size=k * n, bn_group_size=n,
+                           allreduce=allreduce)
     batch = jax.device_put(
         {"image": jnp.zeros((k * n, size, size, 3), jnp.uint8),
          "label": jnp.zeros((k * n,), jnp.int32)},
@@ -261,9 +261,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.cpu_devices and args.part != "predict":
         # Must precede JAX's start; the devices are fake and share the cores.
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={args.cpu_devices}")
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        from lsgd_jax.parallel import use_cpu_devices
+
+        use_cpu_devices(args.cpu_devices)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.part in ("measure", "both"):
         lines = measure(args)

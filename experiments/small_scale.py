@@ -30,7 +30,6 @@ import json
 import math
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -39,6 +38,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from lsgd_jax.metrics import eval_history, paper_error, read_metrics  # noqa: E402
+from lsgd_jax.verdicts import (  # noqa: E402
+    aggregate,
+    format_cell,
+    verdict_matches,
+    verdict_worse,
+)
 
 TRAINER = os.path.join("experiments", "imagenet_resnet50.py")
 PAPER_EPOCHS = 90
@@ -167,7 +172,7 @@ def _run(scale: Scale, paths: Paths, name: str, seed: int, *, kn: int,
     flags = {
         "--workdir": os.path.join(paths.out, full_name),
         "--data": "fashion_mnist", "--data-dir": paths.data_dir(scale), "--model": scale.model,
-        "--dtype": "float32", "--num-workers": "1",
+        "--dtype": "float32", "--decode-threads": "1",
         "--batch-size": str(kn), "--bn-group-size": str(scale.bn_group),
         "--eval-batch-size": str(scale.eval_batch),
         "--epochs": f"{scale.epochs:g}",
@@ -338,7 +343,7 @@ def finish(run: Run, returncode: int) -> str:
     """Record a run whose process ended; returns its status ("partial": stopped by SIGTERM)."""
     if returncode == 3:  # the trainer's exit status for a non-finite step
         _mark_diverged(run.workdir, f"{TRAINER} exited with status 3 (non-finite step)")
-    elif returncode != 0 and status(run) != "partial":
+    elif returncode != 0:  # a preempted trainer saves and exits 0
         raise RuntimeError(f"{run.name} failed with exit status {returncode}"
                            f" (its log: {os.path.join(run.workdir, 'train.log')})")
     state = status(run)
@@ -378,74 +383,6 @@ def run_seconds(run: Run) -> float | None:
     records = read_metrics(metrics_dir(run))
     times = [r["time"] for r in records if "time" in r]
     return max(times) - min(times) if len(times) > 1 else None
-
-
-def aggregate(values: list[float | str | None]) -> dict:
-    """Mean ± sample std over the finished seeds; diverged and missing runs are counted."""
-    finished = [v for v in values if isinstance(v, float)]
-    return {
-        "mean": statistics.fmean(finished) if finished else None,
-        "std": statistics.stdev(finished) if len(finished) > 1 else None,
-        "values": finished,
-        "finished": len(finished),
-        "diverged": sum(v == "diverged" for v in values),
-        "missing": sum(v is None for v in values),
-        "seeds": len(values),
-    }
-
-
-def format_cell(agg: dict) -> str:
-    if agg["finished"] == 0:
-        return "diverged" if agg["diverged"] else "not run yet"
-    text = f"{agg['mean']:.2f}"
-    if agg["std"] is not None:
-        text += f" ± {agg['std']:.2f}"
-    notes = [f"{agg['finished']}/{agg['seeds']} seeds"]
-    if agg["diverged"]:
-        notes.append(f"{agg['diverged']} diverged")
-    return f"{text} ({', '.join(notes)})"
-
-
-def difference(a: dict, b: dict) -> dict | None:
-    """Mean of ``a`` minus mean of ``b`` (percentage points) with a 2-standard-error interval.
-
-    The standard error pools the seeds' sample variances; a row with one seed borrows
-    the other row's variance. None when either row has no finished seed or neither has two.
-    """
-    if not a["finished"] or not b["finished"] or (a["std"] is None and b["std"] is None):
-        return None
-    va = a["std"] ** 2 if a["std"] is not None else b["std"] ** 2
-    vb = b["std"] ** 2 if b["std"] is not None else a["std"] ** 2
-    d = a["mean"] - b["mean"]
-    se = math.sqrt(va / a["finished"] + vb / b["finished"])
-    return {"diff": d, "se": se, "low": d - 2 * se, "high": d + 2 * se}
-
-
-CANNOT_TELL = "cannot tell (spread too large)"
-
-
-def _judge(a: dict, b: dict, if_diverged: str, decide) -> tuple[str, str]:
-    """A verdict on row ``a`` against row ``b``, and the numbers that decide it."""
-    if a["finished"] == 0 and a["diverged"]:
-        return if_diverged, "diverged"
-    d = difference(a, b)
-    if d is None:
-        return "cannot tell yet", "not enough finished seeds"
-    return decide(d), f"{d['diff']:+.2f} ± {2 * d['se']:.2f} points"
-
-
-def verdict_matches(a: dict, ref: dict, tolerance: float) -> tuple[str, str]:
-    """Does row ``a`` match the reference: worse by at most ``tolerance`` points?"""
-    return _judge(a, ref, "does not match", lambda d: (
-        "matches" if d["high"] <= tolerance
-        else "does not match" if d["low"] > tolerance else CANNOT_TELL))
-
-
-def verdict_worse(a: dict, b: dict, tolerance: float) -> tuple[str, str]:
-    """Is row ``a`` worse than row ``b``, as the paper finds?"""
-    return _judge(a, b, "reproduces", lambda d: (
-        "reproduces" if d["low"] > 0
-        else "does not reproduce" if d["high"] < tolerance else CANNOT_TELL))
 
 
 def choose_large_kn(sweep: Study, scale: Scale) -> int | None:

@@ -30,13 +30,15 @@ from lsgd_jax.parallel import (
 from lsgd_jax.layout import BatchLayout, validate_batch_layout
 from lsgd_jax.step import (
     TrainState,
+    TrainStep,
     create_train_state,
     make_eval_step,
     make_train_step,
 )
 
-# --- training loop (config.py, train.py, checkpoint.py) ---
+# --- training loop (config.py, plan.py, train.py, checkpoint.py) ---
 from lsgd_jax.config import TrainConfig
+from lsgd_jax.plan import Plan, make_plan
 from lsgd_jax.checkpoint import state_sha256
 from lsgd_jax.train import train_and_evaluate
 
@@ -56,6 +58,7 @@ __all__ = [
     "InFlight",
     "ResNet",
     "TrainState",
+    "TrainStep",
     "create_train_state",
     "data_sharding",
     "get_model",
@@ -67,7 +70,9 @@ __all__ = [
     "replicated_sharding",
     "validate_batch_layout",
     # training loop
+    "Plan",
     "TrainConfig",
+    "make_plan",
     "state_sha256",
     "train_and_evaluate",
 ]

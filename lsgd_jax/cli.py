@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
+import errno
 import sys
+from typing import Any, Callable
 
-from lsgd_jax.collectives import ALLREDUCE_NAMES
-from lsgd_jax.config import DATA_NAMES, DTYPES, MODEL_NAMES, MOMENTUM_FORMS, TrainConfig
-from lsgd_jax.schedules import WARMUP_KINDS
+from lsgd_jax.config import TrainConfig
 
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+# The groups of --help, in order; each TrainConfig field names its group.
+GROUPS = {"run": "run", "data": "data", "model": "model",
+          "minibatch": "minibatch (kn = k workers × n images)", "schedule": "schedule",
+          "optimizer": "optimizer", "checkpoints and logging": "checkpoints and logging"}
 
 
 def _bool(text: str) -> bool:
@@ -36,8 +38,19 @@ def _epochs_list(text: str) -> tuple[float, ...]:
     return tuple(int(v) if v.is_integer() else v for v in values)
 
 
+# A field's annotation (a string under ``from __future__ import annotations``) -> parser.
+_PARSERS = {"int": int, "float": float, "str": str, "bool": _bool,
+            "tuple[float, ...]": _epochs_list}
+
+
+def config_flag(field: dataclasses.Field) -> str:
+    """The command-line flag of a TrainConfig field."""
+    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    d = _DEFAULTS
+    """One flag per TrainConfig field (its help, type, choices and default), then the
+    launch flags that are not part of a run's configuration."""
     p = argparse.ArgumentParser(
         prog="imagenet_resnet50.py",
         description="Large-minibatch synchronous SGD (Goyal et al. 2017): train ResNet-50 on "
@@ -45,85 +58,24 @@ def build_parser() -> argparse.ArgumentParser:
                     "paper's recipe. Rerunning with the same --workdir resumes from the latest "
                     "checkpoint.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("run")
-    g.add_argument("--workdir", required=True, default=argparse.SUPPRESS,
-                   help="checkpoints, metrics.jsonl, config.json, TensorBoard (required)")
-    g.add_argument("--seed", type=int, default=d["seed"], help="initialization, shuffles, augmentation")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", choices=DATA_NAMES, default=d["data"],
-                   help="synthetic is deterministic in (seed, step) and needs no files")
-    g.add_argument("--data-dir", default=None,
-                   help="tfds data dir (imagenet) or folder of the IDX files (fashion_mnist)")
-    g.add_argument("--tfds-name", default=d["tfds_name"],
-                   help="tfds builder read by --data imagenet")
-    g.add_argument("--image-size", type=int, default=None, help="input side; default: the data set's")
-    g.add_argument("--num-workers", type=int, default=d["num_workers"], help="decoding threads per process")
-    g.add_argument("--max-bad-fraction", type=float, default=d["max_bad_fraction"],
-                   help="fail when more than this fraction of images cannot be decoded")
-    g.add_argument("--color-jitter", type=float, default=d["color_jitter"],
-                   help="ImageNet: brightness/contrast/saturation jitter strength "
-                        "(fb.resnet.torch: 0.4; the paper names none)")
-    g.add_argument("--lighting", type=float, default=d["lighting"],
-                   help="ImageNet: PCA lighting noise std (fb.resnet.torch: 0.1)")
-    g.add_argument("--synthetic-examples", type=int, default=d["synthetic_examples"],
-                   help="size of the synthetic training set")
-    g.add_argument("--synthetic-eval-examples", type=int, default=d["synthetic_eval_examples"],
-                   help="size of the synthetic validation set")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", choices=MODEL_NAMES, default=argparse.SUPPRESS,
-                   help="(default: resnet50, or resnet20 for --data fashion_mnist)")
-    g.add_argument("--dtype", choices=DTYPES, default=d["dtype"],
-                   help="compute dtype; parameters and optimizer state are float32")
-    g.add_argument("--zero-gamma", type=_bool, default=d["zero_init_residual"],
-                   help="γ=0 on the last BN of every residual block")
-    g = p.add_argument_group("minibatch (kn = k workers × n images)")
-    g.add_argument("--batch-size", type=int, default=d["batch_size"], help="the global minibatch kn")
-    g.add_argument("--bn-group-size", type=int, default=d["bn_group_size"],
-                   help="n: images per BatchNorm worker, independent of the per-device batch")
-    g.add_argument("--grad-accum-steps", type=int, default=d["grad_accum_steps"],
-                   help="microbatches per device per step (BN per microbatch)")
-    g.add_argument("--eval-batch-size", type=int, default=None, help="default: --batch-size")
-    g = p.add_argument_group("schedule")
-    g.add_argument("--epochs", type=float, default=d["epochs"], help="training length in epochs")
-    g.add_argument("--num-steps", type=int, default=None, help="stop after this many steps in all")
-    g.add_argument("--base-lr", type=float, default=d["base_lr"], help="η per --reference-batch-size")
-    g.add_argument("--reference-batch-size", type=int, default=d["reference_batch_size"],
-                   help="the minibatch --base-lr is for; the rate is base_lr * kn / this")
-    g.add_argument("--warmup", choices=WARMUP_KINDS, default=d["warmup"],
-                   help="gradual: from base_lr to the scaled rate by equal steps; constant: "
-                        "base_lr, then a jump")
-    g.add_argument("--warmup-epochs", type=float, default=d["warmup_epochs"],
-                   help="warmup length (no warmup when kn <= the reference batch)")
-    g.add_argument("--decay-epochs", type=_epochs_list, default=d["decay_epochs"],
-                   help="comma-separated, e.g. 30,60,80")
-    g.add_argument("--decay-factor", type=float, default=d["decay_factor"],
-                   help="rate multiplier at each decay epoch")
-    g = p.add_argument_group("optimizer")
-    g.add_argument("--momentum", type=float, default=d["momentum"], help="m, in [0, 1)")
-    g.add_argument("--nesterov", type=_bool, default=d["nesterov"],
-                   help="Nesterov momentum (true/false)")
-    g.add_argument("--momentum-form", choices=MOMENTUM_FORMS, default=d["momentum_form"],
-                   help="eq9: buffer without the rate; eq10: buffer holds the rate")
-    g.add_argument("--momentum-correction", type=_bool, default=d["momentum_correction"],
-                   help="eq10 only: rescale the buffer when the rate changes")
-    g.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="λ, not on BN γ/β")
-    g.add_argument("--allreduce", choices=ALLREDUCE_NAMES, default=d["allreduce"],
-                   help="psum (XLA's, the production choice) or one of the paper's section-4 "
-                        "algorithms in lsgd_jax.collectives")
-    g = p.add_argument_group("checkpoints and logging")
-    g.add_argument("--checkpoint-every-steps", type=int, default=d["checkpoint_every_steps"],
-                   help="0: at the end of every epoch only")
-    g.add_argument("--keep-checkpoints", type=int, default=d["keep_checkpoints"],
-                   help="how many of the latest checkpoints to keep")
-    g.add_argument("--keep-every-epochs", type=int, default=d["keep_every_epochs"],
-                   help="also keep one checkpoint every this many epochs (0: none)")
-    g.add_argument("--eval-every-epochs", type=int, default=d["eval_every_epochs"],
-                   help="full validation cadence; the last step is always evaluated")
-    g.add_argument("--median-evals", type=int, default=d["median_evals"],
-                   help="the result is the median top-1 error of this many evaluations, one "
-                        "every 90th of the run at its end (the paper: the last 5 of 90 epochs)")
-    g.add_argument("--log-every-steps", type=int, default=d["log_every_steps"],
-                   help="console, metrics.jsonl and TensorBoard cadence")
+    groups = {key: p.add_argument_group(title) for key, title in GROUPS.items()}
+    groups["run"].add_argument("--workdir", required=True, default=argparse.SUPPRESS,
+                               help="checkpoints, metrics.jsonl, config.json, TensorBoard "
+                                    "(required)")
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
+        kind = str(f.type).replace(" | None", "")
+        kwargs: dict[str, Any] = dict(dest=f.name, help=meta["help"], default=f.default)
+        if choices:
+            kwargs["choices"] = choices
+        else:
+            kwargs["type"] = _PARSERS[kind]
+            kwargs["metavar"] = config_flag(f)[2:].upper().replace("-", "_")
+        if meta["default_text"]:
+            kwargs["default"] = argparse.SUPPRESS
+            kwargs["help"] += f" (default: {meta['default_text']})"
+        groups[meta["group"]].add_argument(config_flag(f), **kwargs)
     g = p.add_argument_group("processes (multi-host)")
     g.add_argument("--coordinator-address", default=None,
                    help="host:port of process 0; not needed under SLURM or Open MPI")
@@ -142,24 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        data=args.data, data_dir=args.data_dir, tfds_name=args.tfds_name, model=getattr(args, "model", None), image_size=args.image_size,
-        batch_size=args.batch_size, bn_group_size=args.bn_group_size,
-        grad_accum_steps=args.grad_accum_steps, epochs=args.epochs, num_steps=args.num_steps,
-        base_lr=args.base_lr, reference_batch_size=args.reference_batch_size, warmup=args.warmup,
-        warmup_epochs=args.warmup_epochs, decay_epochs=args.decay_epochs,
-        decay_factor=args.decay_factor, momentum=args.momentum, nesterov=args.nesterov,
-        momentum_form=args.momentum_form, momentum_correction=args.momentum_correction,
-        weight_decay=args.weight_decay, zero_init_residual=args.zero_gamma, dtype=args.dtype,
-        allreduce=args.allreduce, seed=args.seed,
-        checkpoint_every_steps=args.checkpoint_every_steps,
-        keep_checkpoints=args.keep_checkpoints, keep_every_epochs=args.keep_every_epochs,
-        eval_every_epochs=args.eval_every_epochs, median_evals=args.median_evals,
-        eval_batch_size=args.eval_batch_size,
-        log_every_steps=args.log_every_steps, num_workers=args.num_workers,
-        max_bad_fraction=args.max_bad_fraction, color_jitter=args.color_jitter,
-        lighting=args.lighting, synthetic_examples=args.synthetic_examples,
-        synthetic_eval_examples=args.synthetic_eval_examples)
+    """The TrainConfig of parsed flags; fields whose flag was left out take their default."""
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                          if hasattr(args, f.name)})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,13 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     if args.cpu_devices is not None:
-        # Read when JAX starts its backends, which has not happened yet.
-        os.environ["JAX_PLATFORMS"] = "cpu"
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={args.cpu_devices}")
+        from lsgd_jax.parallel import use_cpu_devices
+
+        use_cpu_devices(args.cpu_devices)  # before JAX starts its backends
 
     from lsgd_jax.parallel import initialize_distributed
-    from lsgd_jax.train import main_guard, train_and_evaluate
+    from lsgd_jax.train import train_and_evaluate
 
     def run():
         initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
@@ -193,6 +129,37 @@ def main(argv: list[str] | None = None) -> int:
         train_and_evaluate(config, args.workdir)
 
     return main_guard(run, workdir=args.workdir)
+
+
+def main_guard(fn: Callable[[], Any], workdir: str | None = None) -> int:
+    """Run ``fn``; turn configuration and data errors into one line and an exit status:
+    2 (bad input, no room), 3 (a non-finite step), 130 (a second Ctrl-C)."""
+    from lsgd_jax.train import NonFiniteError
+
+    try:
+        fn()
+    except (ValueError, FileNotFoundError, NonFiniteError) as e:
+        text = str(e)
+        if "No space left on device" in text or "RESOURCE_EXHAUSTED" in text:
+            # orbax/tensorstore report a full disk as a ValueError with a long path.
+            text = ("no space left on the device while saving a checkpoint "
+                    f"({text.splitlines()[0][:300]}); free some space and rerun the same "
+                    "command: it resumes from the latest complete checkpoint")
+        print(f"error: {text}", file=sys.stderr, flush=True)
+        return 2 if not isinstance(e, NonFiniteError) else 3
+    except KeyboardInterrupt:
+        print("aborted by a second Ctrl-C; rerun the same command to resume from the latest "
+              "complete checkpoint", file=sys.stderr, flush=True)
+        return 130
+    except OSError as e:
+        if e.errno != errno.ENOSPC and "No space left" not in str(e):
+            raise
+        where = e.filename or workdir or "the workdir"
+        print(f"error: no space left on the device of {where}; free some space and rerun the "
+              "same command: it resumes from the latest complete checkpoint",
+              file=sys.stderr, flush=True)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

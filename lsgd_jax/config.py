@@ -2,8 +2,8 @@
 
 Every hyper-parameter of a run lives in :class:`TrainConfig`; step functions
 receive values from it and hard-code none. Durations are in epochs (as in the
-paper) and turned into steps by :meth:`TrainConfig.derived`, once the size of
-the training set is known, so one configuration holds at every minibatch.
+paper) and turned into steps by :func:`lsgd_jax.plan.make_plan`, once the mesh and
+the size of the training set are known, so one configuration holds at every minibatch.
 Validation is pure Python on the configuration, so every process raises the
 same error before anything is compiled.
 """
@@ -11,103 +11,114 @@ same error before anything is compiled.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from typing import Any
 
-from lsgd_jax.schedules import WARMUP_KINDS, scaled_learning_rate, warmup_steps
+from lsgd_jax.data.source import SOURCE_NAMES
+from lsgd_jax.models import DTYPES, MODEL_NAMES
+from lsgd_jax.optim import MOMENTUM_FORMS
+from lsgd_jax.schedules import WARMUP_KINDS
 
-DATA_NAMES = ("imagenet", "synthetic", "fashion_mnist")
-DTYPES = ("bfloat16", "float32")
-MODEL_NAMES = ("resnet8", "resnet18", "resnet20", "resnet34", "resnet50", "resnet101")
-MOMENTUM_FORMS = ("eq9", "eq10")
 # Model per data set when --model is not given.
 DEFAULT_MODELS = {"imagenet": "resnet50", "synthetic": "resnet50", "fashion_mnist": "resnet20"}
+
+
+def _allreduce_names() -> tuple[str, ...]:
+    from lsgd_jax.collectives import ALLREDUCE_NAMES  # imported on use: it imports jax's shard_map
+
+    return ALLREDUCE_NAMES
+
+
+def _field(default: Any, group: str, help: str, *, choices: Any = None, flag: str | None = None,
+           default_text: str | None = None) -> Any:
+    """A config field with its command-line help: ``lsgd_jax.cli`` makes one flag of each.
+
+    ``choices``: the valid values (a tuple, or a function returning the owner's tuple);
+    ``flag``: the flag's name when it is not ``--field-name``; ``default_text``: what the
+    help says for a default that depends on other values.
+    """
+    return dataclasses.field(default=default, metadata={
+        "group": group, "help": help, "choices": choices, "flag": flag,
+        "default_text": default_text})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """A training run; defaults are the paper's ImageNet recipe (section 5.1).
 
-    Attributes:
-      data: "imagenet", "synthetic" (deterministic in (seed, step)) or "fashion_mnist".
-      data_dir: where the data set lives (None: the source's default).
-      tfds_name: the tfds builder read by ``data="imagenet"`` (any data set with
-        imagenet2012's ``image``/``label`` features).
-      model: "resnet50", "resnet18", "resnet34", "resnet101" or "resnet20";
-        None picks by data set (resnet20 for fashion_mnist, else resnet50).
-      image_size: input side in pixels (None: the data set's, 224 for ImageNet).
-      batch_size: kn, the minibatch over all workers.
-      bn_group_size: n, the images per BatchNorm worker (the paper: 32).
-      grad_accum_steps: microbatches per device per step (footnote 5).
-      epochs: training length (the paper: 90).
-      num_steps: stop after this many steps in all (smoke runs); None: epochs.
-      base_lr: η for ``reference_batch_size`` (the paper: 0.1 per 256).
-      warmup, warmup_epochs: "gradual"/"constant"/"none", and its length (5).
-      decay_epochs, decay_factor: step decay (30, 60, 80; ×0.1).
-      momentum, nesterov, momentum_form, momentum_correction: eqs. (9)/(10).
-      weight_decay: λ of the L2 term, not on BN γ/β (1e-4).
-      zero_init_residual: γ = 0 on the last BN of each residual block.
-      dtype: compute dtype; parameters and optimizer state stay float32.
-      allreduce: gradient all-reduce, "psum" (XLA's) or a name from
-        ``lsgd_jax.collectives``.
-      seed: seeds initialization, shuffles and augmentation.
-      checkpoint_every_steps: 0 = at the end of every epoch only.
-      keep_checkpoints: how many recent checkpoints to keep.
-      keep_every_epochs: also keep one checkpoint every this many epochs (0: none).
-      eval_every_epochs: full validation cadence (the paper: every epoch).
-      median_evals: the reported figure is the median top-1 error of this many
-        evaluations spread over the last median_evals/90 of the run, one per
-        90th (the paper: the last 5 of 90 epochs; a 90-epoch run evaluates at
-        its last 5 epoch ends anyway, a 2-epoch run also at epochs 1.91 ... 1.98).
-      eval_batch_size: global batch of the validation pass (None: batch_size).
-      log_every_steps: console and metrics cadence.
-      num_workers: decoding threads per process (ImageNet).
-      max_bad_fraction: fail when more than this fraction of images is corrupt.
-      color_jitter, lighting: fb.resnet.torch's colour jitter strength (0.4) and PCA
-        lighting std (0.1) for ImageNet training images; 0 (off) by default, as the
-        paper names only scale and aspect-ratio augmentation and the flip.
-      synthetic_examples, synthetic_eval_examples: sizes of the synthetic splits.
+    Each field's help (``dataclasses.fields(TrainConfig)[i].metadata["help"]``) is also
+    the ``--help`` of its flag, which ``lsgd_jax.cli`` generates from these fields.
     """
 
-    data: str = "synthetic"
-    data_dir: str | None = None
-    tfds_name: str = "imagenet2012"
-    model: str | None = None
-    image_size: int | None = None
-    batch_size: int = 256
-    bn_group_size: int = 32
-    grad_accum_steps: int = 1
-    epochs: float = 90
-    num_steps: int | None = None
-    base_lr: float = 0.1
-    reference_batch_size: int = 256
-    warmup: str = "gradual"
-    warmup_epochs: float = 5
-    decay_epochs: tuple[float, ...] = (30, 60, 80)
-    decay_factor: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    momentum_form: str = "eq9"
-    momentum_correction: bool = True
-    weight_decay: float = 1e-4
-    zero_init_residual: bool = True
-    dtype: str = "bfloat16"
-    allreduce: str = "psum"
-    seed: int = 0
-    checkpoint_every_steps: int = 0
-    keep_checkpoints: int = 3
-    keep_every_epochs: int = 10
-    eval_every_epochs: int = 1
-    median_evals: int = 5
-    eval_batch_size: int | None = None
-    log_every_steps: int = 50
-    num_workers: int = 8
-    max_bad_fraction: float = 1e-3
-    color_jitter: float = 0.0
-    lighting: float = 0.0
-    synthetic_examples: int = 1_281_167
-    synthetic_eval_examples: int = 50_000
+    seed: int = _field(0, "run", "initialization, shuffles, augmentation")
+    data: str = _field("synthetic", "data", "synthetic is deterministic in (seed, step) and "
+                       "needs no files", choices=SOURCE_NAMES)
+    data_dir: str | None = _field(None, "data", "tfds data dir (imagenet) or folder of the "
+                                  "IDX files (fashion_mnist)", default_text="the source's")
+    tfds_name: str = _field("imagenet2012", "data", "tfds builder read by --data imagenet (any "
+                            "data set with imagenet2012's image/label features)")
+    image_size: int | None = _field(None, "data", "input side in pixels",
+                                    default_text="the data set's, 224 for ImageNet")
+    decode_threads: int = _field(8, "data", "image-decoding threads per process (ImageNet)")
+    max_bad_fraction: float = _field(1e-3, "data", "fail when more than this fraction of "
+                                     "images cannot be decoded")
+    color_jitter: float = _field(0.0, "data", "ImageNet: brightness/contrast/saturation jitter "
+                                 "strength (fb.resnet.torch: 0.4; the paper names none)")
+    lighting: float = _field(0.0, "data", "ImageNet: PCA lighting noise std (fb.resnet.torch: "
+                             "0.1)")
+    synthetic_examples: int = _field(1_281_167, "data", "size of the synthetic training set")
+    synthetic_eval_examples: int = _field(50_000, "data", "size of the synthetic validation set")
+    model: str | None = _field(None, "model", "the ResNet", choices=MODEL_NAMES,
+                               default_text="resnet50, or resnet20 for --data fashion_mnist")
+    dtype: str = _field("bfloat16", "model", "compute dtype; parameters and optimizer state "
+                        "are float32", choices=DTYPES)
+    zero_init_residual: bool = _field(True, "model", "γ=0 on the last BN of every residual "
+                                      "block (zero-γ, section 5.1)", flag="--zero-gamma")
+    batch_size: int = _field(256, "minibatch", "the global minibatch kn")
+    bn_group_size: int = _field(32, "minibatch", "n: images per BatchNorm worker, independent "
+                                "of the per-device batch (the paper: 32)")
+    grad_accum_steps: int = _field(1, "minibatch", "microbatches per device per step (BN per "
+                                   "microbatch; footnote 5)")
+    eval_batch_size: int | None = _field(None, "minibatch", "global batch of the validation "
+                                         "pass", default_text="--batch-size")
+    epochs: float = _field(90, "schedule", "training length in epochs (the paper: 90)")
+    num_steps: int | None = _field(None, "schedule", "stop after this many steps in all "
+                                   "(smoke runs)", default_text="all the epochs' steps")
+    base_lr: float = _field(0.1, "schedule", "η per --reference-batch-size (the paper: 0.1 "
+                            "per 256)")
+    reference_batch_size: int = _field(256, "schedule", "the minibatch --base-lr is for; the "
+                                       "rate is base_lr · kn / this (eq. 5)")
+    warmup: str = _field("gradual", "schedule", "gradual: from base_lr to the scaled rate by "
+                         "equal steps; constant: base_lr, then a jump; none",
+                         choices=WARMUP_KINDS)
+    warmup_epochs: float = _field(5, "schedule", "warmup length (none when kn <= the "
+                                  "reference batch)")
+    decay_epochs: tuple[float, ...] = _field((30, 60, 80), "schedule", "epochs of the ×"
+                                             "decay_factor steps, comma-separated, e.g. 30,60,80")
+    decay_factor: float = _field(0.1, "schedule", "rate multiplier at each decay epoch")
+    momentum: float = _field(0.9, "optimizer", "m, in [0, 1)")
+    nesterov: bool = _field(True, "optimizer", "Nesterov momentum (true/false)")
+    momentum_form: str = _field("eq9", "optimizer", "eq9: buffer without the rate; eq10: "
+                                "buffer holds the rate", choices=MOMENTUM_FORMS)
+    momentum_correction: bool = _field(True, "optimizer", "eq10 only: rescale the buffer "
+                                       "when the rate changes (eq. 10's correction)")
+    weight_decay: float = _field(1e-4, "optimizer", "λ of the L2 term, not on BN γ/β")
+    allreduce: str = _field("psum", "optimizer", "psum (XLA's, the production choice) or one "
+                            "of the paper's section-4 algorithms in lsgd_jax.collectives",
+                            choices=_allreduce_names)
+    checkpoint_every_steps: int = _field(0, "checkpoints and logging", "0: at the end of "
+                                         "every epoch only")
+    keep_checkpoints: int = _field(3, "checkpoints and logging", "how many of the latest "
+                                   "checkpoints to keep")
+    keep_every_epochs: int = _field(10, "checkpoints and logging", "also keep one checkpoint "
+                                    "every this many epochs (0: none)")
+    eval_every_epochs: int = _field(1, "checkpoints and logging", "full validation cadence; "
+                                    "the last step is always evaluated")
+    median_evals: int = _field(5, "checkpoints and logging", "the result is the median top-1 "
+                               "error of this many evaluations, one every 90th of the run at "
+                               "its end (the paper: the last 5 of 90 epochs)")
+    log_every_steps: int = _field(50, "checkpoints and logging", "console, metrics.jsonl and "
+                                  "TensorBoard cadence")
 
     def __post_init__(self):
         object.__setattr__(self, "decay_epochs", tuple(self.decay_epochs))
@@ -118,13 +129,13 @@ class TrainConfig:
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
         """Raise ValueError naming the first bad value and what would be valid."""
-        _choice("data", self.data, DATA_NAMES)
+        _choice("data", self.data, SOURCE_NAMES)
         _choice("dtype", self.dtype, DTYPES)
         _choice("warmup", self.warmup, WARMUP_KINDS)
         _choice("momentum_form", self.momentum_form, MOMENTUM_FORMS)
         _choice("model", self.model, MODEL_NAMES)
         for name in ("batch_size", "bn_group_size", "grad_accum_steps", "reference_batch_size",
-                     "keep_checkpoints", "eval_every_epochs", "median_evals", "log_every_steps", "num_workers",
+                     "keep_checkpoints", "eval_every_epochs", "median_evals", "log_every_steps", "decode_threads",
                      "synthetic_examples", "synthetic_eval_examples"):
             _positive_int(name, getattr(self, name))
         for name in ("checkpoint_every_steps", "keep_every_epochs", "seed"):
@@ -154,41 +165,7 @@ class TrainConfig:
             )
         if not isinstance(self.tfds_name, str) or not self.tfds_name:
             raise ValueError(f"tfds_name must be a non-empty name, got {self.tfds_name!r}")
-        from lsgd_jax.collectives import ALLREDUCE_NAMES
-
-        _choice("allreduce", self.allreduce, ALLREDUCE_NAMES)
-
-    # --------------------------------------------------------------- derived
-    def derived(self, num_train_examples: int) -> dict[str, Any]:
-        """Values that follow from the config and the training-set size."""
-        steps_per_epoch = num_train_examples // self.batch_size
-        if steps_per_epoch < 1:
-            raise ValueError(
-                f"batch_size={self.batch_size} is larger than the training set "
-                f"({num_train_examples} examples); use at most {num_train_examples}"
-            )
-        epoch_steps = math.ceil(self.epochs * steps_per_epoch)
-        total = epoch_steps if self.num_steps is None else min(self.num_steps, epoch_steps)
-        return {
-            "kn": self.batch_size,
-            "rate_multiplier": self.batch_size / self.reference_batch_size,
-            "num_train_examples": num_train_examples,
-            # Remark 4's permutation is cut into whole minibatches: the last
-            # N mod kn examples of each epoch's shuffle are not visited that epoch.
-            "examples_left_out_per_epoch": num_train_examples % self.batch_size,
-            "steps_per_epoch": steps_per_epoch,
-            "total_steps": total,
-            "peak_lr": scaled_learning_rate(self.base_lr, self.batch_size, self.reference_batch_size),
-            "warmup_steps": warmup_steps(
-                batch_size=self.batch_size, steps_per_epoch=steps_per_epoch,
-                reference_batch_size=self.reference_batch_size,
-                warmup_epochs=self.warmup_epochs, warmup=self.warmup),
-            "decay_steps": [math.ceil(e * steps_per_epoch) for e in self.decay_epochs],
-            "eval_steps": evaluation_steps(
-                total_steps=total, steps_per_epoch=steps_per_epoch,
-                eval_every_epochs=self.eval_every_epochs, median_evals=self.median_evals),
-            "num_bn_workers": self.batch_size // self.bn_group_size,
-        }
+        _choice("allreduce", self.allreduce, _allreduce_names())
 
     # ------------------------------------------------------------ conversion
     def to_dict(self) -> dict[str, Any]:
@@ -196,11 +173,11 @@ class TrainConfig:
         d["decay_epochs"] = list(self.decay_epochs)
         return d
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        d = dict(d)
+        if "num_workers" in d:  # config.json of runs before the rename
+            d["decode_threads"] = d.pop("num_workers")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

@@ -21,7 +21,7 @@ class BatchLayout(NamedTuple):
     bn_group_size: int  # n
     per_device: int  # kn / devices
     microbatch: int  # kn / (devices · K), images per device per forward pass
-    num_workers: int  # k = kn / n
+    num_bn_workers: int  # k = kn / n
 
 
 def _check_int(name: str, value: Any) -> None:
@@ -75,7 +75,7 @@ def validate_batch_layout(
         bn_group_size=bn_group_size,
         per_device=global_batch_size // num_devices,
         microbatch=micro,
-        num_workers=global_batch_size // bn_group_size,
+        num_bn_workers=global_batch_size // bn_group_size,
     )
 
 
@@ -91,17 +91,18 @@ def check_pixel_stats(pixel_mean: Sequence[float], pixel_std: Sequence[float]) -
 
 
 def check_batch(
-    batch: Any, keys: Sequence[str], num_devices: int, size: int | None, what: str
+    batch: Any, keys: Sequence[str], num_devices: int, global_batch_size: int | None, what: str
 ) -> None:
-    """A batch has ``keys``, ``size`` examples (if given) and splits over the devices."""
+    """A batch has ``keys``, ``global_batch_size`` examples (if given) and splits over the
+    devices."""
     missing = [k for k in keys if k not in batch]
     if missing:
         raise ValueError(f"{what}: batch lacks {missing}; it needs keys {list(keys)}")
     n = batch[keys[0]].shape[0]
-    if size is not None and n != size:
+    if global_batch_size is not None and n != global_batch_size:
         raise ValueError(
             f"{what}: batch['{keys[0]}'] has {n} examples, but the step was built for "
-            f"global_batch_size={size}"
+            f"global_batch_size={global_batch_size}"
         )
     if n % num_devices:
         raise ValueError(

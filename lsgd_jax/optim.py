@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-FORMS = ("eq9", "eq10")
+MOMENTUM_FORMS = ("eq9", "eq10")  # eqs. (9) and (10) of the paper
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 
 
@@ -67,8 +67,8 @@ def _check_momentum(momentum) -> None:
 
 
 def _check_form(form) -> None:
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if form not in MOMENTUM_FORMS:
+        raise ValueError(f"form must be one of {MOMENTUM_FORMS}, got {form!r}")
 
 
 def momentum_sgd(

@@ -101,8 +101,7 @@ def initialize_distributed(
     elif _cluster_size_from_env() <= 1:
         return False
 
-    is_initialized = getattr(jax.distributed, "is_initialized", None)
-    if is_initialized is not None and is_initialized():
+    if jax.distributed.is_initialized():
         return True
     # Newer JAX releases may drop the option (Gloo being their default).
     if cpu_collectives is not None and "jax_cpu_collectives_implementation" in jax.config.values:
@@ -186,15 +185,8 @@ def shard_map(f: Callable, *, mesh: Mesh, in_specs: Any, out_specs: Any) -> Call
     engine's explicit all-reduce (``psum`` or the paper's algorithms) does the
     sum exactly once.
     """
-    if hasattr(jax, "shard_map"):
-        return jax.shard_map(
-            f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
-        )
-    from jax.experimental.shard_map import shard_map as legacy_shard_map
-
-    return legacy_shard_map(
-        f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False
-    )
+    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=False)
 
 
 class InFlight:
@@ -239,3 +231,22 @@ class InFlight:
         """Wait for everything pushed so far."""
         while self._queue:
             jax.block_until_ready(self._queue.popleft())
+
+
+def cpu_device_env(num_devices: int, env=None) -> dict:
+    """``env`` (default: this process's) with JAX on ``num_devices`` fake CPU devices.
+
+    Read when JAX starts its backends: set it before the first use of a device, or
+    pass it to a child process. The one place the project spells this setting.
+    """
+    env = dict(os.environ if env is None else env)
+    env["JAX_PLATFORMS"] = "cpu"
+    flag = "--xla_force_host_platform_device_count"
+    kept = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(flag + "=")]
+    env["XLA_FLAGS"] = " ".join(kept + [f"{flag}={num_devices}"])
+    return env
+
+
+def use_cpu_devices(num_devices: int) -> None:
+    """Run this process's JAX on ``num_devices`` fake CPU devices (see ``cpu_device_env``)."""
+    os.environ.update(cpu_device_env(num_devices))

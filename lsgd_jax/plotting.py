@@ -30,8 +30,9 @@ def schedule_curve(workdir: str) -> tuple[list[float], list[float]] | None:
 
     with open(path) as f:
         saved = json.load(f)
-    config, derived = saved["config"], saved["derived"]
-    spe, total = derived["steps_per_epoch"], derived["total_steps"]
+    # "plan" since the Plan; "derived" in the config.json of earlier runs.
+    config, plan = saved["config"], saved.get("plan") or saved["derived"]
+    spe, total = plan["steps_per_epoch"], plan["total_steps"]
     schedule = goyal_schedule(
         batch_size=config["batch_size"], steps_per_epoch=spe, base_lr=config["base_lr"],
         reference_batch_size=config["reference_batch_size"],

@@ -80,6 +80,39 @@ def warmup_steps(
     return math.ceil(warmup_epochs * steps_per_epoch)
 
 
+def _check_schedule_arguments(*, base_lr, batch_size, steps_per_epoch, reference_batch_size,
+                              warmup, warmup_epochs, decay_epochs,
+                              decay_factor) -> tuple[float, ...]:
+    """goyal_schedule's argument checks (a direct call has no Plan); the decay epochs as a tuple."""
+    _check_positive("base_lr", base_lr)
+    _check_positive("batch_size", batch_size, integer=True)
+    _check_positive("steps_per_epoch", steps_per_epoch, integer=True)
+    _check_positive("reference_batch_size", reference_batch_size, integer=True)
+    if warmup not in WARMUP_KINDS:
+        raise ValueError(f"warmup must be one of {WARMUP_KINDS}, got {warmup!r}")
+    if (
+        isinstance(warmup_epochs, bool)
+        or not isinstance(warmup_epochs, (int, float))
+        or not math.isfinite(warmup_epochs)
+        or warmup_epochs < 0
+    ):
+        raise ValueError(
+            f"warmup_epochs must be a finite number >= 0, got {warmup_epochs!r}"
+        )
+    decay_epochs = tuple(decay_epochs)
+    for e in decay_epochs:
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) or e < 0:
+            raise ValueError(
+                f"decay_epochs must hold finite numbers >= 0, got {decay_epochs!r}"
+            )
+    if list(decay_epochs) != sorted(decay_epochs):
+        raise ValueError(
+            f"decay_epochs must be in increasing order, got {decay_epochs!r}"
+        )
+    _check_positive("decay_factor", decay_factor)
+    return decay_epochs
+
+
 def goyal_schedule(
     *,
     batch_size: int,
@@ -133,32 +166,10 @@ def goyal_schedule(
       Goyal et al. 2017, "Accurate, Large Minibatch SGD: Training ImageNet in
       1 Hour", sections 2.1, 2.2, 5.1.
     """
-    _check_positive("base_lr", base_lr)
-    _check_positive("batch_size", batch_size, integer=True)
-    _check_positive("steps_per_epoch", steps_per_epoch, integer=True)
-    _check_positive("reference_batch_size", reference_batch_size, integer=True)
-    if warmup not in WARMUP_KINDS:
-        raise ValueError(f"warmup must be one of {WARMUP_KINDS}, got {warmup!r}")
-    if (
-        isinstance(warmup_epochs, bool)
-        or not isinstance(warmup_epochs, (int, float))
-        or not math.isfinite(warmup_epochs)
-        or warmup_epochs < 0
-    ):
-        raise ValueError(
-            f"warmup_epochs must be a finite number >= 0, got {warmup_epochs!r}"
-        )
-    decay_epochs = tuple(decay_epochs)
-    for e in decay_epochs:
-        if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) or e < 0:
-            raise ValueError(
-                f"decay_epochs must hold finite numbers >= 0, got {decay_epochs!r}"
-            )
-    if list(decay_epochs) != sorted(decay_epochs):
-        raise ValueError(
-            f"decay_epochs must be in increasing order, got {decay_epochs!r}"
-        )
-    _check_positive("decay_factor", decay_factor)
+    decay_epochs = _check_schedule_arguments(
+        base_lr=base_lr, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
+        reference_batch_size=reference_batch_size, warmup=warmup, warmup_epochs=warmup_epochs,
+        decay_epochs=decay_epochs, decay_factor=decay_factor)
 
     k = batch_size / reference_batch_size
     peak = base_lr * k

@@ -27,6 +27,7 @@ running averages are used in evaluation only.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
@@ -36,6 +37,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
+from lsgd_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from lsgd_jax.layout import (
     BatchLayout,
     check_batch,
@@ -50,19 +52,15 @@ from lsgd_jax.parallel import (
 )
 
 __all__ = [
-    "BatchLayout",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "TrainState",
+    "TrainStep",
+    "apply_update",
     "create_train_state",
+    "device_grads",
     "make_eval_step",
     "make_train_step",
-    "validate_batch_layout",
+    "microbatch_grads",
 ]
-
-# Per-channel ImageNet statistics in 0-255 units (fb.resnet.torch's, scaled).
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
 @flax.struct.dataclass
@@ -155,166 +153,165 @@ def _resolve_allreduce(allreduce: str | Callable) -> Callable:
     return collectives.get_allreduce(allreduce)
 
 
+def microbatch_grads(model: Any, params, batch_stats, images, labels, kn: float):
+    """Gradient of (summed cross-entropy / kn) for one microbatch on one device (Remark 3).
+
+    Returns ``grads, (new_batch_stats, ce_sum, errors)``; BN statistics per group of
+    the model's n images, the averages updated from this microbatch's groups.
+    """
+
+    def loss_fn(p):
+        logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, images,
+                                      train=True, mutable=["batch_stats"])
+        logits = logits.astype(jnp.float32)
+        ce_sum = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+        errors = jnp.sum(jnp.argmax(logits, axis=-1) != labels).astype(jnp.float32)
+        return ce_sum / kn, (updates["batch_stats"], ce_sum, errors)
+
+    (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return grads, aux
+
+
+def device_grads(model: Any, params, batch_stats, images, labels, *, layout: BatchLayout,
+                 reduce_fn: Callable):
+    """One device's share of a step, inside ``shard_map``: K microbatches in turn (a scan,
+    footnote 5), their gradients added, then summed over devices (the all-reduce).
+
+    Returns the summed gradient, the BN averages mixed over every worker, and the summed
+    cross-entropy and error count over kn.
+    """
+    kn, K = float(layout.global_batch_size), layout.grad_accum_steps
+    if K == 1:
+        grads, (new_stats, ce_sum, errors) = microbatch_grads(
+            model, params, batch_stats, images, labels, kn)
+    else:
+        xs = (images.reshape((K, layout.microbatch) + images.shape[1:]),
+              labels.reshape((K, layout.microbatch)))
+
+        def body(carry, x):
+            g, (s, ce, err) = microbatch_grads(model, params, batch_stats, *x, kn)
+            return jax.tree.map(jnp.add, carry, (g, s, ce, err)), None
+
+        zero = jnp.zeros([], jnp.float32)
+        zeros = jax.tree.map(jnp.zeros_like, (params, batch_stats, zero, zero))
+        (grads, stat_sum, ce_sum, errors), _ = jax.lax.scan(body, zeros, xs)
+        new_stats = jax.tree.map(lambda s: s / K, stat_sum)
+    grads = reduce_fn(grads, DATA_AXIS)
+    # Each device's averages already mix its microbatches; mixing devices completes the
+    # average over all workers and keeps them replicated.
+    new_stats = jax.lax.pmean(new_stats, DATA_AXIS)
+    ce_sum, errors = jax.lax.psum((ce_sum, errors), DATA_AXIS)
+    return grads, new_stats, ce_sum, errors
+
+
+def apply_update(tx: optax.GradientTransformation, state: TrainState, grads, batch_stats,
+                 ce_sum, errors, kn: float) -> tuple[TrainState, dict]:
+    """The optimizer update from the summed gradient, guarded: a step whose loss, gradient
+    or updated state is not finite returns ``state`` unchanged (``metrics["finite"]``)."""
+    loss = ce_sum / kn
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
+                           opt_state=opt_state)
+    # The loss, every gradient and every updated array (parameters, BN averages,
+    # momentum): a finite gradient times an overflowing rate is caught too.
+    finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_state)
+    # Select, so a non-finite step can never reach the state (or a checkpoint).
+    state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    metrics = {"loss": loss, "top1_error": errors / kn, "grad_norm": _global_norm(grads),
+               "finite": finite}
+    return state, metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """The built step: call it as ``step(state, batch)``; ``jitted`` is the compiled
+    program without the batch check (for ``.lower()``), ``layout`` the checked layout."""
+
+    fn: Callable[[TrainState, dict], tuple[TrainState, dict]]
+    jitted: Any
+    layout: BatchLayout
+
+    def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        return self.fn(state, batch)
+
+
 def make_train_step(
     model: Any,
     tx: optax.GradientTransformation,
     mesh: Mesh,
     *,
     global_batch_size: int,
-    bn_group_size: int | None = None,
+    bn_group_size: int,
     grad_accum_steps: int = 1,
     allreduce: str | Callable = "psum",
+    dtype: Any = jnp.float32,
     pixel_mean: Sequence[float] = IMAGENET_MEAN,
     pixel_std: Sequence[float] = IMAGENET_STD,
-) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+) -> TrainStep:
     """Build the jitted synchronous SGD step (the module docstring states its math).
 
     Args:
-      model: a flax module with ``__call__(x, train)`` and a ``bn_group_size``
-        attribute (e.g. from :func:`lsgd_jax.models.get_model`).
+      model: a flax module with ``__call__(x, train)``, built with the same
+        ``bn_group_size`` (e.g. by :func:`lsgd_jax.models.get_model`).
       tx: the optimizer, e.g. ``goyal_sgd(schedule)``; it sees the summed
         gradient of the mean loss over kn and adds the weight decay itself.
       mesh: a ``("data",)`` mesh (:func:`lsgd_jax.parallel.make_mesh`).
       global_batch_size: kn, images per step over all devices and microbatches.
-      bn_group_size: the paper's n; None takes the model's. Must equal the
-        model's when both are given; a model whose own bn_group_size is None
-        is run with this one.
+      bn_group_size: the paper's n, images per BN worker; the model's must be the same.
       grad_accum_steps: K microbatches per device per step.
       allreduce: "psum" (XLA's all-reduce), the name of an algorithm of
         ``lsgd_jax.collectives``, or ``fn(tree, axis_name)``.
+      dtype: the compute dtype uint8 images are normalised to (the model's).
       pixel_mean, pixel_std: per-channel statistics (0-255 units) used when
         ``batch["image"]`` is uint8; floating images are used as given.
 
     Returns:
-      ``train_step(state, batch) -> (state, metrics)``. ``batch`` holds
-      "image" [kn, H, W, C] (uint8 or float) and "label" [kn] int32, sharded
-      over "data"; ``state`` is donated. ``metrics`` are device arrays, not
-      synced: "loss" (mean cross-entropy over kn, without L2),
-      "top1_error" (fraction of the batch), "grad_norm" (global norm of the
-      summed loss gradient, without L2) and "finite" (loss and every gradient
-      finite). When not finite the input state is returned unchanged.
+      A :class:`TrainStep`; ``step(state, batch) -> (state, metrics)``. ``batch``
+      holds "image" [kn, H, W, C] (uint8 or float) and "label" [kn] int32, sharded
+      over "data"; ``state`` is donated. ``metrics`` are device arrays, not synced:
+      "loss" (mean cross-entropy over kn, without L2), "top1_error" (fraction of the
+      batch), "grad_norm" (global norm of the summed loss gradient, without L2) and
+      "finite". When not finite the input state is returned unchanged.
 
     Raises:
       ValueError: for a bad layout or arguments, before compiling.
     """
-    model_group = getattr(model, "bn_group_size", None)
-    if bn_group_size is None:
-        bn_group_size = model_group
-    elif model_group is not None and model_group != bn_group_size:
+    model_group = getattr(model, "bn_group_size", bn_group_size)
+    if model_group != bn_group_size:
         raise ValueError(
             f"bn_group_size={bn_group_size} differs from the model's bn_group_size="
-            f"{model_group}; build the model with the same value"
-        )
-    if bn_group_size is None:
-        raise ValueError("bn_group_size is required: the model has none and none was given")
-    if hasattr(model, "bn_group_size") and model_group is None:
-        # A model built with BN over whatever it sees gets the step's groups.
-        model = model.clone(bn_group_size=bn_group_size)
-    num_devices = mesh.devices.size
+            f"{model_group}; build the model with the same value")
     layout = validate_batch_layout(
-        global_batch_size=global_batch_size,
-        num_devices=num_devices,
-        grad_accum_steps=grad_accum_steps,
-        bn_group_size=bn_group_size,
-    )
+        global_batch_size=global_batch_size, num_devices=mesh.devices.size,
+        grad_accum_steps=grad_accum_steps, bn_group_size=bn_group_size)
     check_pixel_stats(pixel_mean, pixel_std)
     reduce_fn = _resolve_allreduce(allreduce)
     kn = float(layout.global_batch_size)
-    K = layout.grad_accum_steps
-    dtype = getattr(model, "dtype", jnp.float32)
-
-    def microbatch_grads(params, batch_stats, images, labels):
-        """Gradient of (summed cross-entropy / kn) for one microbatch on one device."""
-
-        def loss_fn(p):
-            logits, updates = model.apply(
-                {"params": p, "batch_stats": batch_stats}, images, train=True,
-                mutable=["batch_stats"],
-            )
-            logits = logits.astype(jnp.float32)
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-            ce_sum = jnp.sum(ce)
-            errors = jnp.sum(jnp.argmax(logits, axis=-1) != labels).astype(jnp.float32)
-            return ce_sum / kn, (updates["batch_stats"], ce_sum, errors)
-
-        (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return grads, aux
 
     def per_device(params, batch_stats, images, labels):
         images = _normalize(images, pixel_mean, pixel_std, dtype)
-        if K == 1:
-            grads, (new_stats, ce_sum, errors) = microbatch_grads(
-                params, batch_stats, images, labels
-            )
-        else:
-            xs = (
-                images.reshape((K, layout.microbatch) + images.shape[1:]),
-                labels.reshape((K, layout.microbatch)),
-            )
+        return device_grads(model, params, batch_stats, images, labels, layout=layout,
+                            reduce_fn=reduce_fn)
 
-            def body(carry, x):
-                g, (s, ce, err) = microbatch_grads(params, batch_stats, *x)
-                return jax.tree.map(jnp.add, carry, (g, s, ce, err)), None
-
-            zeros = jax.tree.map(
-                jnp.zeros_like,
-                (params, batch_stats, jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32)),
-            )
-            (grads, stat_sum, ce_sum, errors), _ = jax.lax.scan(body, zeros, xs)
-            new_stats = jax.tree.map(lambda s: s / K, stat_sum)
-        grads = reduce_fn(grads, DATA_AXIS)
-        # Each device's averages already mix its microbatches; mixing devices
-        # completes the average over all workers and keeps them replicated.
-        new_stats = jax.lax.pmean(new_stats, DATA_AXIS)
-        ce_sum, errors = jax.lax.psum((ce_sum, errors), DATA_AXIS)
-        return grads, new_stats, ce_sum, errors
-
-    sharded = shard_map(
-        per_device,
-        mesh=mesh,
-        in_specs=(P(), P(), P(DATA_AXIS), P(DATA_AXIS)),
-        out_specs=(P(), P(), P(), P()),
-    )
+    sharded = shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS), P(DATA_AXIS)),
+                        out_specs=(P(), P(), P(), P()))
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         grads, batch_stats, ce_sum, errors = sharded(
-            state.params, state.batch_stats, batch["image"], batch["label"]
-        )
-        loss = ce_sum / kn
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new_state = TrainState(
-            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
-        )
-        # The loss, every gradient and every updated array (parameters, BN averages,
-        # momentum): a finite gradient times an overflowing rate is caught too.
-        finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_state)
-        # Select, so a non-finite step can never reach the state (or a checkpoint).
-        state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-        metrics = {
-            "loss": loss,
-            "top1_error": errors / kn,
-            "grad_norm": _global_norm(grads),
-            "finite": finite,
-        }
-        return state, metrics
+            state.params, state.batch_stats, batch["image"], batch["label"])
+        return apply_update(tx, state, grads, batch_stats, ce_sum, errors, kn)
 
     replicated = replicated_sharding(mesh)
-    jitted = jax.jit(
-        step,
-        in_shardings=(replicated, data_sharding(mesh)),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
-    )
+    jitted = jax.jit(step, in_shardings=(replicated, data_sharding(mesh)),
+                     out_shardings=(replicated, replicated), donate_argnums=0)
 
-    @functools.wraps(step)
-    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        check_batch(batch, ("image", "label"), num_devices, layout.global_batch_size, "train_step")
+    def checked(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        check_batch(batch, ("image", "label"), mesh.devices.size, layout.global_batch_size,
+                    "train_step")
         return jitted(state, {"image": batch["image"], "label": batch["label"]})
 
-    train_step.jitted = jitted
-    train_step.layout = layout
-    return train_step
+    return TrainStep(fn=checked, jitted=jitted, layout=layout)
 
 
 def make_eval_step(

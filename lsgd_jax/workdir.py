@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -161,3 +162,23 @@ class WorkdirLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def check_free_space(workdir: str, state_bytes: int) -> str:
+    """An error message when the workdir cannot hold one more checkpoint of a state of
+    ``state_bytes``, else ""."""
+    need = int(state_bytes * 1.1) + (1 << 20)  # orbax's metadata and file-system blocks
+    leftovers = 0  # unfinished saves of an earlier run are removed before the next save
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(ckpt_dir):
+        for name in os.listdir(ckpt_dir):
+            if "orbax-checkpoint-tmp" in name:
+                for root, _, files in os.walk(os.path.join(ckpt_dir, name)):
+                    leftovers += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    free = shutil.disk_usage(workdir).free + leftovers
+    if free >= need:
+        return ""
+    return (f"not enough free space for a checkpoint in --workdir {workdir}: "
+            f"{free / 2**20:.1f} MiB free, a checkpoint needs about {need / 2**20:.1f} MiB. "
+            "Free some space (the run resumes from its latest complete checkpoint) or choose "
+            "another --workdir")

@@ -6,10 +6,9 @@ the conftest that pytest imports first.
 
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+from lsgd_jax.parallel import use_cpu_devices  # imports jax; its backends start on first use
+
+use_cpu_devices(8)
 # Keep TensorFlow (data tests) from grabbing every core and from printing banners.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

@@ -27,7 +27,7 @@ def main() -> None:
 
     jax.config.update("jax_numpy_dtype_promotion", "strict")
     jax.config.update("jax_numpy_rank_promotion", "raise")
-    from lsgd_jax.models import BasicBlock, ResNet
+    from helpers import tiny_resnet
     from lsgd_jax.optim import goyal_sgd
     from lsgd_jax.parallel import host_to_global, initialize_distributed, make_mesh
     from lsgd_jax.step import create_train_state, make_eval_step, make_train_step
@@ -37,13 +37,13 @@ def main() -> None:
                                cpu_collectives="gloo", initialization_timeout=120)
     assert jax.process_count() == args.num_processes
     mesh = make_mesh()
-    model = ResNet(stage_sizes=(1,), block=BasicBlock, num_filters=4, stem="cifar",
-                   num_classes=CLASSES, bn_group_size=2, zero_init_residual=False)
+    model = tiny_resnet(2, num_classes=CLASSES)
     tx = goyal_sgd(0.1, weight_decay=5e-3)
     norm = dict(pixel_mean=(0.0, 0.0, 0.0), pixel_std=(1.0, 1.0, 1.0))
     state = create_train_state(model, tx, rng=jax.random.key(0, impl="rbg"),
                                input_shape=(1,) + SHAPE, mesh=mesh)
-    train_step = make_train_step(model, tx, mesh, global_batch_size=GLOBAL_BATCH, **norm)
+    train_step = make_train_step(model, tx, mesh, global_batch_size=GLOBAL_BATCH, bn_group_size=2,
+                                 **norm)
     eval_step = make_eval_step(model, mesh, **norm)
 
     rows = GLOBAL_BATCH // args.num_processes

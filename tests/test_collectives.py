@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from lsgd_jax.collectives import ALLREDUCE_NAMES, get_allreduce, plan_buckets
+from helpers import mesh_of
 
 try:
     shard_map = jax.shard_map
@@ -21,10 +21,6 @@ except AttributeError:  # older JAX
     from jax.experimental.shard_map import shard_map
 
 UNIT_ROUNDOFF = {np.dtype(np.float32): 2.0**-24, np.dtype(jnp.bfloat16): 2.0**-8}
-
-
-def _mesh(p):
-    return Mesh(np.array(jax.devices()[:p]), ("data",))
 
 
 def _per_device_tree(p, seed=0, bfloat16=False):
@@ -51,7 +47,7 @@ def _run(allreduce, tree, p):
         both = (allreduce(local, "data"), jax.lax.psum(local, "data"))
         return jax.tree.map(lambda x: x[None], both)
 
-    f = shard_map(body, mesh=_mesh(p), in_specs=P("data"), out_specs=P("data"))
+    f = shard_map(body, mesh=mesh_of(p), in_specs=P("data"), out_specs=P("data"))
     return jax.jit(f)(tree)
 
 
@@ -156,7 +152,7 @@ def _ppermutes(jaxpr):
 def _traced_ppermutes(allreduce, p, n, leaves=1):
     tree = [np.zeros((p, n), np.float32) for _ in range(leaves)]
     body = lambda t: jax.tree.map(lambda x: x[None], allreduce(jax.tree.map(lambda x: x[0], t), "data"))
-    f = shard_map(body, mesh=_mesh(p), in_specs=P("data"), out_specs=P("data"))
+    f = shard_map(body, mesh=mesh_of(p), in_specs=P("data"), out_specs=P("data"))
     return _ppermutes(jax.make_jaxpr(f)(tree).jaxpr)
 
 

@@ -1,4 +1,4 @@
-"""TrainConfig: the paper's defaults, and the values derived from it for a run."""
+"""TrainConfig: the paper's defaults; the Plan: the values derived from it, the mesh and the data."""
 
 import math
 
@@ -6,6 +6,12 @@ import numpy as np
 import pytest
 
 from lsgd_jax.config import TrainConfig, evaluation_steps
+from lsgd_jax.plan import make_plan
+
+
+def derived(config, num_train_examples, num_devices=8, num_processes=1):
+    return make_plan(config, num_train_examples=num_train_examples, num_devices=num_devices,
+                     num_processes=num_processes).to_dict()
 from lsgd_jax.metrics import MetricsWriter, eval_history
 from lsgd_jax.schedules import goyal_schedule, warmup_steps
 
@@ -22,7 +28,7 @@ def test_defaults_are_the_papers_recipe():
     assert c.weight_decay == 1e-4
     assert c.zero_init_residual is True
     assert c.model == "resnet50" and c.median_evals == 5 and c.eval_every_epochs == 1
-    d = c.derived(1_281_167)
+    d = derived(c, 1_281_167)
     assert d["steps_per_epoch"] == 5004 and d["total_steps"] == 90 * 5004
     assert d["peak_lr"] == pytest.approx(0.1) and d["warmup_steps"] == 0  # k = 1
     assert d["decay_steps"] == [30 * 5004, 60 * 5004, 80 * 5004]
@@ -39,7 +45,7 @@ def test_reported_warmup_steps_are_the_schedules(kn, spe, warmup_epochs, expecte
     ref = 64 if kn == 1024 else 256
     config = TrainConfig(batch_size=kn, reference_batch_size=ref, warmup_epochs=warmup_epochs,
                          bn_group_size=32 if kn % 32 == 0 else 16)
-    reported = config.derived(spe * kn)["warmup_steps"]
+    reported = derived(config, spe * kn)["warmup_steps"]
     assert reported == expected
     lr = goyal_schedule(batch_size=kn, steps_per_epoch=spe, base_lr=0.1,
                         reference_batch_size=ref, warmup_epochs=warmup_epochs)
@@ -53,9 +59,9 @@ def test_reported_warmup_steps_are_the_schedules(kn, spe, warmup_epochs, expecte
 
 
 def test_examples_left_out_per_epoch():
-    d = TrainConfig(batch_size=8192).derived(1_281_167)
+    d = derived(TrainConfig(batch_size=8192), 1_281_167)
     assert d["examples_left_out_per_epoch"] == 1_281_167 - 156 * 8192 == 3215
-    d = TrainConfig(batch_size=65536).derived(1_281_167)
+    d = derived(TrainConfig(batch_size=65536), 1_281_167)
     assert d["examples_left_out_per_epoch"] == 35_983
 
 
@@ -98,7 +104,7 @@ def test_evaluation_settings_are_checked(changes, text):
 
 
 def test_a_paper_length_run_warms_up_over_five_epochs():
-    d = TrainConfig(batch_size=8192).derived(1_281_167)
+    d = derived(TrainConfig(batch_size=8192), 1_281_167)
     assert d["warmup_steps"] == 5 * 156
     assert d["peak_lr"] == pytest.approx(3.2)
     assert math.isclose(d["rate_multiplier"], 32)
@@ -111,3 +117,58 @@ def test_counts_read_in_the_right_number():
             plural(4, "microbatch"), plural(0, "warmup step"), plural(1, "device")] == [
         "1 process", "2 processes", "1 microbatch", "4 microbatches", "0 warmup steps",
         "1 device"]
+
+
+def test_the_plan_of_the_papers_8k_run_by_hand():
+    """kn = 8192 on 256 GPUs (32 per host, 8 hosts), n = 32, the paper's 8k."""
+    plan = make_plan(TrainConfig(batch_size=8192), num_train_examples=1_281_167,
+                     num_devices=256, num_processes=8)
+    assert (plan.num_bn_workers, plan.per_device_batch, plan.per_process_batch) == (256, 32, 1024)
+    assert (plan.microbatch, plan.steps_per_epoch, plan.total_steps) == (32, 156, 14_040)
+    assert plan.decay_steps == (4680, 9360, 12_480) and plan.warmup_steps == 780
+    assert plan.eval_steps[-5:] == (13_416, 13_572, 13_728, 13_884, 14_040)
+    assert plan.layout.num_bn_workers == 256 and plan.eval_batch_size == 8192
+    assert "kn=8192 (k=256 BN workers of n=32) on 256 devices in 8 processes" in \
+        plan.describe("gradual")
+
+
+@pytest.mark.parametrize("changes, devices, processes, text", [
+    (dict(batch_size=100), 8, 1, r"--batch-size 100 does not split over 8 devices × "
+                                 r"--grad-accum-steps 1; use a multiple of 256"),
+    (dict(batch_size=64, grad_accum_steps=4), 8, 1,
+     r"--bn-group-size 32 does not divide the microbatch of 2 images per device"),
+    (dict(batch_size=96, bn_group_size=4), 8, 5, r"--batch-size 96 does not split over the 5 "
+                                                 r"processes"),
+    (dict(batch_size=64, bn_group_size=8, eval_batch_size=12), 8, 1,
+     r"--eval-batch-size 12 must be divisible by the 8 devices"),
+    (dict(batch_size=2048, bn_group_size=8), 8, 1, r"--batch-size 2048 is larger than the "
+                                                   r"training set \(1000 examples\)"),
+])
+def test_the_plan_names_the_flag_to_change(changes, devices, processes, text):
+    with pytest.raises(ValueError, match=text):
+        make_plan(TrainConfig(**changes), num_train_examples=1000, num_devices=devices,
+                  num_processes=processes)
+
+
+def test_every_config_field_is_one_flag_and_round_trips():
+    import dataclasses
+
+    from lsgd_jax.cli import build_parser, config_flag, config_from_args
+
+    fields = dataclasses.fields(TrainConfig)
+    parser = build_parser()
+    flags = [config_flag(f) for f in fields]
+    assert len(set(flags)) == len(fields)
+    assert all(f.metadata["help"] for f in fields)
+    assert config_from_args(parser.parse_args(["--workdir", "w"])) == TrainConfig()
+    changed = TrainConfig(data="fashion_mnist", model="resnet8", batch_size=64,
+                          bn_group_size=16, decay_epochs=(1.5, 3), zero_init_residual=False,
+                          eval_batch_size=32, momentum_form="eq10", allreduce="ring",
+                          dtype="float32", decode_threads=2, num_steps=7, seed=3)
+    argv = ["--workdir", "w"]
+    for f in fields:
+        value = getattr(changed, f.name)
+        if value is not None:
+            argv += [config_flag(f),
+                     ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    assert config_from_args(parser.parse_args(argv)) == changed

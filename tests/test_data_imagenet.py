@@ -30,7 +30,7 @@ def data_dir(tmp_path_factory):
 
 def open_source(data_dir, split="train", **kwargs):
     kwargs = {"builder_name": BUILDER, "image_size": 16, "eval_resize": 20,
-              "max_bad_fraction": 0.1, "num_workers": 2, **kwargs}
+              "max_bad_fraction": 0.1, "decode_threads": 2, **kwargs}
     return get_source("imagenet", split=split, data_dir=data_dir, **kwargs)
 
 
@@ -94,7 +94,7 @@ def test_too_many_bad_files_fail_clearly(data_dir):
 
 
 def test_decoding_threads_do_not_change_results(data_dir):
-    with open_source(data_dir, num_workers=1) as one, open_source(data_dir, num_workers=3) as three:
+    with open_source(data_dir, decode_threads=1) as one, open_source(data_dir, decode_threads=3) as three:
         ids = np.random.default_rng(0).permutation(NUM)[:24]
         a = one.get_batch(ids, seed=4, epoch=1, train=True)
         b = three.get_batch(ids, seed=4, epoch=1, train=True)
@@ -147,7 +147,7 @@ def test_unprepared_or_unknown_data_set_says_how_to_prepare(tmp_path):
 def test_bad_reader_arguments(data_dir):
     with pytest.raises(ValueError, match="no split 'test'"):
         open_source(data_dir, split="test")
-    with pytest.raises(ValueError, match="num_workers"):
-        open_source(data_dir, num_workers=0)
+    with pytest.raises(ValueError, match="decode_threads"):
+        open_source(data_dir, decode_threads=0)
     with pytest.raises(ValueError, match="max_bad_fraction"):
         open_source(data_dir, max_bad_fraction=1.5)

@@ -133,7 +133,7 @@ def test_synthetic_is_a_function_of_seed_and_id():
         ("synthetic", {"split": "dev"}, "unknown split 'dev'"),
         ("synthetic", {"num_classes": 0}, "num_classes"),
         ("synthetic", {"data_dir": "/x"}, "reads no files"),
-        ("fashion_mnist", {"num_workers": 0}, "num_workers must be a positive integer"),
+        ("fashion_mnist", {"decode_threads": 0}, "decode_threads must be a positive integer"),
     ],
 )
 def test_bad_source_arguments(name, kwargs, match):

@@ -8,6 +8,7 @@ import optax
 import pytest
 from hypothesis import given, settings
 
+from helpers import compilations, max_rel_diff
 from lsgd_jax import (
     MomentumState,
     default_weight_decay_mask,
@@ -48,11 +49,6 @@ def _run(tx, params, steps=STEPS):
     return history
 
 
-def _max_rel_diff(a, b):
-    diffs = jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y)) / (jnp.max(jnp.abs(y)) + 1e-12)), a, b)
-    return max(jax.tree.leaves(diffs))
-
-
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_eq9_equals_optax_sgd(nesterov):
     params = _params(jax.random.key(0))
@@ -60,7 +56,7 @@ def test_eq9_equals_optax_sgd(nesterov):
     ref = _run(optax.sgd(SCHEDULE, momentum=0.9, nesterov=nesterov), params)
     for t, (a, b) in enumerate(zip(ours, ref)):
         # tolerance: the same float32 operations in the same order -> 1e-6 relative
-        assert _max_rel_diff(a, b) < 1e-6, t
+        assert max_rel_diff(a, b) < 1e-6, t
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
@@ -73,7 +69,7 @@ def test_eq10_with_correction_equals_eq9_through_warmup_and_decays(nesterov):
     assert len(rates) > 10
     for t, (a, b) in enumerate(zip(eq10, eq9)):
         # tolerance: float32 reassociation (η·u vs v) over 34 steps
-        assert _max_rel_diff(a, b) < 2e-5, t
+        assert max_rel_diff(a, b) < 2e-5, t
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
@@ -86,10 +82,10 @@ def test_eq10_without_correction_differs_after_a_rate_jump(nesterov):
     broken = _run(momentum_sgd(schedule, momentum_correction=False, **kw), params, 14)
     eq9 = _run(momentum_sgd(schedule, 0.9, nesterov=nesterov), params, 14)
     # Before the jump the rate is constant and the correction is a no-op.
-    assert _max_rel_diff(broken[9], fixed[9]) < 1e-6  # tolerance: float32 rounding
+    assert max_rel_diff(broken[9], fixed[9]) < 1e-6  # tolerance: float32 rounding
     # After it the uncorrected buffer carries the old, 32x smaller rate.
-    assert _max_rel_diff(broken[11], eq9[11]) > 1e-2
-    assert _max_rel_diff(fixed[11], eq9[11]) < 2e-5  # tolerance: float32 reassociation
+    assert max_rel_diff(broken[11], eq9[11]) > 1e-2
+    assert max_rel_diff(fixed[11], eq9[11]) < 2e-5  # tolerance: float32 reassociation
 
 
 def test_detectron_threshold_corrects_decays_but_not_gradual_warmup_steps():
@@ -157,13 +153,13 @@ def test_l2_in_transform_equals_l2_in_loss():
         p_in = optax.apply_updates(p_in, u)
         u, s_loss = tx_loss.update(jax.grad(loss_with_l2)(p_loss), s_loss, p_loss)
         p_loss = optax.apply_updates(p_loss, u)
-    assert _max_rel_diff(p_in, p_loss) < 1e-5  # tolerance: float32, 12 steps
+    assert max_rel_diff(p_in, p_loss) < 1e-5  # tolerance: float32, 12 steps
     # and the decay really acted: without it the result differs
     p_none, s_none = params, tx_loss.init(params)
     for _ in range(12):
         u, s_none = tx_loss.update(jax.grad(data_loss)(p_none), s_none, p_none)
         p_none = optax.apply_updates(p_none, u)
-    assert _max_rel_diff(p_none, p_in) > 1e-4
+    assert max_rel_diff(p_none, p_in) > 1e-4
 
 
 def test_weight_decay_skips_bn_and_biases():
@@ -213,7 +209,7 @@ def test_chains_with_clipping_and_multisteps():
         u_c, s_c = chained.update(g, s_c, params)
         norm = optax.tree.norm(g)
         u_p, s_p = plain.update(jax.tree.map(lambda x: x / jnp.maximum(norm, 1.0), g), s_p, params)
-        assert _max_rel_diff(u_c, u_p) < 1e-6  # tolerance: float32 rounding
+        assert max_rel_diff(u_c, u_p) < 1e-6  # tolerance: float32 rounding
     # MultiSteps(every 4) equals goyal_sgd on the mean of each 4 gradients; the
     # schedule advances once per real update.
     multi = optax.MultiSteps(goyal_sgd(SCHEDULE), every_k_schedule=4)
@@ -227,7 +223,7 @@ def test_chains_with_clipping_and_multisteps():
             mean = jax.tree.map(lambda *xs: sum(xs) / 4, *grads[i - 3:i + 1])
             u, s_p = plain.update(mean, s_p, p_p)
             p_p = optax.apply_updates(p_p, u)
-    assert _max_rel_diff(p_m, p_p) < 1e-5  # tolerance: float32 mean of 4
+    assert max_rel_diff(p_m, p_p) < 1e-5  # tolerance: float32 mean of 4
     assert int(s_m.inner_opt_state[1].count) == 2
 
 
@@ -242,7 +238,7 @@ def test_inject_hyperparams_shows_the_rate_and_matches():
         u_i, s_i = update(g, s_i, params)
         u_p, s_p = plain.update(g, s_p, params)
         assert float(s_i.hyperparams["learning_rate"]) == pytest.approx(float(SCHEDULE(t)), rel=1e-6)
-        assert _max_rel_diff(u_i, u_p) < 1e-5  # tolerance: float32 rounding
+        assert max_rel_diff(u_i, u_p) < 1e-5  # tolerance: float32 rounding
     # A callable mask is not a schedule when declared static.
     mask_fn = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)  # noqa: E731
     tx = optax.inject_hyperparams(goyal_sgd, static_args="weight_decay_mask")(
@@ -253,18 +249,12 @@ def test_inject_hyperparams_shows_the_rate_and_matches():
 
 def test_second_update_does_not_recompile():
     params = _params(jax.random.key(9))
-    traces = []
     tx = goyal_sgd(SCHEDULE, form="eq10")
-
-    @jax.jit
-    def step(g, state, p):
-        traces.append(1)
-        return tx.update(g, state, p)
-
+    step = jax.jit(tx.update)
     state = tx.init(params)
     for t in range(3):
         _, state = step(_grads(t, params), state, params)
-    assert len(traces) == 1
+    assert compilations(step) == 1
 
 
 def test_bfloat16_params_keep_their_dtype():
@@ -312,4 +302,4 @@ def test_eq10_corrected_equals_eq9_on_random_trees(shapes, kn, nesterov, m, seed
     a = _run(goyal_sgd(schedule, momentum=m, nesterov=nesterov, form="eq9"), params, 9)
     b = _run(goyal_sgd(schedule, momentum=m, nesterov=nesterov, form="eq10"), params, 9)
     # tolerance: float32 reassociation over 9 steps
-    assert _max_rel_diff(b[-1], a[-1]) < 5e-5
+    assert max_rel_diff(b[-1], a[-1]) < 5e-5

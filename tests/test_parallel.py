@@ -88,3 +88,14 @@ def test_initialize_distributed_single_process_is_noop(monkeypatch):
 def test_initialize_distributed_rejects_bad_arguments(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
         initialize_distributed(*args, **kwargs)
+
+
+def test_cpu_device_env_replaces_an_earlier_device_count():
+    from lsgd_jax.parallel import cpu_device_env
+
+    env = cpu_device_env(2, {"XLA_FLAGS": "--xla_dump_to=/tmp/x "
+                                          "--xla_force_host_platform_device_count=8"})
+    assert env["XLA_FLAGS"] == ("--xla_dump_to=/tmp/x "
+                                "--xla_force_host_platform_device_count=2")
+    assert env["JAX_PLATFORMS"] == "cpu"
+    assert cpu_device_env(4, {})["XLA_FLAGS"] == "--xla_force_host_platform_device_count=4"

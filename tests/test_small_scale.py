@@ -5,7 +5,6 @@ import importlib.util
 import json
 import math
 import os
-import statistics
 import sys
 
 import pytest
@@ -24,6 +23,13 @@ def _config(run):
     from lsgd_jax.cli import build_parser, config_from_args
 
     return config_from_args(build_parser().parse_args(ss.command(run)[1:]))
+
+
+def _plan(run, scale):
+    from lsgd_jax.plan import make_plan
+
+    return make_plan(_config(run), num_train_examples=scale.train_examples,
+                     num_devices=scale.devices(int(run.flag("--batch-size")))).to_dict()
 
 
 def _fake_metrics(workdir, errors, *, result=True):
@@ -90,12 +96,12 @@ def test_the_rate_rows_reach_eta_sqrtk_and_k_multiples(tmp_path):
     eta = scale.base_lr
     peaks = []
     for row in study.rows[1:]:
-        derived = _config(row.runs[0]).derived(scale.train_examples)
+        derived = _plan(row.runs[0], scale)
         peaks.append(derived["peak_lr"])
     # tolerance: the flags carry 6 significant digits
     assert peaks == pytest.approx([eta, eta * math.sqrt(k), eta * k / 2, eta * k, 2 * eta * k],
                                   rel=1e-5)
-    unscaled = _config(study.rows[1].runs[0]).derived(scale.train_examples)
+    unscaled = _plan(study.rows[1].runs[0], scale)
     assert unscaled["warmup_steps"] == 0
 
 
@@ -127,35 +133,6 @@ def test_status_and_the_paper_figure_of_a_run(tmp_path):
     assert ss.status(run) == "done" and ss.run_error(run) == pytest.approx(25.0)
     ss._mark_diverged(run.record, "nan at step 3")
     assert ss.status(run) == "diverged" and ss.run_error(run) == "diverged"
-
-
-def test_aggregate_counts_seeds_and_uses_the_sample_std():
-    agg = ss.aggregate([10.0, 12.0, "diverged", None])
-    assert agg["mean"] == pytest.approx(11.0)
-    assert agg["std"] == pytest.approx(statistics.stdev([10.0, 12.0]))
-    assert (agg["finished"], agg["diverged"], agg["missing"], agg["seeds"]) == (2, 1, 1, 4)
-    assert ss.format_cell(agg) == "11.00 ± 1.41 (2/4 seeds, 1 diverged)"
-    assert ss.format_cell(ss.aggregate([9.5])) == "9.50 (1/1 seeds)"
-    assert ss.format_cell(ss.aggregate(["diverged"])) == "diverged"
-    assert ss.format_cell(ss.aggregate([None, None])) == "not run yet"
-
-
-def test_verdicts_from_hand_computed_differences():
-    ref = ss.aggregate([9.5, 9.6, 9.7])                 # mean 9.6, std 0.1
-    same = ss.aggregate([9.55, 9.65, 9.75])             # +0.05 ± 2·sqrt(2·0.01/3) = ±0.163
-    d = ss.difference(same, ref)
-    assert d["diff"] == pytest.approx(0.05) and d["se"] == pytest.approx(math.sqrt(0.02 / 3))
-    assert ss.verdict_matches(same, ref, 0.3)[0] == "matches"
-    worse = ss.aggregate([10.4, 10.5, 10.6])            # +0.9, interval above 0.3
-    assert ss.verdict_matches(worse, ref, 0.3)[0] == "does not match"
-    assert ss.verdict_worse(worse, ref, 0.3)[0] == "reproduces"
-    noisy = ss.aggregate([9.0, 9.9, 10.8])              # +0.3 ± 1.06
-    assert ss.verdict_matches(noisy, ref, 0.3)[0].startswith("cannot tell")
-    assert ss.verdict_worse(same, ref, 0.3)[0] == "does not reproduce"
-    # One seed borrows the other row's spread.
-    one = ss.aggregate([9.6])
-    assert ss.difference(one, ref)["se"] == pytest.approx(math.sqrt(0.01 / 1 + 0.01 / 3))
-    assert ss.verdict_matches(ss.aggregate(["diverged"]), ref, 0.3)[0] == "does not match"
 
 
 def test_the_ablation_kn_is_the_largest_that_matches(tmp_path):

@@ -15,7 +15,7 @@ import flax.linen as nn
 import optax
 import pytest
 
-from lsgd_jax.models import BasicBlock, ResNet
+from helpers import compilations, max_tree_diff, mesh_of, tiny_resnet, tree_allclose
 from lsgd_jax.optim import goyal_sgd
 from lsgd_jax.parallel import host_to_global, make_mesh, replicated_sharding
 from lsgd_jax.schedules import scaled_learning_rate
@@ -39,11 +39,7 @@ TOL = dict(rtol=1e-4, atol=2e-6)
 # built once per configuration and shared between tests.
 @functools.lru_cache(maxsize=None)
 def tiny_model(bn_group_size, dtype=jnp.float32):
-    # Stem + one residual block: 3 convolutions, each followed by BN. γ = 1
-    # everywhere (no zero-γ) so that every BN and conv gets a gradient.
-    return ResNet(stage_sizes=(1,), block=BasicBlock, num_filters=4, stem="cifar",
-                  num_classes=CLASSES, bn_group_size=bn_group_size, dtype=dtype,
-                  zero_init_residual=False)
+    return tiny_resnet(bn_group_size, num_classes=CLASSES, dtype=dtype)
 
 
 def tiny_tx(lr=0.1):
@@ -58,15 +54,16 @@ def _tiny_tx(lr):
 @functools.lru_cache(maxsize=None)
 def engine_step(model, tx, num_devices, grad_accum_steps, kn, pixel_mean=(0.0, 0.0, 0.0),
                 pixel_std=(1.0, 1.0, 1.0)):
-    mesh = make_mesh(jax.devices()[:num_devices])
+    mesh = mesh_of(num_devices)
     return make_train_step(model, tx, mesh, global_batch_size=kn,
+                           bn_group_size=model.bn_group_size,
                            grad_accum_steps=grad_accum_steps, pixel_mean=pixel_mean,
                            pixel_std=pixel_std)
 
 
 @functools.lru_cache(maxsize=None)
 def engine_eval_step(model, num_devices=8):
-    return make_eval_step(model, make_mesh(jax.devices()[:num_devices]), **NO_NORM)
+    return make_eval_step(model, mesh_of(num_devices), **NO_NORM)
 
 
 def batches(kn, steps, seed=0):
@@ -140,24 +137,12 @@ def reference_step(model, tx, n):
 
 
 def run_reference(model, tx, data, n):
-    state = init_state(model, tx, make_mesh(jax.devices()[:1]))
+    state = init_state(model, tx, mesh_of(1))
     metrics = []
     for batch in data:
         state, m = reference_step(model, tx, n)(state, batch)
         metrics.append(m)
     return state, jax.device_get(metrics)
-
-
-def assert_trees_close(a, b, **tol):
-    a, b = jax.device_get(a), jax.device_get(b)
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
-
-
-def max_tree_diff(a, b):
-    pairs = zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b)))
-    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in pairs)
 
 
 def assert_replicated(tree):
@@ -175,14 +160,13 @@ def test_devices_equal_accumulated_microbatches():
     dist, m_dist = run_engine(model, tx, jax.devices(), data)
     accum, m_accum = run_engine(model, tx, jax.devices()[:1], data, grad_accum_steps=8)
     assert int(dist.step) == int(accum.step) == 3
-    assert_trees_close(dist.params, accum.params, **TOL)
-    assert_trees_close(dist.batch_stats, accum.batch_stats, **TOL)
-    assert_trees_close(dist.opt_state, accum.opt_state, **TOL)
-    assert_trees_close(m_dist, m_accum, **TOL)
+    tree_allclose(dist.params, accum.params, **TOL)
+    tree_allclose(dist.batch_stats, accum.batch_stats, **TOL)
+    tree_allclose(dist.opt_state, accum.opt_state, **TOL)
+    tree_allclose(m_dist, m_accum, **TOL)
     assert all(bool(m["finite"]) for m in m_dist)
     jitted = engine_step(model, tx, 8, 1, 16).jitted
-    if hasattr(jitted, "_cache_size"):
-        assert jitted._cache_size() == 1  # three steps, one compilation
+    assert compilations(jitted) == 1  # three steps, one compilation
     # The BN averages really moved and the step really trained.
     assert max_tree_diff(dist.batch_stats, init_state(model, tx, make_mesh()).batch_stats) > 0.01
     # Stored state is identical on every device after every step.
@@ -196,8 +180,8 @@ def test_accumulation_on_many_devices_matches_reference():
     data = batches(32, steps=2, seed=1)
     state, metrics = run_engine(model, tx, jax.devices()[:4], data, grad_accum_steps=2)
     ref, ref_metrics = run_reference(model, tx, data, n=2)
-    assert_trees_close(state.params, ref.params, **TOL)
-    assert_trees_close(state.batch_stats, ref.batch_stats, **TOL)
+    tree_allclose(state.params, ref.params, **TOL)
+    tree_allclose(state.batch_stats, ref.batch_stats, **TOL)
     for m, r in zip(metrics, ref_metrics):
         for key in r:
             np.testing.assert_allclose(m[key], r[key], **TOL)
@@ -209,8 +193,8 @@ def test_per_worker_bn_equals_reference_and_differs_from_pooled():
     state, metrics = run_engine(model, tx, jax.devices(), data)
     per_worker, ref_metrics = run_reference(model, tx, data, n=2)
     pooled, _ = run_reference(model, tx, data, n=16)  # BN over all 16 images
-    assert_trees_close(state.params, per_worker.params, **TOL)
-    assert_trees_close(state.batch_stats, per_worker.batch_stats, **TOL)
+    tree_allclose(state.params, per_worker.params, **TOL)
+    tree_allclose(state.batch_stats, per_worker.batch_stats, **TOL)
     for key in ("loss", "top1_error", "grad_norm"):
         np.testing.assert_allclose(metrics[0][key], ref_metrics[0][key], **TOL)
     # Pooling statistics over devices is a different model: far outside tolerance.
@@ -232,20 +216,8 @@ def test_more_devices_with_scaled_rate_match_single_device_math(num_devices):
     data = batches(kn, steps=2, seed=3)
     state, _ = run_engine(model, tx, jax.devices()[:num_devices], data)
     ref, _ = run_reference(model, tiny_tx(by_hand), data, n=2)
-    assert_trees_close(state.params, ref.params, **TOL)
-    assert_trees_close(state.opt_state, ref.opt_state, **TOL)
-
-
-def test_step_gives_its_bn_groups_to_a_model_without_them():
-    # 4 devices × 4 images: groups of 2 differ from BN over each device's 4.
-    tx = tiny_tx(scaled_learning_rate(0.1, 8, reference_batch_size=16))  # shares a compile
-    mesh = make_mesh(jax.devices()[:4])
-    batch = batches(16, steps=1, seed=9)[0]
-    step = make_train_step(tiny_model(None), tx, mesh, global_batch_size=16, bn_group_size=2,
-                           **NO_NORM)
-    a, _ = step(init_state(tiny_model(None), tx, mesh), batch)
-    b, _ = engine_step(tiny_model(2), tx, 4, 1, 16)(init_state(tiny_model(2), tx, mesh), batch)
-    assert_trees_close(a.params, b.params, rtol=1e-6, atol=1e-7)  # the same program
+    tree_allclose(state.params, ref.params, **TOL)
+    tree_allclose(state.opt_state, ref.opt_state, **TOL)
 
 
 def test_uint8_images_are_normalized_on_device():
@@ -263,7 +235,7 @@ def test_uint8_images_are_normalized_on_device():
     b, _ = engine_step(model, tx, 8, 1, 16)(
         init_state(model, tx, mesh), host_to_global({"image": normalized, "label": labels}, mesh))
     # tolerance: float32 normalization (multiply-add) against float64.
-    assert_trees_close(a.params, b.params, rtol=1e-5, atol=1e-6)
+    tree_allclose(a.params, b.params, rtol=1e-5, atol=1e-6)
 
     eval_step = make_eval_step(model, mesh, pixel_mean=mean, pixel_std=std)
     mask = np.ones(16, np.float32)
@@ -296,7 +268,7 @@ def test_non_finite_step_keeps_the_input_state():
 class _SqrtAtZero(nn.Module):
     """A classifier plus sqrt(w) at w = 0: the loss is finite, d/dw is not."""
 
-    bn_group_size: int | None = None
+    bn_group_size: int | None = 2  # no BN: any n is consistent
 
     @nn.compact
     def __call__(self, x, train):
@@ -414,18 +386,22 @@ def test_bad_layout_is_rejected(kwargs, match):
 def test_layout_of_the_paper():
     layout = validate_batch_layout(global_batch_size=8192, num_devices=8, grad_accum_steps=4,
                                    bn_group_size=32)
-    assert (layout.per_device, layout.microbatch, layout.num_workers) == (1024, 256, 256)
+    assert (layout.per_device, layout.microbatch, layout.num_bn_workers) == (1024, 256, 256)
 
 
 def test_make_train_step_rejects_bad_configuration_before_compiling():
     model, tx, mesh = tiny_model(2), tiny_tx(), make_mesh()
     with pytest.raises(ValueError, match="bn_group_size=8 is larger than the microbatch of 2"):
-        make_train_step(tiny_model(8), tx, mesh, global_batch_size=16)
+        make_train_step(tiny_model(8), tx, mesh, global_batch_size=16, bn_group_size=8)
     with pytest.raises(ValueError, match="differs from the model's bn_group_size=2"):
         make_train_step(model, tx, mesh, global_batch_size=16, bn_group_size=4)
     with pytest.raises(ValueError, match="one value per channel"):
-        make_train_step(model, tx, mesh, global_batch_size=16, pixel_mean=(0.0,))
-    step = make_train_step(model, tx, mesh, global_batch_size=16, **NO_NORM)
+        make_train_step(model, tx, mesh, global_batch_size=16, bn_group_size=2,
+                        pixel_mean=(0.0,))
+    with pytest.raises(ValueError, match="differs from the model's bn_group_size=None"):
+        make_train_step(model.clone(bn_group_size=None), tx, mesh, global_batch_size=16,
+                        bn_group_size=2)
+    step = make_train_step(model, tx, mesh, global_batch_size=16, bn_group_size=2, **NO_NORM)
     state = init_state(model, tx, mesh)
     with pytest.raises(ValueError, match="has 8 examples, but the step was built for "
                                          "global_batch_size=16"):
@@ -435,7 +411,7 @@ def test_make_train_step_rejects_bad_configuration_before_compiling():
     eval_step = make_eval_step(model, mesh, **NO_NORM)
     with pytest.raises(ValueError, match="cannot be split over 8 devices"):
         eval_step(state, {**batches(12, steps=1)[0], "mask": np.ones(12, np.float32)})
-    assert step.jitted._cache_size() == 0  # nothing was compiled
+    assert compilations(step.jitted) == 0  # nothing was compiled
 
 
 @pytest.mark.parametrize("name", ["ring", "halving_doubling", "binary_blocks", "hierarchical"])
@@ -449,10 +425,11 @@ def test_paper_allreduce_in_the_step_equals_psum(name):
     mesh = make_mesh()
     # Two fake "hosts" of 4 devices for the two-level variant.
     allreduce = get_allreduce(name, devices_per_host=4) if name == "hierarchical" else name
-    step = make_train_step(model, tx, mesh, global_batch_size=16, allreduce=allreduce, **NO_NORM)
+    step = make_train_step(model, tx, mesh, global_batch_size=16, bn_group_size=2,
+                           allreduce=allreduce, **NO_NORM)
     state = init_state(model, tx, mesh)
     for batch in data:
         state, _ = step(state, host_to_global(batch, mesh))
-    assert_trees_close(state.params, ref.params, **TOL)
-    assert_trees_close(state.opt_state, ref.opt_state, **TOL)
+    tree_allclose(state.params, ref.params, **TOL)
+    tree_allclose(state.opt_state, ref.opt_state, **TOL)
     assert_replicated(state.params)

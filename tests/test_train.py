@@ -107,7 +107,7 @@ def test_end_to_end_trains_evaluates_and_checkpoints(tmp_path):
     assert train[-1]["lr"] == pytest.approx(0.1 * 32 / 256 * 0.1, rel=1e-6)
     assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == [4, 8, 12]
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["config"]["batch_size"] == 32 and saved["derived"]["steps_per_epoch"] == 4
+    assert saved["config"]["batch_size"] == 32 and saved["plan"]["steps_per_epoch"] == 4
     assert summary["median_top1_error"] == pytest.approx(
         sorted(e["top1_error"] for e in evals[1:])[2])
     assert summary["median_num_evals"] == 5
@@ -252,7 +252,7 @@ def test_sigterm_or_ctrl_c_checkpoints_exits_0_and_resumes_bit_identical(tmp_pat
     (["--batch-size", "0"], "batch_size must be a positive integer, got 0"),
     (["--warmup", "linear"], "invalid choice: 'linear'"),
     (["--decay-epochs", "30,x"], "expected comma-separated epochs"),
-    (["--batch-size", "36"], "global_batch_size=36 is not divisible"),
+    (["--batch-size", "36"], "--batch-size 36 does not split over"),
     (["--data", "fashion_mnist", "--data-dir", "/nonexistent/fmnist"], "/nonexistent/fmnist"),
 ])
 def test_bad_flags_fail_fast_with_a_clear_error(tmp_path, flags, text):
@@ -384,7 +384,7 @@ def test_trains_on_a_real_tfds_imagenet_data_set(tmp_path):
     config = TrainConfig(data="imagenet", data_dir=data_dir, tfds_name=BUILDER, model="resnet20",
                          image_size=16, batch_size=16, bn_group_size=2, eval_batch_size=16,
                          dtype="float32", epochs=2, warmup_epochs=0, decay_epochs=(),
-                         max_bad_fraction=0.2, num_workers=2, log_every_steps=1)
+                         max_bad_fraction=0.2, decode_threads=2, log_every_steps=1)
     summary = train_and_evaluate(config, str(tmp_path / "run"))
     assert summary["step"] == 2 * (NUM // 16)
     evals = read_metrics(str(tmp_path / "run"), "eval")

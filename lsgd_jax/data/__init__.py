@@ -17,6 +17,23 @@ from lsgd_jax.data.sampler import (
 )
 from lsgd_jax.data.source import SOURCE_NAMES, BadDataError, Source, get_source
 
+
+
+def open_source(config, split: str) -> Source:
+    """Split ``split`` ("train" or "validation") of ``config.data``, with the config's options."""
+    options: dict = {"data_dir": config.data_dir, "image_size": config.image_size}
+    if config.data == "synthetic":
+        options = {"image_size": config.image_size, "seed": config.seed,
+                   "num_examples": (config.synthetic_examples if split == "train"
+                                    else config.synthetic_eval_examples)}
+    elif config.data == "imagenet":
+        options.update(decode_threads=config.decode_threads, max_bad_fraction=config.max_bad_fraction,
+                       builder_name=config.tfds_name)
+        if split == "train":
+            options.update(color_jitter=config.color_jitter, lighting=config.lighting)
+    return get_source(config.data, split=split, **options)
+
+
 __all__ = [
     "BadDataError",
     "DevicePrefetcher",
@@ -31,6 +48,7 @@ __all__ = [
     "get_source",
     "local_batch_size",
     "num_eval_batches",
+    "open_source",
     "prefetch_to_mesh",
     "shard_indices",
     "steps_per_epoch",

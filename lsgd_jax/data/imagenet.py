@@ -105,7 +105,7 @@ class ImageNetSource:
         and optionally ``file_name``.
       image_size: output side (224).
       eval_resize: shorter side before the eval center crop (256).
-      num_workers: decoding threads (``None``: all cores). Results do not depend on it.
+      decode_threads: decoding threads (``None``: all cores). Results do not depend on it.
       max_bad_fraction: fail once more than this fraction of the split is undecodable.
       area_range, ratio_range: the train crop's area fraction and aspect ratio ranges.
     """
@@ -121,17 +121,17 @@ class ImageNetSource:
         builder_name: str = "imagenet2012",
         image_size: int = 224,
         eval_resize: int = 256,
-        num_workers: int | None = None,
+        decode_threads: int | None = None,
         max_bad_fraction: float = 1e-3,
         area_range: tuple[float, float] = AREA_RANGE,
         ratio_range: tuple[float, float] = RATIO_RANGE,
         color_jitter: float = 0.0,
         lighting: float = 0.0,
     ):
-        if num_workers is None:
-            num_workers = os.cpu_count() or 1
-        if not isinstance(num_workers, int) or num_workers < 1:
-            raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
+        if decode_threads is None:
+            decode_threads = os.cpu_count() or 1
+        if not isinstance(decode_threads, int) or decode_threads < 1:
+            raise ValueError(f"decode_threads must be a positive integer, got {decode_threads!r}")
         if not 0.0 <= max_bad_fraction < 1.0:
             raise ValueError(f"max_bad_fraction must lie in [0, 1), got {max_bad_fraction!r}")
         if not (isinstance(image_size, int) and 0 < image_size <= eval_resize):
@@ -166,7 +166,7 @@ class ImageNetSource:
                              "color_jitter_strength": float(color_jitter),
                              "lighting_std": float(lighting)}
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            num_workers, thread_name_prefix="imagenet_decode"
+            decode_threads, thread_name_prefix="imagenet_decode"
         )
         self._lock = threading.Lock()
         self._bad: dict[int, str] = {}

@@ -60,7 +60,7 @@ def get_source(
     split: str,
     data_dir: str | None = None,
     image_size: int | None = None,
-    num_workers: int | None = None,
+    decode_threads: int | None = None,
     **kwargs,
 ) -> Source:
     """Opens split ``split`` of data set ``name``.
@@ -73,13 +73,13 @@ def get_source(
         Fashion-MNIST); ``None`` for the default place.
       image_size: side of the square output image; ``None`` for the data set's
         default (224 for ImageNet and synthetic, 28 for Fashion-MNIST).
-      num_workers: decoding threads of the ImageNet reader (``None``: all cores);
+      decode_threads: decoding threads of the ImageNet reader (``None``: all cores);
         accepted and unused by the in-memory sources, so a loop can pass it always.
       **kwargs: source-specific options (see ``ImageNetSource``,
         ``FashionMNISTSource``, ``SyntheticSource``).
     """
-    if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 1):
-        raise ValueError(f"num_workers must be a positive integer or None, got {num_workers!r}")
+    if decode_threads is not None and (not isinstance(decode_threads, int) or decode_threads < 1):
+        raise ValueError(f"decode_threads must be a positive integer or None, got {decode_threads!r}")
     if name == "synthetic":
         from lsgd_jax.data.synthetic import SyntheticSource
 
@@ -99,5 +99,5 @@ def get_source(
 
         if image_size is not None:
             kwargs["image_size"] = image_size
-        return ImageNetSource(split=split, data_dir=data_dir, num_workers=num_workers, **kwargs)
+        return ImageNetSource(split=split, data_dir=data_dir, decode_threads=decode_threads, **kwargs)
     raise ValueError(f"unknown data set {name!r}; valid: {', '.join(SOURCE_NAMES)}")

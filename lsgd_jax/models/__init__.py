@@ -2,6 +2,8 @@
 
 from lsgd_jax.models.batch_norm import GroupBatchNorm
 from lsgd_jax.models.resnet import (
+    DTYPES,
+    MODEL_NAMES,
     BasicBlock,
     Bottleneck,
     ResNet,
@@ -15,6 +17,8 @@ from lsgd_jax.models.resnet import (
 )
 
 __all__ = [
+    "DTYPES",
+    "MODEL_NAMES",
     "BasicBlock",
     "Bottleneck",
     "GroupBatchNorm",

@@ -215,6 +215,8 @@ _PRESETS = {
     "resnet101": ResNet101,
 }
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MODEL_NAMES = tuple(_PRESETS)  # the names get_model accepts
+DTYPES = tuple(_DTYPES)        # the compute dtypes get_model accepts by name
 
 
 def get_model(

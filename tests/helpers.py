@@ -1,0 +1,49 @@
+"""Shared test helpers: a tiny ResNet, tree comparisons, meshes, a recompilation guard."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lsgd_jax.models import BasicBlock, ResNet
+from lsgd_jax.parallel import make_mesh
+
+
+def tiny_resnet(bn_group_size, *, num_classes=10, dtype=jnp.float32, num_filters=4):
+    """Stem + one residual block: 3 convolutions, each followed by BN. γ = 1 everywhere
+    (no zero-γ) so that every BN and convolution gets a gradient."""
+    return ResNet(stage_sizes=(1,), block=BasicBlock, num_filters=num_filters, stem="cifar",
+                  num_classes=num_classes, bn_group_size=bn_group_size, dtype=dtype,
+                  zero_init_residual=False)
+
+
+def tree_allclose(a, b, **tol) -> None:
+    """Assert two pytrees have the same structure and close leaves (``np.testing`` tol)."""
+    a, b = jax.device_get(a), jax.device_get(b)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
+
+
+def max_tree_diff(a, b) -> float:
+    """The largest absolute difference between matching leaves."""
+    pairs = zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b)))
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in pairs)
+
+
+def max_rel_diff(a, b) -> float:
+    """The largest per-leaf ``max|a − b| / max|b|``."""
+    diffs = jax.tree.map(
+        lambda x, y: float(jnp.max(jnp.abs(x - y)) / (jnp.max(jnp.abs(y)) + 1e-12)), a, b)
+    return max(jax.tree.leaves(diffs))
+
+
+def mesh_of(num_devices: int):
+    """A ``("data",)`` mesh over the first ``num_devices`` (fake CPU) devices."""
+    return make_mesh(jax.devices()[:num_devices])
+
+
+def compilations(jitted) -> int:
+    """How many programs a ``jax.jit`` function has compiled (the recompilation guard)."""
+    return jitted._cache_size()
