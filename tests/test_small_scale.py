@@ -145,7 +145,15 @@ def test_the_ablation_kn_is_the_largest_that_matches(tmp_path):
     for row in sweep.rows:
         for run, err in zip(row.runs, errors[int(row.runs[0].flag("--batch-size"))]):
             _fake_metrics(run.workdir, [0.5, err, err, err, err, err])
-    assert ss.choose_large_kn(sweep, scale) == 64
+    assert ss.choose_large_kn(sweep, scale)[0] == 64
+    # No row matches at 95 % (wide seeds): the largest whose mean is within τ = 0.3 points.
+    errors = {16: [0.090, 0.096, 0.102], 32: [0.091, 0.098, 0.105],
+              64: [0.094, 0.100, 0.106], 128: [0.11]}
+    for row in sweep.rows:
+        for run, err in zip(row.runs, errors[int(row.runs[0].flag("--batch-size"))]):
+            _fake_metrics(run.workdir, [0.5, err, err, err, err, err])
+    kn, reason = ss.choose_large_kn(sweep, scale)
+    assert (kn, reason.startswith("no kn matches")) == (32, True)  # 64 is +0.6 points
 
 
 def test_table_and_reports_from_fake_runs(tmp_path):
