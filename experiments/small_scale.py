@@ -516,8 +516,10 @@ def header(scale: Scale, paths: Paths, studies: list[Study]) -> str:
             f"{f'kn={big}' if big else 'the kn the sweep will choose'}. Top-1 error: median of "
             "the last 5 "
             f"evaluations (the last 5/90 of each run), mean ± sample std over seeds. "
-            f"{len(done)} of {len(runs)} runs finished, {seconds / 3600:.2f} h of machine time."
-            "\n\n")
+            f"{len(done)} of {len(runs)} runs finished, {seconds / 3600:.2f} h of run time"
+            + (f" summed over runs ({scale.parallel} trained at once)." if scale.parallel > 1
+               else ".")
+            + "\n\n")
 
 
 def write_reports(studies: list[Study], scale: Scale, paths: Paths,
@@ -642,6 +644,8 @@ class Pool:
             proc.terminate()
         for run, proc, _ in self.running.values():
             proc.wait()
+            if proc.returncode == 0 and status(run) == "done":  # it finished meanwhile
+                keep_record(run)
         self.running.clear()
 
 
