@@ -1,7 +1,6 @@
-"""The small-scale study runner: its run definitions, aggregation, tables, skipping, one real run."""
+"""The small-scale study (lsgd_jax.study): run definitions, tables, skipping, parallel runs, one real run."""
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -9,12 +8,9 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location(
-    "small_scale", os.path.join(ROOT, "experiments", "small_scale.py"))
-ss = importlib.util.module_from_spec(_spec)
-sys.modules["small_scale"] = ss  # dataclasses look their module up while the class is built
-_spec.loader.exec_module(ss)
+import lsgd_jax.study as ss
+from lsgd_jax.metrics import read_metrics
+from lsgd_jax.study import runner
 
 HAVE_FMNIST = os.path.exists(os.path.join(ss.FMNIST_DIR, "train-labels-idx1-ubyte.gz"))
 
@@ -131,7 +127,7 @@ def test_status_and_the_paper_figure_of_a_run(tmp_path):
 
     shutil.rmtree(run.workdir)
     assert ss.status(run) == "done" and ss.run_error(run) == pytest.approx(25.0)
-    ss._mark_diverged(run.record, "nan at step 3")
+    ss.mark_diverged(run.record, "nan at step 3")
     assert ss.status(run) == "diverged" and ss.run_error(run) == "diverged"
 
 
@@ -164,7 +160,7 @@ def test_table_and_reports_from_fake_runs(tmp_path):
     base, none, const, gradual = warmup.rows
     _fake_metrics(base.runs[0].workdir, [0.5, 0.3, 0.2, 0.2, 0.2])
     _fake_metrics(gradual.runs[0].workdir, [0.6, 0.4, 0.3, 0.25, 0.35])  # median 0.35
-    ss._mark_diverged(none.runs[0].workdir, "nan")
+    ss.mark_diverged(none.runs[0].workdir, "nan")
     table, record = ss.study_table(warmup, scale)
     lines = table.splitlines()
     assert lines[0] == f"### {warmup.title}"
@@ -195,7 +191,7 @@ def test_main_skips_finished_runs_and_runs_the_others(tmp_path, monkeypatch):
     runs = ss.unique_runs([s for s in studies if s.key == "momentum"])
     _fake_metrics(runs[0].workdir, [0.5, 0.4])                 # done: skipped
     _fake_metrics(runs[1].workdir, [0.5], result=False)        # partial: resumed
-    ss._mark_diverged(runs[2].workdir, "nan")                  # diverged: skipped
+    ss.mark_diverged(runs[2].workdir, "nan")                  # diverged: skipped
     called = []
 
     def fake_execute(run, scale):
@@ -204,7 +200,7 @@ def test_main_skips_finished_runs_and_runs_the_others(tmp_path, monkeypatch):
         ss.keep_record(run)
         return ss.status(run)
 
-    monkeypatch.setattr(ss, "execute", fake_execute)
+    monkeypatch.setattr(runner, "execute", fake_execute)
     assert ss.main(["--quick", "--only", "momentum", "--out", str(out),
                     "--results", str(results)]) == 0
     assert called == [r.name for r in runs if r.name not in (runs[0].name, runs[2].name)]
@@ -222,9 +218,9 @@ def test_one_quick_run_trains_for_real(tmp_path):
     assert ss.execute(run, scale) == "done"
     error = ss.run_error(run)
     assert isinstance(error, float) and 0.0 <= error <= 100.0
-    steps = [r["step"] for r in ss.read_metrics(run.workdir, "train")]
+    steps = [r["step"] for r in read_metrics(run.workdir, "train")]
     assert max(steps) == scale.num_steps
-    assert ss.read_metrics(run.record, "result")  # the record was kept
+    assert read_metrics(run.record, "result")  # the record was kept
 
 
 def test_commit_takes_the_results_and_the_readme_and_nothing_else(tmp_path):
@@ -291,7 +287,7 @@ def test_parallel_runs_train_each_once_and_at_most_n_at_a_time(tmp_path, monkeyp
         started.append(run.name)
         return subprocess.Popen([sys.executable, "-c", _FAKE_TRAINER, run.workdir, str(log)])
 
-    monkeypatch.setattr(ss, "start", fake_start)
+    monkeypatch.setattr(runner, "start", fake_start)
     assert ss.main(["--quick", "--only", "momentum", "--parallel", "2", "--out", str(out),
                     "--results", str(results)]) == 0
     runs = ss.unique_runs([s for s in ss.define_studies(ss.QUICK, ss.Paths(
@@ -307,6 +303,6 @@ def test_parallel_runs_train_each_once_and_at_most_n_at_a_time(tmp_path, monkeyp
 
 
 def test_a_spent_time_limit_starts_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(ss, "start", lambda *a, **k: pytest.fail("a run was started"))
+    monkeypatch.setattr(runner, "start", lambda *a, **k: pytest.fail("a run was started"))
     assert ss.main(["--quick", "--only", "momentum", "--parallel", "2", "--time-limit", "0",
                     "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "r")]) == 0
