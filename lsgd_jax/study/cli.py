@@ -50,7 +50,7 @@ from lsgd_jax.study.definitions import store_large_kn
 from lsgd_jax.study.runner import Pool, choose_large_kn, run_error, status
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--mode", choices=tuple(MODES), default="cpu",
@@ -76,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true", help="no training: tables and plots")
     p.add_argument("--commit", action="store_true",
                    help="git-commit the results folder after every finished run")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run (or resume) the study; ``--help`` lists the options."""
+    p = _parser()
     args = p.parse_args(argv)
     mode = "quick" if args.quick else args.mode
     scale = MODES[mode]
