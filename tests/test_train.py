@@ -544,19 +544,27 @@ def test_an_overflowing_rate_stops_before_any_bad_checkpoint_and_a_sane_rerun_wo
 
 
 # ---------------------------------------------------------------- one run per workdir, Ctrl-C
+def _outside_checkpoints(root):
+    return {str(p) for p in root.rglob("*") if "checkpoints" not in p.relative_to(root).parts}
+
+
 @pytest.mark.slow
 def test_a_second_run_on_a_busy_workdir_refuses_at_once_and_the_first_finishes(tmp_path):
     workdir = str(tmp_path)
     first = _start(["--workdir", workdir, *TINY_FLAGS])
     try:
         _wait_for(workdir, first, lambda r: r["kind"] == "train" and r["step"] >= 2)
-        files_before = sorted(str(p) for p in tmp_path.rglob("*"))
+        files_before = _outside_checkpoints(tmp_path)
+        config_before = (tmp_path / "config.json").read_bytes()
         second = _run(["--workdir", workdir, *TINY_FLAGS], timeout=120)
         assert second.returncode == 2
         assert f"is in use by another run (host " in second.stderr
         assert f"pid {first.pid}" in second.stderr and len(second.stderr.splitlines()) == 1
-        # The second run touched nothing (the first may have written meanwhile: only added).
-        assert set(files_before) <= {str(p) for p in tmp_path.rglob("*")}
+        # The second run touched nothing: no file gone, the config and the lock still the
+        # first run's. (checkpoints/ is left out: the first run rotates its own saves there.)
+        assert files_before <= _outside_checkpoints(tmp_path)
+        assert (tmp_path / "config.json").read_bytes() == config_before
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == first.pid
         out, _ = first.communicate(timeout=240)
     finally:
         first.kill()
