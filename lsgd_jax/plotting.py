@@ -45,12 +45,49 @@ def schedule_curve(workdir: str) -> tuple[list[float], list[float]] | None:
     return epochs.tolist(), np.repeat(rates, 2).tolist()
 
 
+def _merge_short_windows(ordered: list[dict]) -> list[dict]:
+    """Fold each logged window under half the usual length into the next one.
+
+    The trainer closes its logging window at every checkpoint and evaluation, so
+    an epoch can end with a window of one or two steps: its mean over a few
+    batches is noise, and drawn as is it shows as a spike. A short window's
+    values join the following window's (the run's last: the previous one's),
+    weighted by steps, drawn at the later step. Window lengths are the gaps
+    between logged steps.
+    """
+    if len(ordered) < 3:
+        return ordered
+    lengths = [b["step"] - a["step"] for a, b in zip([{"step": 0}] + ordered, ordered)]
+    usual = sorted(lengths)[len(lengths) // 2]
+    merged: list[dict] = []
+    carry: list[tuple[int, dict]] = []
+    for length, record in zip(lengths, ordered):
+        carry.append((length, record))
+        if 2 * length < usual and record is not ordered[-1]:
+            continue  # too short: wait for the next window
+        total = sum(n for n, _ in carry)
+        if 2 * length < usual and merged:  # a short last window: back into the previous one
+            previous_total, previous = merged.pop()
+            carry.insert(0, (previous_total, previous))
+            total += previous_total
+        point = dict(record)
+        for key in ("loss", "top1_error"):
+            point[key] = sum(n * r[key] for n, r in carry) / total
+        merged.append((total, point))
+        carry = []
+    return [point for _, point in merged]
+
+
 def curves(workdir: str) -> dict[str, list[float]]:
-    """Per-run series: train (epoch, loss, error) and validation (epoch, top-1 error)."""
+    """Per-run series: train (epoch, loss, error) and validation (epoch, top-1 error).
+
+    Training points are the logged windows, with any window under half the usual
+    length folded into its neighbour (see :func:`_merge_short_windows`).
+    """
     train = {}
     for r in read_metrics(workdir, "train"):
         train[r["step"]] = r  # a resumed run may log a step twice: keep the last
-    ordered = [train[s] for s in sorted(train)]
+    ordered = _merge_short_windows([train[s] for s in sorted(train)])
     evals = list(eval_history(workdir).values())
     if not ordered and not evals:
         raise ValueError(f"{workdir} has no metrics.jsonl records; is it a training workdir?")

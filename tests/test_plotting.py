@@ -90,3 +90,21 @@ def test_the_png_goes_into_the_first_run_and_the_reference_is_drawn_once(tmp_pat
     assert path == os.path.join(a, "curves.png")
     assert (tmp_path / "a" / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert drawn == [a, b]  # the reference once, not again as a run
+
+
+def test_a_short_window_at_an_epoch_end_is_folded_into_its_neighbour(tmp_path):
+    # Windows of 10 steps, and one of a single step (closed by an evaluation) whose
+    # error, over one batch, is far off; and a run that ends on a 2-step window.
+    steps = [10, 20, 30, 31, 41, 51, 53]
+    errors = {31: 0.9, 53: 0.7}
+    path = tmp_path / "run"
+    path.mkdir()
+    records = [{"kind": "train", "step": s, "epoch": s / 31, "lr": 0.1, "loss": 1.0,
+                "top1_error": errors.get(s, 0.2)} for s in steps]
+    (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    c = curves(str(path))
+    # 31 joins 41 (1 and 10 steps), 53 joins 51 (10 and 2 steps); weights are steps.
+    assert c["train_epoch"] == pytest.approx([10 / 31, 20 / 31, 30 / 31, 41 / 31, 53 / 31])
+    assert c["train_error"] == pytest.approx(
+        [20.0, 20.0, 20.0, (90.0 + 10 * 20.0) / 11, (10 * 20.0 + 2 * 70.0) / 12], abs=1e-9)
+    assert c["train_loss"] == pytest.approx([1.0] * 5)
