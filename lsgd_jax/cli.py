@@ -48,6 +48,17 @@ def config_flag(field: dataclasses.Field) -> str:
     return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows a flag's default, unless it has none (None, a switch's False) or
+    its help already says it."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        if action.default is None or action.default is False or "default" in help_text:
+            return help_text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """One flag per TrainConfig field (its help, type, choices and default), then the
     launch flags that are not part of a run's configuration."""
@@ -57,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "ImageNet, or a small model on synthetic data or Fashion-MNIST, with the "
                     "paper's recipe. Rerunning with the same --workdir resumes from the latest "
                     "checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     groups = {key: p.add_argument_group(title) for key, title in GROUPS.items()}
     groups["run"].add_argument("--workdir", required=True, default=argparse.SUPPRESS,
                                help="checkpoints, metrics.jsonl, config.json, TensorBoard "

@@ -172,3 +172,14 @@ def test_every_config_field_is_one_flag_and_round_trips():
             argv += [config_flag(f),
                      ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
     assert config_from_args(parser.parse_args(argv)) == changed
+
+
+def test_help_gives_real_defaults_and_no_empty_ones():
+    import re
+
+    from lsgd_jax.cli import build_parser
+
+    text = " ".join(build_parser().format_help().split())  # argparse wraps lines
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert re.search(r"--momentum MOMENTUM .*?\(default: 0\.9\)", text)
+    assert re.search(r"--seed SEED .*?\(default: 0\)", text)  # a 0 is a real default

@@ -31,6 +31,7 @@ import dataclasses
 import os
 import time
 
+from lsgd_jax.cli import HelpFormatter
 from lsgd_jax.study import runner
 from lsgd_jax.study.definitions import (
     FMNIST_DIR,
@@ -52,7 +53,7 @@ from lsgd_jax.study.runner import Pool, choose_large_kn, run_error, status
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--mode", choices=tuple(MODES), default="cpu",
                    help="cpu: the study on this machine's CPU; gpu: twice the epochs on one "
                         "GPU, 6 runs at once; quick: tiny runs of every study (CI)")
