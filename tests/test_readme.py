@@ -59,3 +59,32 @@ def test_the_engine_example_runs_one_step_at_a_cpu_scale():
     metrics = jax.device_get(scope["metrics"])
     assert np.isfinite(metrics["loss"]) and 0 <= metrics["top1_error"] <= 1
     assert int(jax.device_get(scope["state"].step)) == 1
+
+
+def _command_lines() -> list[list[str]]:
+    """The flags of every training command in the README's shell blocks."""
+    import shlex
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        blocks = re.findall(r"^```bash\n(.*?)^```", f.read(), flags=re.S | re.M)
+    commands = []
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in line.split("&&"):
+                tokens = shlex.split(part, comments=True)
+                for script, skip in (("experiments/imagenet_resnet50.py", 0),
+                                     ("launch/slurm.sbatch", 0), ("launch/openmpi.sh", 1)):
+                    if script in tokens:
+                        commands.append(tokens[tokens.index(script) + 1 + skip:])
+    return commands
+
+
+def test_every_training_command_in_the_readme_parses_into_a_config():
+    from lsgd_jax.cli import build_parser, config_from_args
+
+    commands = _command_lines()
+    assert len(commands) >= 5, commands  # the demo, 1 GPU, 8 GPUs, SLURM, Open MPI
+    parser = build_parser()
+    for argv in commands:
+        config = config_from_args(parser.parse_args(argv))
+        assert config.data in ("fashion_mnist", "imagenet"), argv
