@@ -174,13 +174,42 @@ def test_table_and_reports_from_fake_runs(tmp_path):
     assert f"| {const.label} |" in table and "not run yet" in table
     written = ss.write_reports(studies, scale, paths, only={"warmup"})
     assert sorted(os.path.basename(p) for p in written) == [
-        "claims.md", "summary.md", "warmup.json", "warmup.md", "warmup.png"]
+        "claims.json", "claims.md", "summary.md", "warmup.json", "warmup.md", "warmup.png"]
     results = tmp_path / "results"
     assert (results / "warmup.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((results / "warmup.json").read_text())["rows"][3]["mean"] == pytest.approx(35.0)
     assert "### Warmup" in (results / "summary.md").read_text()
     claims = (results / "claims.md").read_text()
     assert "no warmup is worse than gradual warmup (table 1): **reproduces** " in claims
+
+
+def test_the_claims_of_both_modes_side_by_side_in_the_results_readme(tmp_path):
+    paths = {}
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "README.md").write_text(
+        "intro\n<!-- claims start -->\nold\n<!-- claims end -->\nrest\n")
+    for mode, ref_errors, nowarmup in (("cpu", [0.096, 0.099, 0.093], 0.140),
+                                       ("gpu", [0.084, 0.085, 0.086], 0.085)):
+        scale = dataclasses.replace(ss.QUICK, name=mode, seeds=(0, 1, 2))
+        paths[mode] = ss.Paths(out=str(tmp_path / "runs" / mode),
+                               results=str(tmp_path / "results" / f"small_scale_{mode}"))
+        studies = ss.define_studies(scale, paths[mode])
+        by_key = {s.key: s for s in studies}
+        for run, err in zip(by_key["kn_sweep"].rows[0].runs, ref_errors):
+            _fake_metrics(run.workdir, [0.5, err, err, err, err, err])
+        for row, errs in ((by_key["warmup"].rows[3], ref_errors),
+                          (by_key["warmup"].rows[1], [nowarmup] * 3)):
+            for run, err in zip(row.runs, errs):
+                _fake_metrics(run.workdir, [0.5, err, err, err, err, err])
+        ss.write_reports(studies, scale, paths[mode], plots=False)
+    readme = (tmp_path / "results" / "README.md").read_text()
+    assert readme.startswith("intro\n<!-- claims start -->\n| claim | CPU mode (")
+    assert "old" not in readme and readme.endswith("<!-- claims end -->\nrest\n")
+    line = next(l for l in readme.splitlines() if l.startswith("| no warmup is worse"))
+    cpu, gpu = line.split(" | ")[1:3]
+    assert cpu.startswith("**reproduces**: 14.00") and gpu.startswith("**does not reproduce**")
+    line = next(l for l in readme.splitlines() if l.startswith("| The reference"))
+    assert "**yes**: 9.60 ± 0.30 (3/3 seeds)" in line and "**yes**: 8.50 ± 0.10" in line
 
 
 @pytest.mark.skipif(not HAVE_FMNIST, reason="dataset-fashion-mnist is not installed")

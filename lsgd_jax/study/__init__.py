@@ -27,7 +27,14 @@ from lsgd_jax.study.definitions import (
     unique_runs,
     write_subset,
 )
-from lsgd_jax.study.report import claims, study_table, update_readme, write_reports
+from lsgd_jax.study.report import (
+    claim_items,
+    claims,
+    claims_across_modes,
+    study_table,
+    update_readme,
+    write_reports,
+)
 from lsgd_jax.study.runner import (
     Pool,
     choose_large_kn,
@@ -45,8 +52,9 @@ from lsgd_jax.study.runner import (
 
 __all__ = [
     "FMNIST_DIR", "FULL", "GPU", "MODES", "QUICK", "STUDY_KEYS", "Paths", "Pool", "Row", "Run",
-    "Scale", "Study", "choose_large_kn", "claims", "command", "define_studies", "execute",
-    "finish", "git_commit", "keep_record", "main", "mark_diverged", "metrics_dir", "order",
+    "Scale", "Study", "choose_large_kn", "claim_items", "claims", "claims_across_modes",
+    "command", "define_studies", "execute", "finish", "git_commit", "keep_record", "main",
+    "mark_diverged", "metrics_dir", "order",
     "run_error", "run_seconds", "start", "status", "store_large_kn", "stored_large_kn",
     "study_table", "unique_runs", "update_readme", "write_reports", "write_subset",
 ]

@@ -47,26 +47,32 @@ def study_table(study: Study, scale: Scale) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", record
 
 
-def claims(studies: list[Study], scale: Scale) -> list[str]:
-    """One line per claim of the paper: the verdict and the numbers that decide it."""
+def claim_items(studies: list[Study], scale: Scale) -> list[dict]:
+    """One item per claim of the paper: its text, the verdict, the numbers that decide
+    it and the compared rows' cells (``claim``, ``verdict``, ``why``, ``row``, ``against``)."""
     by_key = {s.key: s for s in studies}
     agg = {}
     for study in studies:
         for row in study.rows:
             agg[(study.key, row.label)] = aggregate([run_error(r) for r in row.runs])
     tol = scale.tolerance
-    lines = []
     sweep = by_key["kn_sweep"]
-    ref_row = sweep.rows[0]
-    ref = agg[("kn_sweep", ref_row.label)]
-    lines.append(f"- Reference kn={scale.reference_kn}: {format_cell(ref)} % top-1 error "
-                 f"(goal: at most 10 %).")
+    ref = agg[("kn_sweep", sweep.rows[0].label)]
+    goal = "cannot tell yet" if ref["mean"] is None else "yes" if ref["mean"] <= 10.0 else "no"
+    items = [dict(claim=f"The reference (kn={scale.reference_kn}) reaches at most 10 % top-1 "
+                        "error", verdict=goal, why=format_cell(ref), row=format_cell(ref),
+                  against="10 %")]
+
+    def add(claim, a, b, judge):
+        verdict, why = judge(a, b, tol)
+        items.append(dict(claim=claim, verdict=verdict, why=why, row=format_cell(a),
+                          against=format_cell(b)))
+
     for row in sweep.rows[1:]:
         k = int(row.runs[0].flag("--batch-size")) // scale.reference_kn
-        v, why = verdict_matches(agg[("kn_sweep", row.label)], ref, tol)
-        lines.append(f"- Linear scaling + gradual warmup, k={k} ({row.label.split(',')[0]}) "
-                     f"matches the reference within {tol:g} points: **{v}** "
-                     f"({format_cell(agg[('kn_sweep', row.label)])} vs reference; {why}).")
+        add(f"Linear scaling + gradual warmup, k={k} ({row.label.split(',')[0]}) matches the "
+            f"reference within {tol:g} points", agg[("kn_sweep", row.label)], ref,
+            verdict_matches)
     checks = {
         "warmup": [(1, 3, "no warmup is worse than gradual warmup (table 1)"),
                    (2, 3, "constant warmup is worse than gradual warmup (table 1)")],
@@ -77,22 +83,60 @@ def claims(studies: list[Study], scale: Scale) -> list[str]:
         "zero_gamma": [(1, 2, "γ = 1 is worse than zero-γ at the large kn (table 2b)")],
         "momentum": [(1, 3, "eq. (10) without the correction is worse than eq. (9) (sec. 2.2)")],
     }
-    for key, items in checks.items():
+    for key, pairs in checks.items():
         if key not in by_key:
-            lines.append(f"- {key}: waits for the kn sweep to choose the ablations' kn.")
+            items.append(dict(claim=key, verdict="cannot tell yet", row="not run yet",
+                              why="waits for the kn sweep to choose the ablations' kn",
+                              against=""))
             continue
         rows = by_key[key].rows
-        for i, j, text in items:
-            a, b = agg[(key, rows[i].label)], agg[(key, rows[j].label)]
-            v, why = verdict_worse(a, b, tol)
-            lines.append(f"- {text}: **{v}** ({format_cell(a)} vs {format_cell(b)}; {why}).")
+        for i, j, text in pairs:
+            add(text, agg[(key, rows[i].label)], agg[(key, rows[j].label)], verdict_worse)
     if "momentum" in by_key:
         rows = by_key["momentum"].rows
-        a, b = agg[("momentum", rows[2].label)], agg[("momentum", rows[3].label)]
-        v, why = verdict_matches(a, b, tol)
-        lines.append(f"- eq. (10) with the correction equals eq. (9): **{v}** "
-                     f"({format_cell(a)} vs {format_cell(b)}; {why}).")
+        add("eq. (10) with the correction equals eq. (9)", agg[("momentum", rows[2].label)],
+            agg[("momentum", rows[3].label)], verdict_matches)
+    return items
+
+
+def claims(studies: list[Study], scale: Scale) -> list[str]:
+    """One line per claim of the paper: the verdict and the numbers that decide it."""
+    lines = []
+    for item in claim_items(studies, scale):
+        if item["against"] == "10 %":
+            lines.append(f"- {item['claim']}: **{item['verdict']}** ({item['row']} %).")
+        elif not item["against"]:
+            lines.append(f"- {item['claim']}: {item['why']}.")
+        else:
+            lines.append(f"- {item['claim']}: **{item['verdict']}** ({item['row']} vs "
+                         f"{item['against']}; {item['why']}).")
     return lines
+
+
+def claims_across_modes(root: str) -> str:
+    """A markdown table of every claim's verdict in each mode whose ``claims.json`` is
+    under ``root`` (the CPU mode first), for the results README."""
+    modes = []
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        path = os.path.join(root, name, "claims.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                modes.append(json.load(f))
+    modes.sort(key=lambda m: (m["mode"] != "cpu", m["mode"]))
+    if not modes:
+        return ""
+    claims_in_order = list(dict.fromkeys(i["claim"] for m in modes for i in m["items"]))
+    lines = ["| claim | " + " | ".join(f"{m['mode'].upper()} mode ({m['epochs']:g} epochs)"
+                                      for m in modes) + " |",
+             "|---|" + "---|" * len(modes)]
+    for claim in claims_in_order:
+        cells = []
+        for m in modes:
+            item = next((i for i in m["items"] if i["claim"] == claim), None)
+            cells.append("–" if item is None else f"**{item['verdict']}**: {item['row']}"
+                         + (f"; {item['why']}" if item["against"] not in ("", "10 %") else ""))
+        lines.append(f"| {claim} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def header(scale: Scale, paths: Paths, studies: list[Study]) -> str:
@@ -149,12 +193,19 @@ def write_reports(studies: list[Study], scale: Scale, paths: Paths,
         f.write(text + "\n".join(tables))
     with open(os.path.join(results, "claims.md"), "w") as f:
         f.write(text + "\n".join(claims(studies, scale)) + "\n")
-    written += [os.path.join(results, "summary.md"), os.path.join(results, "claims.md")]
-    readme = update_readme(os.path.join(os.path.dirname(os.path.abspath(results)), "README.md"),
-                           "snapshot" if scale.name == "cpu" else f"snapshot {scale.name}",
-                           text + "#### Claims\n\n" + "\n".join(claims(studies, scale))
-                           + "\n\n" + "\n".join(tables))
-    return written + ([readme] if readme else [])
+    with open(os.path.join(results, "claims.json"), "w") as f:
+        json.dump({"mode": scale.name, "epochs": scale.epochs,
+                   "items": claim_items(studies, scale)}, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    written += [os.path.join(results, name) for name in ("summary.md", "claims.md", "claims.json")]
+    root = os.path.dirname(os.path.abspath(results))
+    readme = os.path.join(root, "README.md")
+    updated = {update_readme(readme, "snapshot" if scale.name == "cpu"
+                             else f"snapshot {scale.name}",
+                             text + "#### Claims\n\n" + "\n".join(claims(studies, scale))
+                             + "\n\n" + "\n".join(tables)),
+               update_readme(readme, "claims", claims_across_modes(root))}
+    return written + sorted(p for p in updated if p)
 
 
 def update_readme(path: str, marker: str, snapshot: str) -> str | None:
