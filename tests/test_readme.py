@@ -61,19 +61,21 @@ def test_the_engine_example_runs_one_step_at_a_cpu_scale():
     assert int(jax.device_get(scope["state"].step)) == 1
 
 
-def _command_lines() -> list[list[str]]:
-    """The flags of every training command in the README's shell blocks."""
+def _command_lines(readme="README.md", scripts=(("experiments/imagenet_resnet50.py", 0),
+                                                ("launch/slurm.sbatch", 0),
+                                                ("launch/openmpi.sh", 1))) -> list[list[str]]:
+    """The flags of every command of ``scripts`` in a README's shell blocks (``skip``:
+    positional arguments before the flags)."""
     import shlex
 
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    with open(os.path.join(ROOT, readme), encoding="utf-8") as f:
         blocks = re.findall(r"^```bash\n(.*?)^```", f.read(), flags=re.S | re.M)
     commands = []
     for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():
-            for part in line.split("&&"):
+            for part in re.split(r"&&|>|&", line):
                 tokens = shlex.split(part, comments=True)
-                for script, skip in (("experiments/imagenet_resnet50.py", 0),
-                                     ("launch/slurm.sbatch", 0), ("launch/openmpi.sh", 1)):
+                for script, skip in scripts:
                     if script in tokens:
                         commands.append(tokens[tokens.index(script) + 1 + skip:])
     return commands
@@ -88,3 +90,13 @@ def test_every_training_command_in_the_readme_parses_into_a_config():
     for argv in commands:
         config = config_from_args(parser.parse_args(argv))
         assert config.data in ("fashion_mnist", "imagenet"), argv
+
+
+def test_every_study_command_in_the_results_readme_parses():
+    from lsgd_jax.study.cli import _parser
+
+    commands = _command_lines("experiments/results/README.md",
+                              (("experiments/small_scale.py", 0),))
+    assert len(commands) >= 5, commands  # run, --list, --report-only, --quick, --mode gpu
+    for argv in commands:
+        _parser().parse_args(argv)
