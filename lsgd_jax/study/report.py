@@ -49,7 +49,8 @@ def study_table(study: Study, scale: Scale) -> tuple[str, dict]:
 
 def claim_items(studies: list[Study], scale: Scale) -> list[dict]:
     """One item per claim of the paper: its text, the verdict, the numbers that decide
-    it and the compared rows' cells (``claim``, ``verdict``, ``why``, ``row``, ``against``)."""
+    it and the compared rows' cells (``claim``, ``verdict``, ``why``, ``row``,
+    ``against``); ``kind`` is "goal" (the reference's ≤ 10 %), "compare" or "pending"."""
     by_key = {s.key: s for s in studies}
     agg = {}
     for study in studies:
@@ -60,13 +61,13 @@ def claim_items(studies: list[Study], scale: Scale) -> list[dict]:
     ref = agg[("kn_sweep", sweep.rows[0].label)]
     goal = "cannot tell yet" if ref["mean"] is None else "yes" if ref["mean"] <= 10.0 else "no"
     items = [dict(claim=f"The reference (kn={scale.reference_kn}) reaches at most 10 % top-1 "
-                        "error", verdict=goal, why=format_cell(ref), row=format_cell(ref),
-                  against="10 %")]
+                        "error", kind="goal", verdict=goal, why=format_cell(ref),
+                  row=format_cell(ref), against="10 %")]
 
     def add(claim, a, b, judge):
         verdict, why = judge(a, b, tol)
-        items.append(dict(claim=claim, verdict=verdict, why=why, row=format_cell(a),
-                          against=format_cell(b)))
+        items.append(dict(claim=claim, kind="compare", verdict=verdict, why=why,
+                          row=format_cell(a), against=format_cell(b)))
 
     for row in sweep.rows[1:]:
         k = int(row.runs[0].flag("--batch-size")) // scale.reference_kn
@@ -85,9 +86,9 @@ def claim_items(studies: list[Study], scale: Scale) -> list[dict]:
     }
     for key, pairs in checks.items():
         if key not in by_key:
-            items.append(dict(claim=key, verdict="cannot tell yet", row="not run yet",
-                              why="waits for the kn sweep to choose the ablations' kn",
-                              against=""))
+            items.append(dict(claim=key, kind="pending", verdict="cannot tell yet",
+                              row="not run yet", against="",
+                              why="waits for the kn sweep to choose the ablations' kn"))
             continue
         rows = by_key[key].rows
         for i, j, text in pairs:
@@ -99,18 +100,23 @@ def claim_items(studies: list[Study], scale: Scale) -> list[dict]:
     return items
 
 
-def claims(studies: list[Study], scale: Scale) -> list[str]:
-    """One line per claim of the paper: the verdict and the numbers that decide it."""
+def claim_lines(items: list[dict]) -> list[str]:
+    """The text form of :func:`claim_items`: one markdown line per claim."""
     lines = []
-    for item in claim_items(studies, scale):
-        if item["against"] == "10 %":
+    for item in items:
+        if item["kind"] == "goal":
             lines.append(f"- {item['claim']}: **{item['verdict']}** ({item['row']} %).")
-        elif not item["against"]:
+        elif item["kind"] == "pending":
             lines.append(f"- {item['claim']}: {item['why']}.")
         else:
             lines.append(f"- {item['claim']}: **{item['verdict']}** ({item['row']} vs "
                          f"{item['against']}; {item['why']}).")
     return lines
+
+
+def claims(studies: list[Study], scale: Scale) -> list[str]:
+    """One line per claim of the paper: the verdict and the numbers that decide it."""
+    return claim_lines(claim_items(studies, scale))
 
 
 def claims_across_modes(root: str) -> str:
@@ -134,7 +140,7 @@ def claims_across_modes(root: str) -> str:
         for m in modes:
             item = next((i for i in m["items"] if i["claim"] == claim), None)
             cells.append("–" if item is None else f"**{item['verdict']}**: {item['row']}"
-                         + (f"; {item['why']}" if item["against"] not in ("", "10 %") else ""))
+                         + (f"; {item['why']}" if item["kind"] == "compare" else ""))
         lines.append(f"| {claim} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -191,19 +197,20 @@ def write_reports(studies: list[Study], scale: Scale, paths: Paths,
     text = header(scale, paths, studies)
     with open(os.path.join(results, "summary.md"), "w") as f:
         f.write(text + "\n".join(tables))
+    items = claim_items(studies, scale)
+    lines = "\n".join(claim_lines(items))
     with open(os.path.join(results, "claims.md"), "w") as f:
-        f.write(text + "\n".join(claims(studies, scale)) + "\n")
+        f.write(text + lines + "\n")
     with open(os.path.join(results, "claims.json"), "w") as f:
-        json.dump({"mode": scale.name, "epochs": scale.epochs,
-                   "items": claim_items(studies, scale)}, f, indent=1, ensure_ascii=False)
+        json.dump({"mode": scale.name, "epochs": scale.epochs, "items": items}, f, indent=1,
+                  ensure_ascii=False)
         f.write("\n")
     written += [os.path.join(results, name) for name in ("summary.md", "claims.md", "claims.json")]
     root = os.path.dirname(os.path.abspath(results))
     readme = os.path.join(root, "README.md")
     updated = {update_readme(readme, "snapshot" if scale.name == "cpu"
                              else f"snapshot {scale.name}",
-                             text + "#### Claims\n\n" + "\n".join(claims(studies, scale))
-                             + "\n\n" + "\n".join(tables)),
+                             text + "#### Claims\n\n" + lines + "\n\n" + "\n".join(tables)),
                update_readme(readme, "claims", claims_across_modes(root))}
     return written + sorted(p for p in updated if p)
 
