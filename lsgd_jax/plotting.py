@@ -59,7 +59,7 @@ def _merge_short_windows(ordered: list[dict]) -> list[dict]:
         return ordered
     lengths = [b["step"] - a["step"] for a, b in zip([{"step": 0}] + ordered, ordered)]
     usual = sorted(lengths)[len(lengths) // 2]
-    merged: list[dict] = []
+    merged: list[tuple[int, dict]] = []  # (steps covered, point)
     carry: list[tuple[int, dict]] = []
     for length, record in zip(lengths, ordered):
         carry.append((length, record))
