@@ -13,8 +13,15 @@ so a process killed mid-save leaves no half checkpoint under a step name; the
 temporary directories are removed when the next run opens the directory.
 Retention keeps the latest ``keep`` checkpoints and every one whose step is a
 multiple of ``keep_period``. Every restore is verified against the saved
-``state_sha256``; a damaged checkpoint is moved aside to ``corrupt-<step>``
-(:meth:`Checkpoints.restore_latest`).
+``state_sha256`` (:meth:`Checkpoints.restore_latest`).
+
+Only proven damage moves a checkpoint aside, to ``corrupt-<step>``: a SHA-256
+that differs, an unparsable ``data`` or ``meta``, a missing or truncated file.
+Any other error while reading (an I/O error of a network file system, a
+permission, out of memory, anything unknown) says nothing about the checkpoint:
+it is retried, and if it persists the run stops with :class:`CheckpointReadError`
+and nothing is moved. A save is recorded only once its step is complete on disk
+(:meth:`Checkpoints.committed`).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from typing import Any
 
 import jax
@@ -36,6 +44,30 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint that the current configuration cannot resume from."""
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be read or written; the message is one line."""
+
+
+class CheckpointReadError(CheckpointError):
+    """Reading a checkpoint failed for a reason that is not proven damage, every retry."""
+
+    def __init__(self, step: int, path: str, error: BaseException, attempts: int):
+        self.step, self.path, self.error = step, path, error
+        super().__init__(
+            f"could not read checkpoint step {step} ({path}) in {attempts} attempts: "
+            f"{_first_line(error)}. It is not known to be damaged, so nothing was moved or "
+            "written; fix the cause (the file system, its permissions, the memory) and rerun "
+            "the same command")
+
+
+class CheckpointSaveError(CheckpointError):
+    """A save did not produce a complete checkpoint."""
+
+
+class NoUsableCheckpointError(CheckpointError):
+    """The workdir holds a run's progress, but none of its checkpoints can be resumed."""
+
+
 class CorruptCheckpointError(Exception):
     """A checkpoint that cannot be read back as it was saved."""
 
@@ -44,6 +76,11 @@ class CorruptCheckpointError(Exception):
         where = f" ({path})" if path else ""
         super().__init__(f"checkpoint step {step} is damaged{where}: {reason}")
 
+
+# A read error that is not proven damage is retried this many times, after
+# RESTORE_BACKOFF_S seconds, then twice that, ... (0.5 + 1 + 2 s in all).
+RESTORE_RETRIES = 3
+RESTORE_BACKOFF_S = 0.5
 
 # Files every complete checkpoint of this project has (orbax's OCDBT layout).
 _REQUIRED_FILES = ("data/metadata", "meta/metadata", "state/_METADATA", "state/manifest.ocdbt")
@@ -57,6 +94,27 @@ def _damaged_file(error: BaseException, step_dir: str) -> str | None:
         if match.group(1).startswith(step_dir):
             return match.group(1)
     return None
+
+
+# Messages of tensorstore (under orbax) that prove the bytes on disk are wrong or
+# missing: a file shorter than its index says, a broken compressed stream, a file
+# not found. Anything else (UNKNOWN, UNAVAILABLE, PERMISSION_DENIED,
+# RESOURCE_EXHAUSTED, ...) says nothing about the checkpoint.
+_DAMAGE_MARKS = ("OUT_OF_RANGE:", "DATA_LOSS:", "NOT_FOUND:", "Truncated", "corrupt", "Corrupt")
+
+
+def proven_damage(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it was raised from) proves a checkpoint damaged."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (CorruptCheckpointError, json.JSONDecodeError, FileNotFoundError)):
+            return True
+        if not isinstance(error, (OSError, MemoryError)) and any(
+                mark in str(error) for mark in _DAMAGE_MARKS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _first_line(error: BaseException, limit: int = 240) -> str:
@@ -174,6 +232,7 @@ class Checkpoints:
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "meta")
         )
+        self.quarantined: list[str] = []  # corrupt-<step> folders made by this object
 
     def latest_step(self) -> int | None:
         """Step of the latest complete checkpoint, or None."""
@@ -224,62 +283,109 @@ class Checkpoints:
         self._manager.reload()
         return target
 
-    def restore_latest(self, target: Any, *, config: dict,
-                       log: Any = print) -> tuple[Any, dict, dict, int] | None:
+    def restore_latest(self, target: Any, *, config: dict, log: Any = print,
+                       retries: int | None = None, backoff_s: float | None = None
+                       ) -> tuple[Any, dict, dict, int] | None:
         """Restore the newest intact checkpoint onto ``target``, verified by its SHA-256.
 
         Each candidate, newest first, is read and its state hashed on every process;
-        the hash must equal the ``state_sha256`` saved with it. A checkpoint that
-        cannot be read (a missing or truncated file, unparsable ``data`` or
-        ``meta``, an empty folder) or whose hash differs is moved aside to
-        ``corrupt-<step>`` with a message naming the step and the file, and the
-        next older one is tried. The cost is one pass over the state.
+        the hash must equal the ``state_sha256`` saved with it. A checkpoint proven
+        damaged (:func:`proven_damage`: a missing or truncated file, unparsable
+        ``data`` or ``meta``, an empty folder, a hash that differs) is moved aside
+        to ``corrupt-<step>`` with a message naming the step and the file, and the
+        next older one is tried. Any other error is retried ``retries`` times,
+        waiting ``backoff_s``, then twice that, and so on; the processes agree on
+        every outcome. The moved steps are in :attr:`quarantined`.
 
         Returns:
           (state, data position, meta, step), or None when no checkpoint is intact.
 
         Raises:
           CheckpointMismatchError: an intact checkpoint of another configuration.
+          CheckpointReadError: an error that is not damage persisted; nothing was moved.
         """
+        retries = RESTORE_RETRIES if retries is None else retries
+        backoff_s = RESTORE_BACKOFF_S if backoff_s is None else backoff_s
         for step in _step_dirs(self.directory):
             step_dir = os.path.join(self.directory, str(step))
-            problem = None
-            try:
-                for name in _REQUIRED_FILES:  # name the file when a known one is missing
-                    if not os.path.exists(os.path.join(step_dir, name)):
-                        raise CorruptCheckpointError(step, os.path.join(step_dir, name),
-                                                     "the file is missing")
-                position = _read_json_item(self.directory, step, "data")
-                meta = _read_json_item(self.directory, step, "meta")
-                _compare(step_dir, meta.get("config", {}), config)
-                abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-                state = self._manager.restore(
-                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-                )["state"]
-                digest = state_sha256(state)
-                if "state_sha256" in meta and digest != meta["state_sha256"]:
-                    problem = CorruptCheckpointError(
-                        step, os.path.join(step_dir, "state"),
-                        f"the restored state's SHA-256 {digest[:12]}… differs from the "
-                        f"{meta['state_sha256'][:12]}… saved with it")
-            except CheckpointMismatchError:
-                raise
-            except CorruptCheckpointError as e:
-                problem = e
-            except Exception as e:  # orbax and tensorstore raise many kinds
-                path = _damaged_file(e, step_dir)
-                if path is None and isinstance(e, FileNotFoundError) and e.filename:
-                    path = str(e.filename)
-                problem = CorruptCheckpointError(step, path or step_dir, _first_line(e))
-            if not _all_processes_agree(problem is None):
-                problem = problem or CorruptCheckpointError(
-                    step, step_dir, "another process could not restore it")
-            if problem is None:
-                return state, position, meta, step
-            moved = self.quarantine(step)
-            log(f"warning: {problem}. Moved it to {moved} (nothing deleted); trying the "
-                "previous checkpoint.")
+            for attempt in range(retries + 1):
+                outcome, value = self._try_restore(step, target, config)
+                # Every process takes the worst outcome: retry > damaged > ok.
+                agreed = _worst_on_every_process(outcome)
+                if agreed == _OK:
+                    return value
+                if agreed == _DAMAGED:
+                    problem = value if outcome == _DAMAGED else CorruptCheckpointError(
+                        step, step_dir, "another process found it damaged")
+                    moved = self.quarantine(step)
+                    self.quarantined.append(moved)
+                    log(f"warning: {problem}. Moved it to {moved} (nothing deleted); trying "
+                        "the previous checkpoint.")
+                    break
+                error = value if outcome == _FAILED else RuntimeError(
+                    "another process could not read it")
+                if attempt == retries:
+                    raise CheckpointReadError(step, step_dir, error, retries + 1)
+                delay = backoff_s * 2 ** attempt
+                log(f"warning: reading checkpoint step {step} failed ({_first_line(error)}); "
+                    f"retrying in {delay:g} s")
+                time.sleep(delay)
         return None
+
+    def _try_restore(self, step: int, target: Any, config: dict) -> tuple[int, Any]:
+        """One attempt at ``step``: (_OK, result), (_DAMAGED, CorruptCheckpointError) or
+        (_FAILED, the error)."""
+        step_dir = os.path.join(self.directory, str(step))
+        try:
+            for name in _REQUIRED_FILES:  # name the file when a known one is missing
+                try:
+                    os.stat(os.path.join(step_dir, name))
+                except FileNotFoundError:
+                    raise CorruptCheckpointError(step, os.path.join(step_dir, name),
+                                                 "the file is missing") from None
+            position = _read_json_item(self.directory, step, "data")
+            meta = _read_json_item(self.directory, step, "meta")
+            _compare(step_dir, meta.get("config", {}), config)
+            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+            state = self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+            )["state"]
+            digest = state_sha256(state)
+        except CheckpointMismatchError:
+            raise
+        except CorruptCheckpointError as e:
+            return _DAMAGED, e
+        except Exception as e:  # orbax and tensorstore raise many kinds
+            if not proven_damage(e):
+                return _FAILED, e
+            path = _damaged_file(e, step_dir)
+            if path is None and isinstance(e, FileNotFoundError) and e.filename:
+                path = str(e.filename)
+            return _DAMAGED, CorruptCheckpointError(step, path or step_dir, _first_line(e))
+        if "state_sha256" in meta and digest != meta["state_sha256"]:
+            return _DAMAGED, CorruptCheckpointError(
+                step, os.path.join(step_dir, "state"),
+                f"the restored state's SHA-256 {digest[:12]}… differs from the "
+                f"{meta['state_sha256'][:12]}… saved with it")
+        return _OK, (state, position, meta, step)
+
+    def latest_complete_step(self) -> int | None:
+        """The newest step that :meth:`committed` finds complete, or None."""
+        return next((s for s in _step_dirs(self.directory) if not self.committed(s)), None)
+
+    def committed(self, step: int) -> str:
+        """"" when checkpoint ``step`` is complete on disk, else what is missing."""
+        self._manager.reload()
+        step_dir = os.path.join(self.directory, str(step))
+        if step not in self._manager.all_steps() or not os.path.isdir(step_dir):
+            leftovers = [n for n in os.listdir(self.directory)
+                         if n.startswith(f"{step}.") and "tmp" in n]
+            return ("only an unfinished " + leftovers[0] + " is on disk") if leftovers else (
+                "it is not on disk")
+        for name in _REQUIRED_FILES:
+            if not os.path.exists(os.path.join(step_dir, name)):
+                return f"{os.path.join(step_dir, name)} is missing"
+        return ""
 
     def saving(self) -> bool:
         """True while an asynchronous save is still being written."""
@@ -290,7 +396,15 @@ class Checkpoints:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        """Wait for the saves in progress, then close. A save that failed is reported by
+        :meth:`committed` (the trainer checks every save before it closes), so orbax's
+        own error here goes to its log, not over the trainer's."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception:  # noqa: BLE001
+            import logging
+
+            logging.getLogger("orbax").error("a save failed", exc_info=True)
         self._manager.close()
 
 
@@ -301,10 +415,21 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _all_processes_agree(ok: bool) -> bool:
-    """True when ``ok`` holds on every process (a collective on several processes)."""
+_OK, _DAMAGED, _FAILED = 0, 1, 2  # outcomes of one restore attempt, in order of precedence
+
+
+def _worst_on_every_process(outcome: int) -> int:
+    """The largest ``outcome`` over all processes (a collective on several processes)."""
     if jax.process_count() == 1:
-        return ok
+        return outcome
     from jax.experimental import multihost_utils
 
-    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+    return int(np.max(multihost_utils.process_allgather(np.asarray(outcome, np.int32))))
+
+
+def list_corrupt(directory: str) -> list[str]:
+    """The ``corrupt-*`` folders of a checkpoint directory, oldest step first."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted((n for n in os.listdir(directory) if n.startswith("corrupt-")),
+                  key=lambda n: [int(p) if p.isdigit() else 0 for p in n.split("-")[1:]])

@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     groups["run"].add_argument("--workdir", required=True, default=argparse.SUPPRESS,
                                help="checkpoints, metrics.jsonl, config.json, TensorBoard "
                                     "(required)")
+    groups["run"].add_argument("--restart-from-scratch", action="store_true",
+                               help="train from step 0 in a workdir whose checkpoints are all "
+                                    "damaged or gone (moved aside or deleted); the old records "
+                                    "stay in metrics.jsonl, and the restart is marked there")
     for f in dataclasses.fields(TrainConfig):
         meta = f.metadata
         choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
                                heartbeat_timeout=args.heartbeat_timeout,
                                shutdown_timeout=args.shutdown_timeout)
-        train_and_evaluate(config, args.workdir)
+        train_and_evaluate(config, args.workdir, restart_from_scratch=args.restart_from_scratch)
 
     return main_guard(run, workdir=args.workdir)
 
@@ -145,13 +149,15 @@ def main(argv: list[str] | None = None) -> int:
 def main_guard(fn: Callable[[], Any], workdir: str | None = None) -> int:
     """Run ``fn``; turn configuration and data errors into one line and an exit status:
     2 (bad input, no room), 3 (a non-finite step), 130 (a second Ctrl-C)."""
+    from lsgd_jax.checkpoint import CheckpointError
     from lsgd_jax.train import NonFiniteError
 
     try:
         fn()
-    except (ValueError, FileNotFoundError, NonFiniteError) as e:
+    except (ValueError, FileNotFoundError, NonFiniteError, CheckpointError) as e:
         text = str(e)
-        if "No space left on device" in text or "RESOURCE_EXHAUSTED" in text:
+        if not isinstance(e, CheckpointError) and (
+                "No space left on device" in text or "RESOURCE_EXHAUSTED" in text):
             # orbax/tensorstore report a full disk as a ValueError with a long path.
             text = ("no space left on the device while saving a checkpoint "
                     f"({text.splitlines()[0][:300]}); free some space and rerun the same "

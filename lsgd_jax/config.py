@@ -214,10 +214,27 @@ def evaluation_steps(*, total_steps: int, steps_per_epoch: int, eval_every_epoch
     return sorted(s for s in steps if s >= 1)
 
 
-# Fields that must match between a checkpoint and the run resuming from it:
-# they change the shapes of the state or the meaning of the saved position.
-RESUME_FIELDS = ("data", "tfds_name", "model", "image_size", "batch_size", "seed", "synthetic_examples",
-                 "momentum_form")
+# Fields that may differ between a checkpoint and the run resuming from it: they
+# change where the data is read from, how often the run logs, evaluates and saves,
+# how long it runs, and how the same sum is computed, never the math of a step.
+# Every other field is part of the recipe (shapes, the data and its order, the
+# model, the schedule, the optimizer, augmentation): a resume that changes one is
+# refused, so a run's records always describe one recipe. A field added later is
+# part of the recipe unless it is listed here.
+FREE_FIELDS = frozenset({
+    "data_dir", "decode_threads", "max_bad_fraction", "synthetic_eval_examples",
+    "eval_batch_size", "epochs", "num_steps", "allreduce", "checkpoint_every_steps",
+    "keep_checkpoints", "keep_every_epochs", "eval_every_epochs", "median_evals",
+    "log_every_steps",
+})
+
+
+def resume_fields() -> tuple[str, ...]:
+    """The fields that must match between a checkpoint and the run resuming from it."""
+    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in FREE_FIELDS)
+
+
+RESUME_FIELDS = resume_fields()
 
 
 def _choice(name, value, valid) -> None:

@@ -2,7 +2,10 @@
 
 Only process 0 writes files; every process may print. ``metrics.jsonl`` has one
 JSON object per line, each with a ``kind`` ("train", "eval", "checkpoint",
-"result", "start"), so a run's history is readable with nothing but ``json``.
+"result", "start", "restart"), so a run's history is readable with nothing but
+``json``. A ``restart`` record (``--restart-from-scratch``) starts a new attempt in
+the same file: the records before it are kept, and the readers of a run's current
+state (:func:`current_records`, :func:`eval_history`) look only after it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 
 def _plain(value: Any) -> Any:
@@ -26,12 +29,23 @@ def _plain(value: Any) -> Any:
 
 
 class MetricsWriter:
-    """Appends records to ``WORKDIR/metrics.jsonl`` and TensorBoard scalars."""
+    """Appends records to ``WORKDIR/metrics.jsonl`` and TensorBoard scalars.
 
-    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+    Args:
+      guard: called before every record; when it raises (the run lost its workdir),
+        the error propagates and the writer writes nothing more.
+      log: where the one warning about a torn last line goes.
+    """
+
+    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True,
+                 guard: Callable[[], None] | None = None,
+                 log: Callable[[str], None] | None = None):
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self._guard = guard
         self._tb = None
+        if enabled:
+            end_torn_line(self.path, log)
         if enabled and tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -43,6 +57,12 @@ class MetricsWriter:
     def write(self, kind: str, step: int, **values: Any) -> None:
         if not self.enabled:
             return
+        if self._guard is not None:
+            try:
+                self._guard()
+            except BaseException:
+                self.enabled = False  # and nothing more, from any cleanup that follows
+                raise
         record = {"kind": kind, "step": int(step), "time": round(time.time(), 3)}
         record.update({k: _plain(v) for k, v in values.items()})
         with open(self.path, "a") as f:
@@ -60,6 +80,27 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def end_torn_line(path: str, log: Callable[[str], None] | None = None) -> bool:
+    """End a last line cut short by a crash with a newline, so that the next record
+    starts a line of its own; the torn line is kept (and skipped when read).
+    Returns whether there was one."""
+    try:
+        with open(path, "rb+") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) == b"\n":
+                return False
+            f.write(b"\n")
+    except FileNotFoundError:
+        return False
+    if log is not None:
+        log(f"warning: the last line of {path} was cut short (a crash while writing it); it "
+            "is kept, ended with a newline, and skipped when the records are read")
+    return True
 
 
 def read_metrics(workdir: str, kind: str | None = None) -> list[dict]:
@@ -82,11 +123,22 @@ def read_metrics(workdir: str, kind: str | None = None) -> list[dict]:
     return records
 
 
+def current_records(workdir: str, kind: str | None = None) -> list[dict]:
+    """The records of the run's current attempt: those after its last ``restart``."""
+    records = read_metrics(workdir)
+    restarts = [i for i, r in enumerate(records) if r.get("kind") == "restart"]
+    if restarts:
+        records = records[restarts[-1] + 1:]
+    return [r for r in records if kind is None or r.get("kind") == kind]
+
+
 def eval_history(workdir: str) -> dict[int, dict]:
-    """Eval records by step, in step order; the latest one where a resumed run evaluated a
-    step twice. Keyed by step, not epoch: a run evaluates several times within an epoch
-    (the median's evaluations, a fractional last epoch)."""
-    history = {int(r["step"]): r for r in read_metrics(workdir, "eval")}
+    """Eval records of the current attempt by step, in step order; the latest one where
+    a resumed run evaluated a step twice. Keyed by step, not epoch: a run evaluates
+    several times within an epoch (the median's evaluations, a fractional last epoch).
+    Evaluations of a checkpoint by ``evaluate`` (``source`` set) are not the run's own."""
+    history = {int(r["step"]): r for r in current_records(workdir, "eval")
+               if "source" not in r}
     return dict(sorted(history.items()))
 
 

@@ -21,15 +21,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lsgd_jax.checkpoint import Checkpoints, check_resumable, state_sha256
+from lsgd_jax.checkpoint import (
+    Checkpoints,
+    CheckpointSaveError,
+    NoUsableCheckpointError,
+    check_resumable,
+    list_corrupt,
+    state_sha256,
+)
 from lsgd_jax.config import TrainConfig
 from lsgd_jax.metrics import (
     MetricsWriter,
+    current_records,
     eval_history,
     format_duration,
     paper_error,
     plural,
-    read_metrics,
 )
 from lsgd_jax.models import get_model
 from lsgd_jax.optim import goyal_sgd
@@ -38,6 +45,7 @@ from lsgd_jax.plan import Plan, make_plan
 from lsgd_jax.schedules import goyal_schedule
 from lsgd_jax.step import create_train_state, make_eval_step, make_train_step
 from lsgd_jax.preemption import PreemptionWatcher, same_on_every_process
+from lsgd_jax.quiet import divert_library_noise, last_library_error
 from lsgd_jax.workdir import WorkdirError, WorkdirLock, check_free_space
 
 
@@ -47,8 +55,14 @@ class NonFiniteError(FloatingPointError):
 
 # ------------------------------------------------------------------ the loop
 def train_and_evaluate(config: TrainConfig, workdir: str, *,
-                       log: Callable[[str], None] | None = None) -> dict:
+                       log: Callable[[str], None] | None = None,
+                       restart_from_scratch: bool = False) -> dict:
     """Train and evaluate ``config`` in ``workdir``, resuming from its latest checkpoint.
+
+    A workdir that holds a run's progress (checkpoints, or their records) but no
+    checkpoint that can be resumed is refused, unless ``restart_from_scratch``:
+    then the run starts over, keeping the old records and marking the restart in
+    ``metrics.jsonl``.
 
     Returns a summary dict (final step, last eval, the paper's figure when
     available, and whether the run stopped for preemption).
@@ -56,7 +70,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *,
     Raises:
       ValueError: bad configuration (before anything is compiled); WorkdirError, a
         ValueError, when the workdir is in use by another run, is not a writable
-        directory or has no room for a checkpoint.
+        directory or has no room for a checkpoint; LockLostError, a WorkdirError,
+        when another run took the workdir over from this one.
+      CheckpointError: a checkpoint could not be read (and is not proven damaged), a
+        save did not complete, or no checkpoint of the run's progress can be resumed.
       NonFiniteError: the loss, a gradient or the updated state became non-finite.
     """
     is_main = jax.process_index() == 0
@@ -78,8 +95,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *,
         raise WorkdirError(error)
     if note:
         log(f"{workdir}: {note}")
+    name = "orbax.log" if is_main else f"orbax.process-{jax.process_index()}.log"
+    divert_library_noise(os.path.join(workdir, name))
     try:
-        return _train_and_evaluate(config, workdir, log)
+        return _train_and_evaluate(config, workdir, log, lock, restart_from_scratch)
     finally:
         if lock is not None:
             lock.release()
@@ -102,10 +121,26 @@ class _Run:
     tx: Any
     state: Any
     ckpts: Checkpoints
+    lock: WorkdirLock | None = None
     position: dict | None = None
+    finished: dict | None = None  # the result record, when the run had finished
+    restart: str = ""  # why this attempt starts over, recorded in metrics.jsonl
+
+    def check_lock(self) -> None:
+        """Stop every process, writing nothing, when process 0 lost the workdir's lock."""
+        error = ""
+        if self.lock is not None:
+            self.lock._lost_reason()
+            error = self.lock.lost
+        error = same_on_every_process(error)
+        if error:
+            from lsgd_jax.workdir import LockLostError
+
+            raise LockLostError(error)
 
 
-def _prepare(config: TrainConfig, workdir: str, log: Callable[[str], None]) -> _Run:
+def _prepare(config: TrainConfig, workdir: str, log: Callable[[str], None],
+             lock: WorkdirLock | None = None, restart_from_scratch: bool = False) -> _Run:
     """Mesh, data, plan, model, optimizer and state (fresh or resumed); checks first."""
     from lsgd_jax.data import open_source
 
@@ -142,28 +177,102 @@ def _prepare(config: TrainConfig, workdir: str, log: Callable[[str], None]) -> _
                         keep_period=config.keep_every_epochs * plan.steps_per_epoch)
     run = _Run(config=config, workdir=workdir, log=log, plan=plan, mesh=mesh,
                train_source=train_source, eval_source=eval_source, model=model,
-               schedule=schedule, tx=tx, state=state, ckpts=ckpts)
-    restored = ckpts.restore_latest(state, config=config.to_dict(), log=log)
+               schedule=schedule, tx=tx, state=state, ckpts=ckpts, lock=lock)
+    had_steps = ckpts.latest_step() is not None
+    try:
+        restored = ckpts.restore_latest(state, config=config.to_dict(), log=log)
+    except BaseException:
+        ckpts.close()
+        raise
     if restored is not None:
         run.state, data_item, _, latest = restored
+        if restart_from_scratch:
+            ckpts.close()
+            raise NoUsableCheckpointError(
+                f"--restart-from-scratch: checkpoint {ckpts.directory}/{latest} is intact; "
+                "rerun without the flag to resume it, or give a new --workdir to start "
+                "another run; nothing was changed")
         run.position = data_item["position"]
         log(f"resuming from {ckpts.directory}/{latest} (epoch {run.position['epoch']}, "
             f"step {run.position['step']} of the epoch; its state SHA-256 verified)")
-    else:
-        log(f"no checkpoint in {ckpts.directory}: starting from scratch")
+        return run
+    _start_without_checkpoint(run, had_steps, restart_from_scratch)
     return run
 
 
-def _train_and_evaluate(config: TrainConfig, workdir: str, log: Callable[[str], None]) -> dict:
-    run = _prepare(config, workdir, log)
+def _start_without_checkpoint(run: _Run, had_steps: bool, restart_from_scratch: bool) -> None:
+    """No checkpoint can be resumed: start from scratch only when that loses nothing.
+
+    Progress was saved when the run had checkpoints, ``checkpoint`` or ``result``
+    records, or ``corrupt-*`` folders; then the run refuses (a finished run says
+    so), unless ``--restart-from-scratch``. Records of an attempt that never saved
+    a checkpoint lose nothing: that attempt is restarted, and the restart marked.
+    Process 0 reads the files; every process acts on its verdict.
+    """
+    directory = run.ckpts.directory
+    verdict = ""
+    if jax.process_index() == 0:
+        records = current_records(run.workdir)
+        corrupt = list_corrupt(directory)
+        result = [r for r in records if r.get("kind") == "result"]
+        saved = had_steps or corrupt or result or any(
+            r.get("kind") == "checkpoint" for r in records)
+        if result and int(result[-1]["step"]) >= run.plan.total_steps and not (
+                restart_from_scratch):
+            verdict = "finished:" + json.dumps(result[-1])
+        elif saved and not restart_from_scratch:
+            last = max((int(r["step"]) for r in records if r.get("kind") == "checkpoint"),
+                       default=None)
+            verdict = "refuse:" + (
+                f"no checkpoint in {directory} can be resumed, but this workdir holds a run's "
+                "progress (" + (f"checkpoints up to step {last} were recorded" if last else
+                                "it had checkpoints")
+                + (f"; damaged ones were moved to {', '.join(corrupt)} in {directory}"
+                   if corrupt else "")
+                + "). Nothing was deleted. To train again from step 0 in this workdir, "
+                "keeping the old records, add --restart-from-scratch; or give a new "
+                "--workdir")
+        elif records:
+            last = max((int(r["step"]) for r in records), default=0)
+            verdict = "restart:" + (
+                "restarted with --restart-from-scratch" if restart_from_scratch else
+                f"the earlier attempt stopped at step {last} before saving any checkpoint")
+    verdict = same_on_every_process(verdict)
+    kind, _, text = verdict.partition(":")
+    if kind == "finished":
+        run.finished = json.loads(text)
+        return
+    if kind == "refuse":
+        run.ckpts.close()
+        raise NoUsableCheckpointError(text)
+    if kind == "restart":
+        run.restart = text
+        run.log(f"no checkpoint in {directory}: {text}; starting from scratch (the earlier "
+                "records are kept in metrics.jsonl)")
+    else:
+        run.log(f"no checkpoint in {directory}: starting from scratch")
+
+
+def _train_and_evaluate(config: TrainConfig, workdir: str, log: Callable[[str], None],
+                        lock: WorkdirLock | None = None,
+                        restart_from_scratch: bool = False) -> dict:
+    run = _prepare(config, workdir, log, lock, restart_from_scratch)
     plan, is_main = run.plan, jax.process_index() == 0
+    if run.finished is not None:  # its checkpoints are gone, its result is not
+        run.ckpts.close()
+        return _already_finished(run, int(run.finished.get("step", 0)), run.finished)
     step = int(jax.device_get(run.state.step))
-    done = read_metrics(workdir, "result") if step >= plan.total_steps else []
+    done = current_records(workdir, "result") if step >= plan.total_steps else []
     # Process 0 writes metrics.jsonl: its reading decides for every process.
     if same_on_every_process("finished" if done else "") == "finished":
         run.ckpts.close()
         return _already_finished(run, step, done[-1] if done else {})
-    writer = MetricsWriter(workdir, enabled=is_main)
+    writer = MetricsWriter(workdir, enabled=is_main, guard=run.lock.check if run.lock else None,
+                           log=log)
+    run.check_lock()
+    if run.restart:
+        writer.write("restart", step, reason=run.restart,
+                     corrupt=list_corrupt(run.ckpts.directory))
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump({"config": config.to_dict(), "plan": plan.to_dict()}, f, indent=2,
@@ -261,17 +370,55 @@ class Saver:
             digest = state_sha256(state, require_finite=True)
         except FloatingPointError as e:
             raise NonFiniteError(f"{e} at step {step}; not saved. Lower --base-lr.") from None
+        self.run.check_lock()  # a run that lost its workdir saves nothing into it
+        # Orbax waits for the previous save before it starts this one anyway: check and
+        # record that one now, before this save's retention policy may delete it.
+        self.record_committed(wait=True)
         self.run.ckpts.save(step, state, position={"position": position.to_dict()},
                             meta={"config": self.run.config.to_dict(), "state_sha256": digest})
         self.pending.append((step, digest))
 
     def record_committed(self, wait: bool = False) -> None:
-        if self.pending and (wait or not self.run.ckpts.saving()):
+        """Record each finished save, once its step is complete on disk.
+
+        Raises:
+          CheckpointSaveError: a save ended without a complete checkpoint (orbax
+            logs such a failure and goes on; the run must not).
+        """
+        if not self.pending or not (wait or not self.run.ckpts.saving()):
+            return
+        failure = ""
+        try:
             self.run.ckpts.wait()
-            for saved, digest in self.pending:
-                self.writer.write("checkpoint", saved, epoch=saved / self.run.plan.steps_per_epoch,
-                                  state_sha256=digest)
-            self.pending.clear()
+        except Exception as e:  # orbax re-raises its save thread's error here, sometimes
+            failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}" if str(
+                e).strip() else type(e).__name__
+        pending, self.pending = self.pending, []
+        for saved, digest in pending:
+            # Process 0's view of the (shared) directory decides for every process.
+            error = ""
+            if jax.process_index() == 0:
+                missing = self.run.ckpts.committed(saved)
+                error = self._failed(saved, missing, failure or last_library_error()) if (
+                    missing) else ""
+            error = same_on_every_process(error)
+            if error:
+                raise CheckpointSaveError(error)
+            self.writer.write("checkpoint", saved, epoch=saved / self.run.plan.steps_per_epoch,
+                              state_sha256=digest)
+
+    def _failed(self, step: int, missing: str, cause: str) -> str:
+        latest = self.run.ckpts.latest_complete_step()
+        full = "RESOURCE_EXHAUSTED" in cause or "No space left" in cause
+        why = (f"no space left on the device ({cause[:200]})" if full
+               else (cause[:300] or "orbax gave no reason"))
+        log_name = os.path.join(self.run.workdir, "orbax.log")
+        return (
+            f"the checkpoint of step {step} was not saved: {missing}; cause: {why}. "
+            + (f"The latest complete checkpoint is step {latest}; " if latest is not None
+               else "There is no complete checkpoint yet; ")
+            + ("free some space and " if full else "fix the cause and ")
+            + f"rerun the same command to resume. Details in {log_name}")
 
 
 # ------------------------------------------------------------------ the loop
@@ -341,9 +488,11 @@ def _loop(run: _Run, writer: MetricsWriter, step: int) -> tuple[int, bool]:
     finally:
         prefetch.close()
         preemption.close()
-        saver.record_committed(wait=True)  # waits for the last asynchronous save
-        run.ckpts.close()
-        writer.flush()
+        try:
+            saver.record_committed(wait=True)  # waits for the last asynchronous save
+        finally:
+            run.ckpts.close()
+            writer.flush()
     return step, preempted
 
 

@@ -3,10 +3,21 @@
 Two runs on one workdir destroy each other's work (the second one's start-up
 cleanup removes the first one's save in progress). ``WORKDIR/.lock`` is created
 with ``O_CREAT | O_EXCL``, which is atomic on local and NFS file systems alike,
-and holds the holder's host, pid and start time. A background thread touches it
-every ``HEARTBEAT_S`` seconds. A lock is stale, and is taken over, when its
-holder is on this host and its pid is gone, or when its heartbeat is older than
-``STALE_S`` (a holder on another host that died).
+and holds the holder's host, pid, start time, the start time of its process and a
+random token. A background thread touches it every ``HEARTBEAT_S`` seconds.
+
+A lock is stale, and is taken over, when
+
+* its holder is on this host and its pid is gone, is this very process, or is a
+  process started after the lock (a pid reused, as after a container restart,
+  where the restarted entrypoint often gets the same pid);
+* its heartbeat is older than ``STALE_S`` (a holder on another host that died);
+* it cannot be parsed and is older than ``UNREADABLE_STALE_S`` (a crash between
+  creating the file and writing it).
+
+A holder can lose its lock (frozen for longer than ``STALE_S``, then taken over):
+:meth:`WorkdirLock.check` tells it so before each save and each record, and the
+run stops without writing anything more.
 """
 
 from __future__ import annotations
@@ -18,14 +29,24 @@ import shutil
 import socket
 import threading
 import time
+import uuid
 
 LOCK_NAME = ".lock"
 HEARTBEAT_S = 30.0
 STALE_S = 300.0
+UNREADABLE_STALE_S = 5.0
+
+# Tokens of the locks this process holds now: a lock naming this process's pid is
+# live only if its token is one of these (else an earlier process had the same pid).
+_HELD_HERE: set[str] = set()
 
 
 class WorkdirError(ValueError):
     """The workdir cannot be used: in use by another run, not a directory, not writable."""
+
+
+class LockLostError(WorkdirError):
+    """Another run took the workdir's lock over from this one: stop, write nothing more."""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -38,7 +59,24 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def process_start_time(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch, to about a second), from
+    /proc; None where /proc is not there or the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # The command name (field 2) may hold spaces: count fields after its ')'.
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
 def _describe(holder: dict) -> str:
+    if "host" not in holder:
+        age = time.time() - holder.get("heartbeat", time.time())
+        return f"an unreadable lock file, last written {age:.0f} s ago"
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
     return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, since {started}"
 
@@ -58,7 +96,10 @@ class WorkdirLock:
         self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        self._me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
+                    "process_started": process_start_time(os.getpid()),
+                    "token": uuid.uuid4().hex}
+        self.lost = ""  # why the lock is no longer this run's, once it is not
 
     # ------------------------------------------------------------------ checks
     def _prepare(self) -> None:
@@ -83,6 +124,8 @@ class WorkdirLock:
         try:
             with open(self.path) as f:
                 holder = json.load(f)
+            if not isinstance(holder, dict) or "host" not in holder:
+                raise ValueError("not a lock record")
             holder["heartbeat"] = os.stat(self.path).st_mtime
             return holder
         except FileNotFoundError:
@@ -94,10 +137,28 @@ class WorkdirLock:
             except FileNotFoundError:
                 return None
 
-    def _stale(self, holder: dict) -> bool:
-        if holder.get("host") == self._me["host"] and isinstance(holder.get("pid"), int):
-            return not _pid_alive(holder["pid"])
-        return time.time() - holder.get("heartbeat", 0) > self.stale_s
+    def _stale(self, holder: dict) -> str:
+        """Why ``holder``'s lock is stale, or "" when it is live."""
+        age = time.time() - holder.get("heartbeat", 0)
+        if "host" not in holder:
+            return "unreadable and not written for a while" if age > UNREADABLE_STALE_S else ""
+        pid = holder.get("pid")
+        if holder.get("host") == self._me["host"] and isinstance(pid, int):
+            if pid == self._me["pid"]:
+                if holder.get("token") in _HELD_HERE:
+                    return ""
+                return "it names this very process (left by an earlier run whose pid it got)"
+            if not _pid_alive(pid):
+                return "its process is gone"
+            started = process_start_time(pid)
+            saved = holder.get("process_started")
+            if started is not None and isinstance(saved, (int, float)):
+                if abs(started - saved) > 2.0:  # /proc's boot time is whole seconds
+                    return f"pid {pid} is now another process"
+            elif started is not None and started > holder.get("started", 0) + 2.0:
+                return f"pid {pid} is now a process started after the lock"
+            return ""
+        return "its heartbeat stopped" if age > self.stale_s else ""
 
     # ------------------------------------------------------------------ acquire
     def acquire(self) -> str:
@@ -111,7 +172,8 @@ class WorkdirLock:
                 holder = self._holder()
                 if holder is None:
                     continue  # released meanwhile
-                if not self._stale(holder):
+                why = self._stale(holder)
+                if not why:
                     raise WorkdirError(
                         f"--workdir {self.workdir} is in use by another run ({_describe(holder)}; "
                         f"lock file {self.path}). Wait for it or stop it; if that process is "
@@ -123,7 +185,7 @@ class WorkdirLock:
                     os.remove(aside)
                 except FileNotFoundError:
                     pass
-                note = f"took over a stale lock ({_describe(holder)})"
+                note = f"took over a stale lock ({_describe(holder)}: {why})"
                 continue
             except OSError as e:
                 if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
@@ -132,6 +194,7 @@ class WorkdirLock:
                 raise
             with os.fdopen(fd, "w") as f:
                 json.dump(self._me, f)
+            _HELD_HERE.add(self._me["token"])
             self._thread = threading.Thread(target=self._beat, name="workdir-lock", daemon=True)
             self._thread.start()
             return note
@@ -139,18 +202,39 @@ class WorkdirLock:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
+            if self._lost_reason():  # never keep another run's lock fresh
+                return
             try:
                 os.utime(self.path)
             except OSError:
                 pass
 
+    def _mine(self, holder: dict | None) -> bool:
+        return bool(holder) and all(holder.get(k) == self._me[k] for k in ("host", "pid", "token"))
+
+    def _lost_reason(self) -> str:
+        if not self.lost:
+            holder = self._holder()
+            if not self._mine(holder):
+                whose = (f"it is now held by another run ({_describe(holder)})" if holder
+                         else "the lock file is gone")
+                self.lost = (f"this run no longer holds the lock of --workdir {self.workdir}: "
+                             f"{whose}. Stopping without writing anything more; the run that "
+                             "holds it now owns the workdir")
+        return self.lost
+
+    def check(self) -> None:
+        """Raise LockLostError unless the lock is still this run's (before every write)."""
+        if self._lost_reason():
+            raise LockLostError(self.lost)
+
     def release(self) -> None:
+        _HELD_HERE.discard(self._me["token"])
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
-        holder = self._holder()
-        if holder and holder.get("pid") == self._me["pid"] and holder.get("host") == self._me["host"]:
+        if self._mine(self._holder()):
             try:
                 os.remove(self.path)
             except FileNotFoundError:
