@@ -374,10 +374,12 @@ class Checkpoints:
         return next((s for s in _step_dirs(self.directory) if not self.committed(s)), None)
 
     def committed(self, step: int) -> str:
-        """"" when checkpoint ``step`` is complete on disk, else what is missing."""
-        self._manager.reload()
+        """"" when checkpoint ``step`` is complete on disk, else what is missing.
+
+        Looks at the files alone: orbax renames a save to its step once it is
+        complete, and no orbax call is made, so any one process may ask."""
         step_dir = os.path.join(self.directory, str(step))
-        if step not in self._manager.all_steps() or not os.path.isdir(step_dir):
+        if not os.path.isdir(step_dir):
             leftovers = [n for n in os.listdir(self.directory)
                          if n.startswith(f"{step}.") and "tmp" in n]
             return ("only an unfinished " + leftovers[0] + " is on disk") if leftovers else (

@@ -381,31 +381,47 @@ class Saver:
     def record_committed(self, wait: bool = False) -> None:
         """Record each finished save, once its step is complete on disk.
 
+        ``wait=True`` (before each save, and at the end; every process calls it at the
+        same point): wait for the saves in progress, check them all, and agree. Else
+        process 0 alone records the saves it finds complete, with no collective, and
+        leaves the rest for the next ``wait=True``.
+
         Raises:
           CheckpointSaveError: a save ended without a complete checkpoint (orbax
             logs such a failure and goes on; the run must not).
         """
-        if not self.pending or not (wait or not self.run.ckpts.saving()):
+        is_main = jax.process_index() == 0
+        if not wait:
+            if is_main and self.pending and not self.run.ckpts.saving():
+                self._record_complete(final=False)
             return
         failure = ""
-        try:
-            self.run.ckpts.wait()
-        except Exception as e:  # orbax re-raises its save thread's error here, sometimes
-            failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}" if str(
-                e).strip() else type(e).__name__
-        pending, self.pending = self.pending, []
-        for saved, digest in pending:
-            # Process 0's view of the (shared) directory decides for every process.
-            error = ""
-            if jax.process_index() == 0:
-                missing = self.run.ckpts.committed(saved)
-                error = self._failed(saved, missing, failure or last_library_error()) if (
-                    missing) else ""
-            error = same_on_every_process(error)
-            if error:
-                raise CheckpointSaveError(error)
+        if self.pending or jax.process_count() > 1:
+            try:
+                self.run.ckpts.wait()
+            except Exception as e:  # orbax re-raises its save thread's error, sometimes
+                text = str(e).strip()
+                failure = f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else (
+                    type(e).__name__)
+        error = self._record_complete(final=True, failure=failure) if is_main else ""
+        self.pending.clear()
+        error = same_on_every_process(error)
+        if error:
+            raise CheckpointSaveError(error)
+
+    def _record_complete(self, *, final: bool, failure: str = "") -> str:
+        """Write the records of the pending saves that are complete; returns the error of
+        the first that is not (kept pending), or "" (process 0 only)."""
+        while self.pending:
+            saved, digest = self.pending[0]
+            missing = self.run.ckpts.committed(saved)
+            if missing:  # not yet, or never: only a final check can tell
+                return self._failed(saved, missing, failure or last_library_error()) if (
+                    final) else ""
             self.writer.write("checkpoint", saved, epoch=saved / self.run.plan.steps_per_epoch,
                               state_sha256=digest)
+            self.pending.pop(0)
+        return ""
 
     def _failed(self, step: int, missing: str, cause: str) -> str:
         latest = self.run.ckpts.latest_complete_step()

@@ -371,7 +371,7 @@ def test_a_lock_taken_over_is_noticed_and_never_kept_fresh(tmp_path):
         _write_lock(tmp_path / LOCK_NAME, host="elsewhere", pid=7, token="theirs")
         os.utime(tmp_path / LOCK_NAME, (old, old))
         time.sleep(0.3)
-        assert os.stat(tmp_path / LOCK_NAME).st_mtime == pytest.approx(old)
+        assert abs(os.stat(tmp_path / LOCK_NAME).st_mtime - old) < 1
         with pytest.raises(LockLostError, match="now held by another run .host elsewhere, pid 7"):
             lock.check()
     finally:
