@@ -212,15 +212,16 @@ def test_the_default_recipe_is_the_papers_and_the_plan_names_the_recipe():
     plan = make_plan(c, num_train_examples=1_281_167, num_devices=8)
     assert plan.describe("gradual").endswith(
         "; recipe: Nesterov momentum SGD, eq9, gradual warmup, step decay")
-    lars = c.replace(optimizer="lars", schedule="poly", label_smoothing=0.1, batch_size=8192)
+    lars = c.replace(optimizer="lars", schedule="poly", label_smoothing=0.1, batch_size=8192,
+                     end_lr=1e-3)
     plan = make_plan(lars, num_train_examples=1_281_167, num_devices=8)
     assert plan.to_dict()["recipe"] == (
         "recipe: LARS (trust coefficient 0.001) + Nesterov momentum SGD, eq9, gradual warmup, "
-        "poly decay (power 2, end rate 0.0001), label smoothing 0.1")
+        "poly decay (power 2, end rate 0.001), label smoothing 0.1")
     assert plan.decay_steps == ()  # no step decays under --schedule poly
     schedule, tx = build(lars, plan)
     assert float(schedule(780)) == pytest.approx(3.2)  # the peak after 5 warmup epochs
-    assert float(schedule(plan.total_steps)) == pytest.approx(1e-4)
+    assert float(schedule(plan.total_steps)) == pytest.approx(1e-3)
     # LARS: a kernel w = (3, 4) with g = (0.6, 0.8) moves by η·0.001·5/(1 + λ·5)·(g + λw).
     params = {"kernel": np.array([3.0, 4.0], np.float32)}
     updates, _ = tx.update({"kernel": np.array([0.6, 0.8], np.float32)}, tx.init(params), params)
