@@ -2,8 +2,6 @@
 
 import dataclasses
 import json
-import math
-import os
 
 import pytest
 
