@@ -184,3 +184,18 @@ def test_bad_arguments_name_the_argument_and_value(kwargs, name):
 def test_docstrings_state_the_trust_ratio():
     for fn in (lars, scale_by_lars):
         assert "η_tc·‖w‖ / (‖g‖ + λ‖w‖ + ε) · (g + λw)" in fn.__doc__
+
+
+def test_second_update_does_not_recompile_and_bfloat16_keeps_its_dtype():
+    from helpers import compilations
+
+    params = _params(jax.random.key(5))
+    tx = lars(SCHEDULE)
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    for t in range(2):
+        _, state = update(_random_grads(t, params), state, params)
+    assert compilations(update) == 1
+    low = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    updates, _ = tx.update(_random_grads(0, low), tx.init(low), low)
+    assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates))
