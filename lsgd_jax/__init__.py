@@ -5,14 +5,15 @@ The input pipeline lives in ``lsgd_jax.data`` (it needs the ``data`` extra:
 TensorFlow and tfds), so importing this package never imports TensorFlow.
 """
 
-# --- optimization rules (schedules.py, optim.py) ---
-from lsgd_jax.schedules import goyal_schedule, scaled_learning_rate
+# --- optimization rules (schedules.py, optim.py, lars.py) ---
+from lsgd_jax.schedules import goyal_schedule, poly_schedule, scaled_learning_rate
 from lsgd_jax.optim import (
     MomentumState,
     default_weight_decay_mask,
     goyal_sgd,
     momentum_sgd,
 )
+from lsgd_jax.lars import lars, scale_by_lars
 
 # --- collectives (collectives/, costmodel.py) ---
 from lsgd_jax.collectives import ALLREDUCE_NAMES, get_allreduce
@@ -51,7 +52,10 @@ __all__ = [
     "default_weight_decay_mask",
     "goyal_schedule",
     "goyal_sgd",
+    "lars",
     "momentum_sgd",
+    "poly_schedule",
+    "scale_by_lars",
     "scaled_learning_rate",
     # engine
     "BatchLayout",

@@ -17,7 +17,9 @@ from typing import Any
 from lsgd_jax.data.source import SOURCE_NAMES
 from lsgd_jax.models import DTYPES, MODEL_NAMES
 from lsgd_jax.optim import MOMENTUM_FORMS
-from lsgd_jax.schedules import WARMUP_KINDS
+from lsgd_jax.schedules import SCHEDULE_KINDS, WARMUP_KINDS
+
+OPTIMIZERS = ("sgd", "lars")  # goyal_sgd, lsgd_jax.lars.lars
 
 # Model per data set when --model is not given.
 DEFAULT_MODELS = {"imagenet": "resnet50", "synthetic": "resnet50", "fashion_mnist": "resnet20"}
@@ -96,6 +98,20 @@ class TrainConfig:
     decay_epochs: tuple[float, ...] = _field((30, 60, 80), "schedule", "epochs of the ×"
                                              "decay_factor steps, comma-separated, e.g. 30,60,80")
     decay_factor: float = _field(0.1, "schedule", "rate multiplier at each decay epoch")
+    schedule: str = _field("steps", "schedule", "after the warmup, steps: ×decay_factor at "
+                           "--decay-epochs (the paper); poly: end_lr + (peak − end_lr)·"
+                           "(1 − progress)^power to the last epoch", choices=SCHEDULE_KINDS)
+    poly_power: float = _field(2.0, "schedule", "--schedule poly: the power (MLPerf's "
+                               "large-batch recipes: 2)")
+    end_lr: float = _field(1e-4, "schedule", "--schedule poly: the rate at the last step, "
+                           "at most the peak rate")
+    optimizer: str = _field("sgd", "optimizer", "sgd: the paper's momentum SGD; lars: the "
+                            "same with a per-tensor trust ratio on the kernels (You et al. "
+                            "2017)", choices=OPTIMIZERS)
+    trust_coefficient: float = _field(0.001, "optimizer", "--optimizer lars: η_tc of the "
+                                      "trust ratio η_tc·‖w‖ / (‖g‖ + λ‖w‖)")
+    label_smoothing: float = _field(0.0, "optimizer", "α in [0, 1): cross-entropy against "
+                                    "(1 − α)·onehot + α/classes (the paper: 0)")
     momentum: float = _field(0.9, "optimizer", "m, in [0, 1)")
     nesterov: bool = _field(True, "optimizer", "Nesterov momentum (true/false)")
     momentum_form: str = _field("eq9", "optimizer", "eq9: buffer without the rate; eq10: "
@@ -133,6 +149,8 @@ class TrainConfig:
         _choice("dtype", self.dtype, DTYPES)
         _choice("warmup", self.warmup, WARMUP_KINDS)
         _choice("momentum_form", self.momentum_form, MOMENTUM_FORMS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("schedule", self.schedule, SCHEDULE_KINDS)
         _choice("model", self.model, MODEL_NAMES)
         for name in ("batch_size", "bn_group_size", "grad_accum_steps", "reference_batch_size",
                      "keep_checkpoints", "eval_every_epochs", "median_evals", "log_every_steps", "decode_threads",
@@ -148,6 +166,22 @@ class TrainConfig:
         _positive_float("decay_factor", self.decay_factor)
         _non_negative_float("warmup_epochs", self.warmup_epochs)
         _non_negative_float("weight_decay", self.weight_decay)
+        _positive_float("trust_coefficient", self.trust_coefficient)
+        _positive_float("poly_power", self.poly_power)
+        _non_negative_float("end_lr", self.end_lr)
+        peak = self.base_lr * self.batch_size / self.reference_batch_size
+        if self.schedule == "poly" and self.end_lr > peak:
+            raise ValueError(f"end_lr must be in [0, {peak:g}] (0 to the peak rate base_lr · "
+                             f"batch_size / reference_batch_size), got {self.end_lr!r}")
+        if (self.schedule == "poly" and self.warmup != "none"
+                and self.batch_size > self.reference_batch_size
+                and self.warmup_epochs >= self.epochs):
+            raise ValueError(f"--schedule poly decays after the warmup: warmup_epochs "
+                             f"({self.warmup_epochs:g}) must be shorter than epochs "
+                             f"({self.epochs:g})")
+        if isinstance(self.label_smoothing, bool) or not (
+                isinstance(self.label_smoothing, (int, float)) and 0 <= self.label_smoothing < 1):
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
         for name in ("color_jitter", "lighting"):
@@ -186,6 +220,17 @@ class TrainConfig:
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+    def recipe(self) -> str:
+        """The optimizer and schedule in words, for the start line."""
+        opt = ("LARS (trust coefficient " f"{self.trust_coefficient:g}) + " if
+               self.optimizer == "lars" else "") + ("Nesterov " if self.nesterov else "") + \
+            "momentum SGD"
+        sched = ("step decay" if self.schedule == "steps" else
+                 f"poly decay (power {self.poly_power:g}, end rate {self.end_lr:g})")
+        smooth = (f", label smoothing {self.label_smoothing:g}" if self.label_smoothing
+                  else "")
+        return f"recipe: {opt}, {self.momentum_form}, {self.warmup} warmup, {sched}{smooth}"
 
 
 PAPER_EPOCHS = 90  # the paper's budget; the median's evaluations are 90ths of a run

@@ -47,6 +47,7 @@ class Plan:
     rate_multiplier: float         # kn / reference kn
     eval_steps: tuple[int, ...]
     eval_batch_size: int
+    recipe: str = ""               # the optimizer and schedule in words (TrainConfig.recipe)
 
     @property
     def layout(self) -> BatchLayout:
@@ -71,7 +72,7 @@ class Plan:
             f"steps per epoch, {self.total_steps} steps; peak rate {self.peak_lr:g} after "
             f"{plural(self.warmup_steps, 'warmup step')} ({warmup}); each epoch leaves out the "
             f"last {self.examples_left_out_per_epoch} of its {self.num_train_examples} shuffled "
-            "examples (N mod kn)")
+            "examples (N mod kn)" + (f"; {self.recipe}" if self.recipe else ""))
 
 
 def make_plan(config: TrainConfig, *, num_train_examples: int, num_devices: int,
@@ -117,10 +118,11 @@ def make_plan(config: TrainConfig, *, num_train_examples: int, num_devices: int,
         warmup_steps=warmup_steps(batch_size=kn, steps_per_epoch=spe,
                                   reference_batch_size=config.reference_batch_size,
                                   warmup_epochs=config.warmup_epochs, warmup=config.warmup),
-        decay_steps=tuple(math.ceil(e * spe) for e in config.decay_epochs),
+        decay_steps=(tuple(math.ceil(e * spe) for e in config.decay_epochs)
+                     if config.schedule == "steps" else ()),
         peak_lr=scaled_learning_rate(config.base_lr, kn, config.reference_batch_size),
         rate_multiplier=kn / config.reference_batch_size,
         eval_steps=tuple(evaluation_steps(total_steps=total, steps_per_epoch=spe,
                                           eval_every_epochs=config.eval_every_epochs,
                                           median_evals=config.median_evals)),
-        eval_batch_size=eval_batch)
+        eval_batch_size=eval_batch, recipe=config.recipe())

@@ -7,6 +7,8 @@
   iteration so that the rate reaches kη after 5 epochs; constant warmup holds
   η for those epochs instead.
 * Step decay (section 5.1): 90 epochs, rate × 0.1 at epochs 30, 60 and 80.
+* Polynomial decay (not the paper's; the large-batch recipes after it, e.g. with
+  LARS): after the same warmup, from kη down to an end rate as (1 − progress)^power.
 
 Durations are given in epochs and converted with ``steps_per_epoch``, so one
 configuration holds at every minibatch size.
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 WARMUP_KINDS = ("gradual", "constant", "none")
+SCHEDULE_KINDS = ("steps", "poly")  # goyal_schedule, poly_schedule
 
 
 def _check_positive(name: str, value, *, integer: bool = False) -> None:
@@ -203,5 +206,87 @@ def goyal_schedule(
             increment = jnp.float32((peak - base_lr) / span)
             warm = jnp.float32(base_lr) + increment * step.astype(jnp.float32)
         return jnp.where(in_warmup, warm, lr)
+
+    return schedule
+
+
+def _warmup_rate(step, *, warmup: str, base_lr: float, peak: float, span: float):
+    """The warmup's rate at ``step`` (float32) for "gradual" or "constant"."""
+    if warmup == "constant":
+        return jnp.float32(base_lr)
+    increment = jnp.float32((peak - base_lr) / span)  # rounded once from float64
+    return jnp.float32(base_lr) + increment * step.astype(jnp.float32)
+
+
+def poly_schedule(
+    *,
+    batch_size: int,
+    steps_per_epoch: int,
+    epochs: float,
+    base_lr: float = 0.1,
+    reference_batch_size: int = 256,
+    warmup_epochs: float = 5,
+    warmup: str = "gradual",
+    power: float = 2.0,
+    end_lr: float = 1e-4,
+) -> optax.Schedule:
+    """Linear scaling and the paper's warmup, then a polynomial decay to ``end_lr``.
+
+    With kη, W and the warmup kinds of :func:`goyal_schedule`, and T = ``epochs *
+    steps_per_epoch``::
+
+      t < W:        the warmup of goyal_schedule (gradual from η, constant η)
+      W <= t < T:   lr(t) = end + (kη − end) · (1 − (t − W) / (T − W)) ** power
+      t >= T:       lr(t) = end
+
+    W is 0 when there is no warmup ("none", or k <= 1). A run cut short by
+    ``--num-steps`` stops part-way down the same curve.
+
+    Args:
+      batch_size, steps_per_epoch, base_lr, reference_batch_size, warmup_epochs,
+        warmup: as in :func:`goyal_schedule`.
+      epochs: the run's length; the decay ends there.
+      power: the polynomial's power (the large-batch recipes: 2).
+      end_lr: the rate at the end, at most kη.
+
+    Returns:
+      An ``optax.Schedule``: step -> float32 learning rate.
+
+    Example:
+      >>> lr = poly_schedule(batch_size=1024, steps_per_epoch=2, epochs=4, warmup_epochs=1,
+      ...                    end_lr=0.04)
+      >>> [round(float(lr(t)), 4) for t in (0, 1, 2, 5, 8)]
+      [0.1, 0.25, 0.4, 0.13, 0.04]
+    """
+    _check_schedule_arguments(
+        base_lr=base_lr, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
+        reference_batch_size=reference_batch_size, warmup=warmup, warmup_epochs=warmup_epochs,
+        decay_epochs=(), decay_factor=1.0)
+    _check_positive("epochs", epochs)
+    _check_positive("power", power)
+    peak = scaled_learning_rate(base_lr, batch_size, reference_batch_size)
+    if (isinstance(end_lr, bool) or not isinstance(end_lr, (int, float))
+            or not math.isfinite(end_lr) or not 0 <= end_lr <= peak):
+        raise ValueError(f"end_lr must be a number in [0, {peak:g}] (0 to the peak rate kη), "
+                         f"got {end_lr!r}")
+    if warmup_steps(batch_size=batch_size, steps_per_epoch=steps_per_epoch,
+                    reference_batch_size=reference_batch_size, warmup_epochs=warmup_epochs,
+                    warmup=warmup) == 0:
+        warmup = "none"
+    span = 0.0 if warmup == "none" else warmup_epochs * steps_per_epoch
+    total = epochs * steps_per_epoch
+    if total <= span:
+        raise ValueError(f"epochs ({epochs:g}) must be longer than warmup_epochs "
+                         f"({warmup_epochs:g}) for a decay to follow the warmup")
+
+    def schedule(step):
+        step = jnp.asarray(step)
+        t = step.astype(jnp.float32)
+        progress = jnp.clip((t - jnp.float32(span)) / jnp.float32(total - span), 0.0, 1.0)
+        lr = jnp.float32(end_lr) + jnp.float32(peak - end_lr) * (1.0 - progress) ** power
+        if warmup == "none":
+            return lr
+        warm = _warmup_rate(step, warmup=warmup, base_lr=base_lr, peak=peak, span=span)
+        return jnp.where(t < span, warm, lr)
 
     return schedule

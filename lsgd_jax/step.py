@@ -12,6 +12,9 @@ Per worker w of n images (n = ``bn_group_size``), with kn images in all:
 * Gradient accumulation: each device runs K microbatches in turn (a
   ``lax.scan``), each with its own BN groups, and adds their gradients before
   the all-reduce: the math of K × devices workers (footnote 5 of the paper).
+* Label smoothing (not the paper's; the later large-batch recipes'): with α > 0
+  the cross-entropy is against (1 − α)·onehot + α/C over C classes; the sum is
+  still divided by kn.
 
 Running BN averages (this project's choice, not the paper's): every worker
 (device × microbatch × group) updates the same starting averages with its own
@@ -56,6 +59,7 @@ __all__ = [
     "TrainStep",
     "apply_update",
     "create_train_state",
+    "cross_entropy",
     "device_grads",
     "make_eval_step",
     "make_train_step",
@@ -153,18 +157,29 @@ def _resolve_allreduce(allreduce: str | Callable) -> Callable:
     return collectives.get_allreduce(allreduce)
 
 
-def microbatch_grads(model: Any, params, batch_stats, images, labels, kn: float):
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0):
+    """Per-example cross-entropy against integer labels, smoothed to
+    (1 − α)·onehot + α/C when ``label_smoothing`` α > 0."""
+    if not label_smoothing:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def microbatch_grads(model: Any, params, batch_stats, images, labels, kn: float,
+                     label_smoothing: float = 0.0):
     """Gradient of (summed cross-entropy / kn) for one microbatch on one device (Remark 3).
 
     Returns ``grads, (new_batch_stats, ce_sum, errors)``; BN statistics per group of
-    the model's n images, the averages updated from this microbatch's groups.
+    the model's n images, the averages updated from this microbatch's groups. The
+    cross-entropy is against smoothed labels when ``label_smoothing`` > 0.
     """
 
     def loss_fn(p):
         logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, images,
                                       train=True, mutable=["batch_stats"])
         logits = logits.astype(jnp.float32)
-        ce_sum = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+        ce_sum = jnp.sum(cross_entropy(logits, labels, label_smoothing))
         errors = jnp.sum(jnp.argmax(logits, axis=-1) != labels).astype(jnp.float32)
         return ce_sum / kn, (updates["batch_stats"], ce_sum, errors)
 
@@ -173,7 +188,7 @@ def microbatch_grads(model: Any, params, batch_stats, images, labels, kn: float)
 
 
 def device_grads(model: Any, params, batch_stats, images, labels, *, layout: BatchLayout,
-                 reduce_fn: Callable):
+                 reduce_fn: Callable, label_smoothing: float = 0.0):
     """One device's share of a step, inside ``shard_map``: K microbatches in turn (a scan,
     footnote 5), their gradients added, then summed over devices (the all-reduce).
 
@@ -183,13 +198,14 @@ def device_grads(model: Any, params, batch_stats, images, labels, *, layout: Bat
     kn, K = float(layout.global_batch_size), layout.grad_accum_steps
     if K == 1:
         grads, (new_stats, ce_sum, errors) = microbatch_grads(
-            model, params, batch_stats, images, labels, kn)
+            model, params, batch_stats, images, labels, kn, label_smoothing)
     else:
         xs = (images.reshape((K, layout.microbatch) + images.shape[1:]),
               labels.reshape((K, layout.microbatch)))
 
         def body(carry, x):
-            g, (s, ce, err) = microbatch_grads(model, params, batch_stats, *x, kn)
+            g, (s, ce, err) = microbatch_grads(model, params, batch_stats, *x, kn,
+                                               label_smoothing)
             return jax.tree.map(jnp.add, carry, (g, s, ce, err)), None
 
         zero = jnp.zeros([], jnp.float32)
@@ -248,6 +264,7 @@ def make_train_step(
     dtype: Any = jnp.float32,
     pixel_mean: Sequence[float] = IMAGENET_MEAN,
     pixel_std: Sequence[float] = IMAGENET_STD,
+    label_smoothing: float = 0.0,
 ) -> TrainStep:
     """Build the jitted synchronous SGD step (the module docstring states its math).
 
@@ -265,12 +282,14 @@ def make_train_step(
       dtype: the compute dtype uint8 images are normalised to (the model's).
       pixel_mean, pixel_std: per-channel statistics (0-255 units) used when
         ``batch["image"]`` is uint8; floating images are used as given.
+      label_smoothing: α in [0, 1); the loss is the cross-entropy against
+        (1 − α)·onehot + α/C (0: the paper's plain cross-entropy).
 
     Returns:
       A :class:`TrainStep`; ``step(state, batch) -> (state, metrics)``. ``batch``
       holds "image" [kn, H, W, C] (uint8 or float) and "label" [kn] int32, sharded
       over "data"; ``state`` is donated. ``metrics`` are device arrays, not synced:
-      "loss" (mean cross-entropy over kn, without L2), "top1_error" (fraction of the
+      "loss" (mean cross-entropy over kn, smoothed when α > 0, without L2), "top1_error" (fraction of the
       batch), "grad_norm" (global norm of the summed loss gradient, without L2) and
       "finite". When not finite the input state is returned unchanged.
 
@@ -286,13 +305,16 @@ def make_train_step(
         global_batch_size=global_batch_size, num_devices=mesh.devices.size,
         grad_accum_steps=grad_accum_steps, bn_group_size=bn_group_size)
     check_pixel_stats(pixel_mean, pixel_std)
+    if isinstance(label_smoothing, bool) or not (
+            isinstance(label_smoothing, (int, float)) and 0 <= label_smoothing < 1):
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
     reduce_fn = _resolve_allreduce(allreduce)
     kn = float(layout.global_batch_size)
 
     def per_device(params, batch_stats, images, labels):
         images = _normalize(images, pixel_mean, pixel_std, dtype)
         return device_grads(model, params, batch_stats, images, labels, layout=layout,
-                            reduce_fn=reduce_fn)
+                            reduce_fn=reduce_fn, label_smoothing=float(label_smoothing))
 
     sharded = shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS), P(DATA_AXIS)),
                         out_specs=(P(), P(), P(), P()))

@@ -39,10 +39,9 @@ from lsgd_jax.metrics import (
     plural,
 )
 from lsgd_jax.models import get_model
-from lsgd_jax.optim import goyal_sgd
 from lsgd_jax.parallel import InFlight, data_sharding, make_mesh
 from lsgd_jax.plan import Plan, make_plan
-from lsgd_jax.schedules import goyal_schedule
+from lsgd_jax.recipe import build as build_recipe
 from lsgd_jax.step import create_train_state, make_eval_step, make_train_step
 from lsgd_jax.preemption import PreemptionWatcher, same_on_every_process
 from lsgd_jax.quiet import divert_library_noise, last_library_error
@@ -157,14 +156,7 @@ def _prepare(config: TrainConfig, workdir: str, log: Callable[[str], None],
     model = get_model(config.model, num_classes=train_source.num_classes, dtype=config.dtype,
                       bn_group_size=plan.bn_group_size,
                       zero_init_residual=config.zero_init_residual)
-    schedule = goyal_schedule(
-        batch_size=plan.global_batch_size, steps_per_epoch=plan.steps_per_epoch,
-        base_lr=config.base_lr, reference_batch_size=config.reference_batch_size,
-        warmup_epochs=config.warmup_epochs, warmup=config.warmup,
-        decay_epochs=config.decay_epochs, decay_factor=config.decay_factor)
-    tx = goyal_sgd(schedule, momentum=config.momentum, nesterov=config.nesterov,
-                   weight_decay=config.weight_decay, form=config.momentum_form,
-                   momentum_correction=config.momentum_correction)
+    schedule, tx = build_recipe(config, plan)  # --schedule and --optimizer
     os.makedirs(workdir, exist_ok=True)
     state = create_train_state(model, tx, rng=jax.random.key(config.seed),
                                input_shape=(1, *train_source.image_shape), mesh=mesh)
@@ -450,7 +442,8 @@ def _loop(run: _Run, writer: MetricsWriter, step: int) -> tuple[int, bool]:
                                  global_batch_size=plan.global_batch_size,
                                  bn_group_size=plan.bn_group_size,
                                  grad_accum_steps=plan.grad_accum_steps,
-                                 allreduce=config.allreduce, dtype=config.dtype, **pixel_stats)
+                                 allreduce=config.allreduce, dtype=config.dtype,
+                                 label_smoothing=config.label_smoothing, **pixel_stats)
     eval_step = make_eval_step(run.model, run.mesh, **pixel_stats)
     iterator = TrainIterator(run.train_source, global_batch_size=plan.global_batch_size,
                              seed=config.seed, process_index=jax.process_index(),

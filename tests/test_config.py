@@ -183,3 +183,48 @@ def test_help_gives_real_defaults_and_no_empty_ones():
     assert "(default: None)" not in text and "(default: False)" not in text
     assert re.search(r"--momentum MOMENTUM .*?\(default: 0\.9\)", text)
     assert re.search(r"--seed SEED .*?\(default: 0\)", text)  # a 0 is a real default
+
+
+@pytest.mark.parametrize("changes, text", [
+    (dict(optimizer="adam"), r"optimizer must be one of \('sgd', 'lars'\), got 'adam'"),
+    (dict(schedule="cosine"), r"schedule must be one of \('steps', 'poly'\), got 'cosine'"),
+    (dict(trust_coefficient=0.0), r"trust_coefficient must be a positive finite number, got 0.0"),
+    (dict(poly_power=-2.0), r"poly_power must be a positive finite number, got -2.0"),
+    (dict(label_smoothing=1.0), r"label_smoothing must be in \[0, 1\), got 1.0"),
+    (dict(end_lr=-1.0), r"end_lr must be a finite number >= 0, got -1.0"),
+    (dict(schedule="poly", batch_size=512, end_lr=0.5), r"end_lr must be in \[0, 0.2\]"),
+    (dict(schedule="poly", batch_size=512, epochs=5), r"warmup_epochs \(5\) must be shorter "
+                                                      r"than epochs \(5\)"),
+])
+def test_recipe_flags_are_checked(changes, text):
+    with pytest.raises(ValueError, match=text):
+        TrainConfig(**changes)
+
+
+def test_the_default_recipe_is_the_papers_and_the_plan_names_the_recipe():
+    from lsgd_jax.recipe import build
+
+    c = TrainConfig()
+    assert (c.optimizer, c.schedule, c.label_smoothing) == ("sgd", "steps", 0.0)
+    assert c.end_lr == 1e-4 and c.poly_power == 2 and c.trust_coefficient == 0.001
+    # A small base rate is fine with the (unused) default end rate of the poly schedule.
+    assert TrainConfig(base_lr=1e-5).schedule == "steps"
+    plan = make_plan(c, num_train_examples=1_281_167, num_devices=8)
+    assert plan.describe("gradual").endswith(
+        "; recipe: Nesterov momentum SGD, eq9, gradual warmup, step decay")
+    lars = c.replace(optimizer="lars", schedule="poly", label_smoothing=0.1, batch_size=8192,
+                     end_lr=1e-3)
+    plan = make_plan(lars, num_train_examples=1_281_167, num_devices=8)
+    assert plan.to_dict()["recipe"] == (
+        "recipe: LARS (trust coefficient 0.001) + Nesterov momentum SGD, eq9, gradual warmup, "
+        "poly decay (power 2, end rate 0.001), label smoothing 0.1")
+    assert plan.decay_steps == ()  # no step decays under --schedule poly
+    schedule, tx = build(lars, plan)
+    assert float(schedule(780)) == pytest.approx(3.2)  # the peak after 5 warmup epochs
+    assert float(schedule(plan.total_steps)) == pytest.approx(1e-3)
+    # LARS: a kernel w = (3, 4) with g = (0.6, 0.8) moves by η·0.001·5/(1 + λ·5)·(g + λw).
+    params = {"kernel": np.array([3.0, 4.0], np.float32)}
+    updates, _ = tx.update({"kernel": np.array([0.6, 0.8], np.float32)}, tx.init(params), params)
+    trust = 0.001 * 5 / (1 + 1e-4 * 5)
+    expected = -0.1 * trust * (np.array([0.6, 0.8]) + 1e-4 * np.array([3.0, 4.0])) * 1.9  # Nesterov
+    np.testing.assert_allclose(np.asarray(updates["kernel"]), expected, rtol=1e-5)

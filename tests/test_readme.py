@@ -16,10 +16,32 @@ def _python_blocks() -> list[str]:
         return re.findall(r"^```python\n(.*?)^```", f.read(), flags=re.S | re.M)
 
 
-def test_the_readme_has_the_two_examples():
+def test_the_readme_has_the_three_examples():
     blocks = _python_blocks()
-    assert len(blocks) == 2, "update this test with the README's examples"
+    assert len(blocks) == 3, "update this test with the README's examples"
     assert "goyal_sgd" in blocks[0] and "make_train_step" in blocks[1]
+    assert "lsgd_jax.lars(" in blocks[2] and "poly_schedule" in blocks[2]
+
+
+def test_the_lars_example_runs_with_the_trust_ratio_on_kernels_only():
+    scope: dict = {}
+    exec(_python_blocks()[2], scope)  # noqa: S102 - the README's own code
+    tx, schedule = scope["tx"], scope["schedule"]
+    params = {"conv": {"kernel": np.array([3.0, 4.0], np.float32)},
+              "bn": {"scale": np.array([1.0], np.float32)}}
+    grads = {"conv": {"kernel": np.array([0.06, 0.08], np.float32)},
+             "bn": {"scale": np.array([0.1], np.float32)}}
+    updates, _ = tx.update(grads, tx.init(params), params)
+    eta = 0.29  # step 0 of the gradual warmup; ‖g‖ = 0.1 < 1: no clipping
+    assert float(schedule(0)) == pytest.approx(eta)
+    assert float(schedule(5 * 39)) == pytest.approx(0.29 * 128)
+    # Kernel: trust = 0.001·5 / (0.1 + 1e-4·5), g' = trust·(g + λw); Nesterov at step 0
+    # (u = g'): Δw = −η·(g' + 0.9·u) = −η·1.9·g'. BN γ: the plain rate, no decay.
+    trust = 0.001 * 5 / (0.1 + 1e-4 * 5)
+    kernel = -eta * 1.9 * trust * (grads["conv"]["kernel"] + 1e-4 * params["conv"]["kernel"])
+    # tolerance: a few float32 operations
+    np.testing.assert_allclose(np.asarray(updates["conv"]["kernel"]), kernel, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(updates["bn"]["scale"]), [-eta * 1.9 * 0.1], rtol=1e-5)
 
 
 def test_the_optax_example_runs_and_its_transform_updates():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
-from lsgd_jax import goyal_schedule, scaled_learning_rate
+from lsgd_jax import goyal_schedule, poly_schedule, scaled_learning_rate
 
 SPE = 10  # steps per epoch in the tables: warmup W = 5 epochs = 50 steps
 # Decay boundaries at epochs 30, 60, 80 -> steps 300, 600, 800.
@@ -163,3 +163,53 @@ def test_schedule_properties(kn, spe, base_lr, warmup_epochs, warmup, first_deca
     # a pure function of the step: recomputing at any step gives the same value
     for s in (0, W, first, len(steps) - 1):
         assert float(schedule(int(s))) == pytest.approx(lr[s], rel=rel)
+
+
+# The polynomial decay by hand: kn = 1024 (k = 4, kη = 0.4), 2 steps per epoch, 4 epochs
+# (T = 8), warmup 1 epoch (W = 2), power 2, end rate 0.04:
+#   gradual warmup: 0.1, 0.1 + 0.3/2 = 0.25; then 0.04 + 0.36·(1 − (t − 2)/6)²:
+#   t = 2: 0.4; 3: 0.04 + 0.36·25/36 = 0.29; 4: 0.04 + 0.36·16/36 = 0.2; 5: 0.13; 6: 0.08;
+#   7: 0.05; 8 and after: 0.04.
+POLY_TABLES = {
+    "gradual": [0.1, 0.25, 0.4, 0.29, 0.2, 0.13, 0.08, 0.05, 0.04, 0.04],
+    "constant": [0.1, 0.1, 0.4, 0.29, 0.2, 0.13, 0.08, 0.05, 0.04, 0.04],
+    # No warmup: the decay runs over all 8 steps, 0.04 + 0.36·(1 − t/8)².
+    "none": [0.4, 0.04 + 0.36 * 49 / 64, 0.04 + 0.36 * 36 / 64, 0.04 + 0.36 * 25 / 64,
+             0.04 + 0.36 * 16 / 64, 0.04 + 0.36 * 9 / 64, 0.04 + 0.36 * 4 / 64,
+             0.04 + 0.36 / 64, 0.04, 0.04],
+}
+
+
+@pytest.mark.parametrize("warmup", sorted(POLY_TABLES))
+def test_poly_schedule_matches_hand_table(warmup):
+    schedule = poly_schedule(batch_size=1024, steps_per_epoch=2, epochs=4, warmup_epochs=1,
+                             warmup=warmup, power=2, end_lr=0.04)
+    jitted = jax.jit(schedule)
+    for step, expected in enumerate(POLY_TABLES[warmup]):
+        # tolerance: a few float32 roundings of numbers of order 0.1
+        assert float(schedule(step)) == pytest.approx(expected, rel=1e-6), step
+        assert float(jitted(jnp.int32(step))) == pytest.approx(expected, rel=1e-6), step
+
+
+def test_poly_schedule_power_one_is_a_straight_line_and_k1_has_no_warmup():
+    # k = 1 (kn = 256): no warmup, from η = 0.1 straight down to 0 over 10 steps.
+    schedule = poly_schedule(batch_size=256, steps_per_epoch=5, epochs=2, power=1, end_lr=0.0)
+    assert [round(float(schedule(t)), 6) for t in range(0, 11, 2)] == [
+        0.1, 0.08, 0.06, 0.04, 0.02, 0.0]
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(end_lr=0.5), "end_lr"),            # above the peak rate 0.4
+    (dict(end_lr=-1e-4), "end_lr"),
+    (dict(power=0), "power"),
+    (dict(epochs=0), "epochs"),
+    (dict(epochs=1), "epochs"),              # no longer than the warmup
+    (dict(warmup="linear"), "warmup"),
+])
+def test_poly_schedule_bad_arguments_name_the_argument_and_value(kwargs, name):
+    args = dict(batch_size=1024, steps_per_epoch=2, epochs=4, warmup_epochs=1) | kwargs
+    with pytest.raises(ValueError) as err:
+        poly_schedule(**args)
+    value = kwargs[name]
+    assert name in str(err.value)
+    assert repr(value) in str(err.value) or f"({value:g})" in str(err.value)

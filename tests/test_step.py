@@ -433,3 +433,61 @@ def test_paper_allreduce_in_the_step_equals_psum(name):
     tree_allclose(state.params, ref.params, **TOL)
     tree_allclose(state.opt_state, ref.opt_state, **TOL)
     assert_replicated(state.params)
+
+
+def test_smoothed_cross_entropy_by_hand():
+    from lsgd_jax.step import cross_entropy
+
+    # logits (2, 0, −1), label 0, α = 0.3, 3 classes: targets (0.8, 0.1, 0.1), and
+    # −Σ q·log p = Σ q·(lse − z) = lse − (0.8·2 + 0.1·0 − 0.1·1) = lse − 1.5.
+    logits, labels = jnp.array([[2.0, 0.0, -1.0]]), jnp.array([0])
+    lse = np.log(np.exp(2.0) + 1.0 + np.exp(-1.0))
+    # tolerance: float32 log-softmax of numbers of order 1
+    np.testing.assert_allclose(cross_entropy(logits, labels, 0.3), [lse - 1.5], rtol=1e-6)
+    np.testing.assert_allclose(cross_entropy(logits, labels), [lse - 2.0], rtol=1e-6)
+
+
+def test_label_smoothing_keeps_the_kn_rule_of_the_step():
+    """8 devices × n = 2 with α = 0.2 against one device: per worker, Σ smoothed CE / kn."""
+    alpha, kn, n = 0.2, 16, 2
+    model, tx = tiny_model(n), tiny_tx()
+    whole = model.clone(bn_group_size=None)
+    data = batches(kn, steps=2, seed=5)
+
+    def worker_loss(params, batch_stats, x, y):
+        logits, updates = whole.apply({"params": params, "batch_stats": batch_stats}, x,
+                                      train=True, mutable=["batch_stats"])
+        q = (1 - alpha) * jax.nn.one_hot(y, CLASSES) + alpha / CLASSES
+        ce = -jnp.sum(q * jax.nn.log_softmax(logits), axis=-1)
+        return ce.sum() / kn, (updates["batch_stats"], ce.sum())
+
+    @jax.jit
+    def reference(state, batch):
+        x = batch["image"].reshape((kn // n, n) + SHAPE)
+        y = batch["label"].reshape(kn // n, n)
+        g, (stats, ce) = jax.vmap(jax.grad(worker_loss, has_aux=True),
+                                  in_axes=(None, None, 0, 0))(state.params, state.batch_stats, x, y)
+        updates, opt_state = tx.update(jax.tree.map(lambda t: t.sum(0), g), state.opt_state,
+                                       state.params)
+        return state.replace(step=state.step + 1,
+                             params=optax.apply_updates(state.params, updates),
+                             batch_stats=jax.tree.map(lambda t: t.mean(0), stats),
+                             opt_state=opt_state), ce.sum() / kn
+
+    mesh = make_mesh()
+    step = make_train_step(model, tx, mesh, global_batch_size=kn, bn_group_size=n,
+                           label_smoothing=alpha)
+    state, ref = init_state(model, tx, mesh), init_state(model, tx, mesh_of(1))
+    plain, _ = run_engine(model, tx, jax.devices(), data)
+    for batch in data:
+        state, metrics = step(state, host_to_global(batch, mesh))
+        ref, ref_loss = reference(ref, batch)
+        np.testing.assert_allclose(jax.device_get(metrics["loss"]), ref_loss, **TOL)
+    tree_allclose(state.params, ref.params, **TOL)
+    assert max_tree_diff(state.params, plain.params) > 1e-4  # the smoothing acted
+
+
+def test_label_smoothing_out_of_range_is_refused_before_compiling():
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\), got 1.0"):
+        make_train_step(tiny_model(2), tiny_tx(), make_mesh(), global_batch_size=16,
+                        bn_group_size=2, label_smoothing=1.0)

@@ -6,6 +6,11 @@ The paper's five claims on the whole of Fashion-MNIST, on a CPU or a GPU.
     python experiments/small_scale.py --list          # every run's status and command
     python experiments/small_scale.py --report-only   # tables, verdicts and plots only
     python experiments/small_scale.py --quick         # tiny runs of every study (CI)
+    python experiments/small_scale.py --section beyond --commit   # LARS and the later recipe
+
+The "beyond" section (``lsgd_jax.study.beyond``) compares, where the paper's recipe
+breaks (kn = 512 and 1,024), the paper's recipe, the same with poly decay and label
+smoothing, and LARS with that schedule, each at its best of the same 3-point grid.
 
 Studies (Goyal et al. 2017): 1. linear scaling with gradual warmup across kn
 (figs. 1-2, table 3a); then, at the largest kn that still matches the reference
@@ -64,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
                    "(default experiments/results/small_scale[_gpu], or OUT/results with quick)")
     p.add_argument("--fmnist-dir", default=FMNIST_DIR,
                    help="the Fashion-MNIST IDX .gz files (Debian's dataset-fashion-mnist)")
+    p.add_argument("--section", choices=("paper", "beyond"), default="paper",
+                   help="paper: the paper's five claims; beyond: LARS and the later "
+                        "large-batch recipe where the paper's recipe breaks")
     p.add_argument("--only", action="append", default=None, choices=STUDY_KEYS,
                    help="run and report only this study (repeatable)")
     p.add_argument("--large-kn", type=int, default=None,
@@ -98,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     paths = Paths(out=out, results=results, source=args.fmnist_dir)
     if args.large_kn is not None and args.large_kn not in scale.kn_sweep:
         p.error(f"--large-kn must be one of the sweep's kn {scale.kn_sweep}, got {args.large_kn}")
+
+    if args.section == "beyond":
+        if args.only or args.large_kn is not None:
+            p.error("--only and --large-kn belong to --section paper")
+        return _beyond(args, scale, paths)
 
     def selected(studies):
         return [s for s in studies if not args.only or s.key in args.only]
@@ -162,3 +175,55 @@ def main(argv: list[str] | None = None) -> int:
         print(path)
     return 0
 
+
+
+def _beyond(args: argparse.Namespace, scale, paths: Paths) -> int:
+    """The "beyond" section: the grid on seed 0, then 3 seeds of each recipe's best rate
+    (defined as each grid is finished), resumable and committed run by run."""
+    from lsgd_jax.study.beyond import define_beyond, write_beyond_reports
+
+    if args.list:
+        for run in unique_runs(define_beyond(scale, paths)):
+            print(f"[{status(run)}] python " + " ".join(command(run)))
+        print("(seeds 1 and 2 of a recipe are defined once its grid on seed 0 is finished)")
+        return 0
+    t_start = time.time()
+    pool = Pool(scale, os.path.join(paths.out, "logs") if scale.parallel > 1 else None)
+
+    def finished(run: Run, after: str, seconds: float) -> None:
+        print(f"=== {run.name}: {after} in {seconds:.0f} s ===", flush=True)
+        write_beyond_reports(define_beyond(scale, paths), scale, paths)
+        if args.commit:
+            error = run_error(run)
+            figure = f"{error:.2f} %" if isinstance(error, float) else str(error)
+            runner.git_commit(paths, f"Small-scale study ({scale.name}), beyond the paper's "
+                              f"limit: {run.name} finished, {figure} top-1 error")
+
+    while not args.report_only:
+        if scale.subset:
+            write_subset(scale, paths)
+        studies = define_beyond(scale, paths)  # seeds appear as each grid is finished
+        out_of_time = args.time_limit is not None and time.time() - t_start > args.time_limit
+        todo = [] if out_of_time else order(
+            [r for r in unique_runs(studies)
+             if status(r) not in ("done", "diverged") and r.name not in pool.running], scale)
+        if out_of_time and pool.running:
+            pool.stop()
+        if not todo and not pool.running:
+            break
+        if scale.parallel == 1:
+            run, t0 = todo[0], time.time()
+            print(f"=== {run.name} ({status(run)}; {len(todo)} runs defined and left) ===",
+                  flush=True)
+            finished(run, runner.execute(run, scale), time.time() - t0)
+            continue
+        while todo and len(pool.running) < scale.parallel:
+            pool.start(todo.pop(0))
+        run, after, seconds = pool.wait_one()
+        if after == "partial":
+            pool.stop()
+            raise KeyboardInterrupt(f"{run.name} stopped by SIGTERM; rerun to resume")
+        finished(run, after, seconds)
+    for path in write_beyond_reports(define_beyond(scale, paths), scale, paths):
+        print(path)
+    return 0

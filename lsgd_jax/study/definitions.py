@@ -54,6 +54,7 @@ class Scale:
     parallel: int = 1                # runs trained at once (a GPU is idle between small steps)
     run_order: tuple[int, ...] = ()  # kn first trained, per seed (default: the sweep's order)
     seed_major: bool = True          # seed 0 of every row first; else run_order's kn first
+    beyond_kn: tuple[int, ...] = (512, 1024)  # where the "beyond" section compares recipes
 
     @property
     def factor(self) -> float:
@@ -82,7 +83,7 @@ GPU = dataclasses.replace(FULL, name="gpu", epochs=10, max_devices=1, platform="
 QUICK = Scale(name="quick", model="resnet8", train_examples=320, val_examples=80, subset=True,
               epochs=2, reference_kn=16, bn_group=8, max_devices=2, base_lr=0.05,
               kn_sweep=(16, 32, 64), seeds=(0,), extra_seeds=(0,), seeded_k=2,
-              tolerance=0.3, eval_batch=40, large_kn=32, num_steps=3)
+              tolerance=0.3, eval_batch=40, large_kn=32, num_steps=3, beyond_kn=(32, 64))
 
 # The paper's ImageNet top-1 errors (%) by k = kn / 256 (section 5, table 3a / fig. 1).
 PAPER_KN_ERROR = {0.5: 23.49, 1: 23.60, 2: 23.48, 4: 23.53, 8: 23.49, 16: 23.56, 32: 23.74,

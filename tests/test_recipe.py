@@ -1,0 +1,41 @@
+"""The trainer with --optimizer lars --schedule poly --label-smoothing: the rates it logs,
+the recipe it names, the default recipe left as it was."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lsgd_jax.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENTRY = os.path.join(ROOT, "experiments", "imagenet_resnet50.py")
+# ResNet-8 on 32-pixel synthetic images, kn = 32 on 4 fake devices, 4 steps per epoch.
+FLAGS = ["--data", "synthetic", "--model", "resnet8", "--image-size", "32", "--batch-size", "32",
+         "--bn-group-size", "4", "--synthetic-examples", "128", "--synthetic-eval-examples", "32",
+         "--eval-batch-size", "16", "--dtype", "float32", "--epochs", "2",
+         "--reference-batch-size", "8", "--base-lr", "0.05", "--warmup-epochs", "0.5",
+         "--log-every-steps", "1", "--cpu-devices", "4"]
+
+
+def test_a_lars_poly_smoothed_run_follows_its_schedule_and_names_its_recipe(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, ENTRY, *FLAGS, "--workdir", str(tmp_path),
+                          "--optimizer", "lars", "--trust-coefficient", "0.02",
+                          "--schedule", "poly", "--poly-power", "2", "--end-lr", "0.01",
+                          "--label-smoothing", "0.1"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    recipe = ("recipe: LARS (trust coefficient 0.02) + Nesterov momentum SGD, eq9, gradual "
+              "warmup, poly decay (power 2, end rate 0.01), label smoothing 0.1")
+    assert recipe in out.stdout + out.stderr  # the start line
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["plan"]["recipe"] == recipe and saved["config"]["optimizer"] == "lars"
+    # By hand: k = 4, kη = 0.2; warmup W = 2 steps from 0.05 (+0.075 a step); then
+    # 0.01 + 0.19·(1 − (t − 2)/6)² to T = 8 steps.
+    expected = [0.05, 0.125] + [0.01 + 0.19 * (1 - (t - 2) / 6) ** 2 for t in range(2, 8)]
+    logged = {r["step"]: r["lr"] for r in read_metrics(str(tmp_path), "train")}
+    assert [logged[s] for s in range(1, 9)] == pytest.approx(expected, rel=1e-6)
+    assert read_metrics(str(tmp_path), "result")
