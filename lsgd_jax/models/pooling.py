@@ -1,12 +1,13 @@
 """Max-pooling whose gradient is elementwise: no select-and-scatter in the backward.
 
 ``jax.grad`` of ``flax.linen.max_pool`` (a ``reduce_window`` max) transposes into an
-XLA select-and-scatter: for every window, the first maximal element in row-major
-window order receives the window's gradient (XLA's select is ``a >= b``, so a later
-element replaces the chosen one only if strictly greater), padded positions are
-never chosen, and an element chosen by several overlapping windows receives the sum
-of their gradients. On a GPU XLA emits it as a zero-fill plus an atomic scatter
-that fuses with nothing.
+XLA select-and-scatter on the input padded with −∞: for every window, the first
+maximal element in row-major window order receives the window's gradient (XLA's
+select is ``a >= b``, so a later element replaces the chosen one only if strictly
+greater), and an element chosen by several overlapping windows receives the sum of
+their gradients. Padded positions are candidates like any other; one is chosen only
+when the window's maximum is −∞ and the pad comes first, and its gradient is dropped.
+On a GPU XLA emits it as a zero-fill plus an atomic scatter that fuses with nothing.
 
 :func:`max_pool` computes the same forward (it calls ``nn.max_pool``) and the same
 gradient with elementwise operations only. With ``y`` the pooled output, ``g`` its
@@ -14,7 +15,7 @@ cotangent and ``(i, j)`` the window offsets in row-major order, each offset's
 strided view ``v_ij`` of the (−∞-padded) input gives the mask of windows whose first
 maximum sits at that offset::
 
-  m_ij = (v_ij == y) ∧ valid_ij ∧ ¬(m_00 ∨ … ∨ m_previous)
+  m_ij = (v_ij == y) ∧ ¬(m_00 ∨ … ∨ m_previous)
 
 and the input's gradient is ``Σ_ij place_ij(where(m_ij, g, 0))``, where ``place_ij``
 is a ``lax.pad`` with interior padding ``stride − 1`` that puts window ``(oh, ow)``'s
@@ -31,7 +32,6 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 POOL_IMPLS = ("reduce_window", "masks")  # the ResNet's pool_impl switch
@@ -80,12 +80,6 @@ def _forward(x, window, strides, padding):
     return y, (x, y)
 
 
-def _valid(size: int, out: int, offset: int, stride: int, pad: int) -> np.ndarray:
-    """Which outputs' window element at ``offset`` lies inside the input (not in the pad)."""
-    pos = stride * np.arange(out) + offset - pad
-    return (pos >= 0) & (pos < size)
-
-
 def _backward(window, strides, padding, residuals, g):
     x, y = residuals
     n, h, w, c = x.shape
@@ -99,8 +93,7 @@ def _backward(window, strides, padding, residuals, g):
         for j in range(kw):
             view = lax.slice(xp, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
                              (1, sh, sw, 1))
-            valid = (_valid(h, ho, i, sh, pt)[:, None] & _valid(w, wo, j, sw, pl)[None, :])
-            hit = (view == y) & jnp.asarray(valid)[None, :, :, None] & ~taken
+            hit = (view == y) & ~taken
             taken = taken | hit
             contribution = jnp.where(hit, g32, 0.0)
             low_h, low_w = i - pt, j - pl
