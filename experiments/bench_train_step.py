@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import json
 import os
 import platform
@@ -49,6 +48,15 @@ import time
 import jax
 import jax.numpy as jnp
 
+from lsgd_jax.abtest import (
+    VARIANT_KEYS,
+    Built,
+    Variant,
+    combination,
+    time_rounds,
+    unknown_option,
+    xla_options,
+)
 from lsgd_jax.models import get_model
 from lsgd_jax.models.grouped_bn import BN_IMPLS, DEFAULT_SPLIT_ROWS
 from lsgd_jax.models.pooling import POOL_IMPLS
@@ -58,12 +66,6 @@ from lsgd_jax.profiling import bf16_peak, op_kind, profile, step_flops
 from lsgd_jax.parallel import InFlight, data_sharding, initialize_distributed, make_mesh
 from lsgd_jax.schedules import scaled_learning_rate
 from lsgd_jax.step import create_train_state, make_train_step
-
-# Settings a --variant may change; the others are the command line's for every variant.
-VARIANT_KEYS = ("bn_group_size", "bn_impl", "bn_split_rows", "pool_impl", "stem_impl",
-                "xla_option")
-LEVER_KEYS = VARIANT_KEYS[1:]  # same results whatever their value; BN groups are not
-
 
 def add_variant_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bn-group-size", type=int, default=32)
@@ -78,49 +80,6 @@ def add_variant_flags(p: argparse.ArgumentParser) -> None:
                    help="stem convolution: as is, input padded to 4 channels, or space-to-depth")
     p.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
                    help="XLA option for this compile only (repeatable)")
-
-
-@dataclasses.dataclass
-class Variant:
-    name: str
-    settings: argparse.Namespace  # the VARIANT_KEYS
-
-    def key(self, name: str):
-        value = getattr(self.settings, name)
-        return tuple(sorted(value)) if name == "xla_option" else value
-
-    def flags(self) -> str:
-        """The command-line flags that reproduce this variant."""
-        s = self.settings
-        out = [f"--bn-group-size {s.bn_group_size}", f"--bn-impl {s.bn_impl}",
-               f"--bn-split-rows {s.bn_split_rows}", f"--pool-impl {s.pool_impl}",
-               f"--stem-impl {s.stem_impl}"]
-        return " ".join(out + [f"--xla-option {shlex.quote(o)}" for o in sorted(s.xla_option)])
-
-
-def xla_options(option_list: list[str]) -> dict:
-    """["name=value", ...] as compiler options: true/false as booleans, integers as int."""
-    out = {}
-    for item in option_list:
-        name, sep, value = item.partition("=")
-        if not sep or not name.startswith("xla_"):
-            raise ValueError(f"--xla-option must be NAME=VALUE with an xla_ NAME, got {item!r}")
-        low = value.lower()
-        out[name] = (low == "true" if low in ("true", "false")
-                     else int(value) if value.lstrip("-").isdigit() else value)
-    return out
-
-
-def unknown_option(option_list: list[str]) -> str | None:
-    """None if this jaxlib compiles with these options, else the reason (a cheap compile)."""
-    try:
-        options = xla_options(option_list)
-        if options:
-            jax.jit(lambda x: x + 1).lower(jnp.zeros((), jnp.float32)).compile(
-                compiler_options=options)
-    except Exception as e:  # noqa: BLE001 - the message is what the user needs
-        return str(e).splitlines()[0]
-    return None
 
 
 def parse_args() -> argparse.Namespace:
@@ -192,22 +151,6 @@ def parse_variant(spec: str, args: argparse.Namespace) -> Variant:
     return Variant(name, settings)
 
 
-@dataclasses.dataclass
-class Built:
-    variant: Variant
-    compiled: object
-    lowered: object
-    state: object
-    layout: object
-    compile_s: float
-    windows: list = dataclasses.field(default_factory=list)
-    metrics: object = None
-
-    @property
-    def step_s(self) -> float:
-        return sorted(self.windows)[len(self.windows) // 2]  # the median window
-
-
 def build(args, variant: Variant, mesh, kn: int, batch) -> Built:
     s = variant.settings
     model = get_model(args.model, num_classes=args.num_classes, dtype=args.dtype,
@@ -231,53 +174,19 @@ def build(args, variant: Variant, mesh, kn: int, batch) -> Built:
                  time.perf_counter() - t0)
 
 
-def run_steps(b: Built, batch, steps: int) -> float:
-    """Run ``steps`` steps of one variant; seconds per step."""
-    # Step t runs while the host waits for step t-1 (InFlight): an unbounded queue of
-    # all-reduce programs aborts on CPU devices, and on a GPU one step ahead keeps it busy.
-    inflight = InFlight(depth=2)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        b.state, b.metrics = b.compiled(b.state, batch)
-        inflight.push(b.metrics)
-    inflight.drain()
-    jax.block_until_ready(b.state)
-    return (time.perf_counter() - t0) / max(steps, 1)
-
-
-def time_rounds(built: list[Built], batch, args) -> None:
-    """Warm each variant up, then ``repeats`` rounds of one window of each in turn."""
-    for b in built:
-        b.windows = []
-        run_steps(b, batch, args.warmup_steps)
-    for _ in range(args.repeats):
-        for b in built:
-            b.windows.append(run_steps(b, batch, args.steps))
-    for b in built:
-        if not bool(b.metrics["finite"]):
-            raise RuntimeError(f"variant {b.variant.name!r}: the step produced non-finite values")
-
-
-def combination(built: list[Built]) -> Variant | None:
-    """The reference with every lever of the variants that beat it, or None if none did."""
-    ref = built[0]
-    chosen: dict[str, tuple[float, object]] = {}
-    options: set[str] = set()
-    for b in built[1:]:
-        diff = {k for k in VARIANT_KEYS if b.variant.key(k) != ref.variant.key(k)}
-        if not diff or diff - set(LEVER_KEYS) or b.step_s >= ref.step_s:
-            continue
-        options |= set(b.variant.settings.xla_option)
-        for k in diff - {"xla_option"}:
-            if k not in chosen or b.step_s < chosen[k][0]:
-                chosen[k] = (b.step_s, getattr(b.variant.settings, k))
-    if not chosen and not options:
+def build_or_skip(args, variant: Variant, mesh, kn, batch, may_skip: bool) -> Built | None:
+    """Build a variant; in an A/B, a variant after the reference that fails is reported
+    and left out, so that one broken lever does not void the others' figures."""
+    try:
+        b = build(args, variant, mesh, kn, batch)
+    except Exception as e:  # noqa: BLE001
+        if not may_skip:
+            raise
+        print(f"FAILED variant {variant.name}: {type(e).__name__}: {str(e).splitlines()[0]}")
         return None
-    settings = argparse.Namespace(**vars(ref.variant.settings))
-    for k, (_, value) in chosen.items():
-        setattr(settings, k, value)
-    settings.xla_option = sorted(options | set(settings.xla_option))
-    return Variant("combined", settings)
+    if args.variant:
+        print(f"compiled {variant.name:28s} {b.compile_s:6.1f} s   {variant.flags()}", flush=True)
+    return b
 
 
 def main() -> None:
@@ -311,12 +220,12 @@ def main() -> None:
         return {"image": image, "label": label}
 
     batch = jax.jit(synthetic, out_shardings=data_sharding(mesh))(jax.random.key(1))
+    rounds = dict(warmup=args.warmup_steps, steps=args.steps, repeats=args.repeats)
     built = []
     for v in variants:
-        built.append(build(args, v, mesh, kn, batch))
-        if ab:
-            print(f"compiled {v.name:28s} {built[-1].compile_s:6.1f} s   {v.flags()}", flush=True)
-    time_rounds(built, batch, args)
+        b = build_or_skip(args, v, mesh, kn, batch, ab and bool(built))
+        built += [b] if b else []
+    built = time_rounds(built, batch, **rounds)
     if ab and args.combine:
         print_ab(built, kn, "screening rounds")
         combined = combination(built)
@@ -327,9 +236,9 @@ def main() -> None:
         elif same is not None:
             print(f"combined: the winning levers are variant {same.variant.name!r}")
         else:
-            built.append(build(args, combined, mesh, kn, batch))
-            print(f"compiled {'combined':28s} {built[-1].compile_s:6.1f} s   {combined.flags()}")
-        time_rounds(built, batch, args)
+            b = build_or_skip(args, combined, mesh, kn, batch, True)
+            built += [b] if b else []
+        built = time_rounds(built, batch, **rounds)
 
     same_groups = [b for b in built
                    if b.variant.settings.bn_group_size == built[0].variant.settings.bn_group_size]
