@@ -192,6 +192,7 @@ def build_or_skip(args, variant: Variant, mesh, kn, batch, may_skip: bool) -> Bu
 def main() -> None:
     args = parse_args()
     ab = bool(args.variant)
+    initialize_distributed()  # no-op unless SLURM / Open MPI start several processes
     variants = []
     for v in args.variants:
         reason = unknown_option(v.settings.xla_option)
@@ -203,7 +204,6 @@ def main() -> None:
             variants.append(v)
     if not variants:
         raise SystemExit("no variant left to time")
-    initialize_distributed()  # no-op unless SLURM / Open MPI start several processes
     mesh = make_mesh()
     num_devices = mesh.devices.size
     kn = args.batch_per_device * num_devices
