@@ -61,12 +61,14 @@ if [ -n "${TINY:-}" ]; then  # CPU dry run of every section
          --batch-per-device 8 --steps 2 --warmup-steps 1 --repeats 2"
   G=2; BIG=8; PROFILE=2; BASE_ARGS="2 1 0"; MATMUL=512; STUDY_EXTRA="--mode quick"
   STUDY_RESULTS=/tmp/small_scale_quick_results  # never over the committed GPU results
+  INPUT_ARGS="--num-images 32 --rounds 1 --skip-tf"
   SPLIT="--bn-split-rows 24"  # small enough that the tiny shapes reduce in two stages
 else
   BENCH="--model resnet50 --dtype bfloat16 --batch-per-device 256 --steps 20
          --warmup-steps 5 --repeats 3"
   G=32; BIG=256; PROFILE=10; BASE_ARGS="256 40 0,32"; MATMUL=8192; STUDY_EXTRA="--mode gpu"
   STUDY_RESULTS=experiments/results/small_scale_gpu
+  INPUT_ARGS=""
   SPLIT=""
 fi
 # The levers (lsgd_jax/models: grouped_bn.py, pooling.py, stem.py; XLA options per
@@ -180,6 +182,7 @@ fi
 
 summary() {
 section "summary"
+[ -s "$JSON" ] || { echo "(no figures yet)"; return; }
 $PY - "$JSON" "$OUT/summary.md" <<'EOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
@@ -220,9 +223,11 @@ summary
 
 if on input; then
 section "input pipeline bench, 1 core and all $(nproc) cores"
-limit=$(( $(left) - 240 )); [ "$limit" -gt 120 ] && limit=120
+reserve=0; on study && reserve=240  # the study's ~20 runs need about 200 s
+limit=$(( $(left) - reserve )); [ "$limit" -gt 120 ] && limit=120
 if [ "$limit" -gt 20 ]; then
-  timeout "$limit" $PY experiments/bench_input_pipeline.py || echo "FAILED or cut at ${limit}s: input"
+  timeout "$limit" $PY experiments/bench_input_pipeline.py $INPUT_ARGS \
+    || echo "FAILED or cut at ${limit}s: input"
 else
   echo "skipped: only $(left) s left"
 fi
