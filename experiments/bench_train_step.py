@@ -63,7 +63,7 @@ from lsgd_jax.models.pooling import POOL_IMPLS
 from lsgd_jax.models.stem import STEM_IMPLS
 from lsgd_jax.optim import goyal_sgd
 from lsgd_jax.profiling import bf16_peak, op_kind, profile, step_flops
-from lsgd_jax.parallel import InFlight, data_sharding, initialize_distributed, make_mesh
+from lsgd_jax.parallel import data_sharding, initialize_distributed, make_mesh
 from lsgd_jax.schedules import scaled_learning_rate
 from lsgd_jax.step import create_train_state, make_train_step
 
