@@ -1,23 +1,40 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the project in one call, figures as JSON lines under $OUT.
+# Every GPU measurement of the project in one call (<= 9 minutes), figures as JSON lines
+# under $OUT, a summary table at the end.
 #
 #   OUT=runs/gpu_check bash experiments/gpu_check.sh           # on a GPU machine
 #   OUT=/tmp/gc TINY=1 bash experiments/gpu_check.sh           # CPU dry run, tiny shapes
 #
-# 1. the card, driver, library versions and XLA_FLAGS; a bf16 matrix-product ceiling;
-# 2. experiments/bench_train_step.py, ResNet-50 bf16, 256 images per device: BN groups
-#    of 32 (profiled: top XLA ops, FLOPs, TFLOP/s), BN over the device batch (256), and
-#    groups of 32 with launch/xla_gpu_flags.sh sourced;
-# 3. the baseline, a minimal jit ResNet-50 step (BASELINE=path/to/own_resnet50.py), in
-#    the same call: compare ratios, not figures from different calls or cards;
-# 4. with the time left (BUDGET_S in all), the GPU mode of the Fashion-MNIST study
-#    (experiments/small_scale.py --mode gpu, FMNIST=folder of the four .gz files); its
-#    results folder (records, tables, plots) comes back as $OUT/small_scale_gpu.tgz.
-# Optional: WHEELS=folder of wheels installed first (e.g. the orbax version we test with);
-# SECTIONS=comma list of machine,bench,baseline,profile,study (default all but profile):
-# "profile" traces groups of 32 and of 256 with XLA's command buffers off, so that the
-# trace names every op instead of one CUDA graph per stretch of them.
-SECTIONS=${SECTIONS:-machine,bench,baseline,study}
+# Files it expects in .gpu/ (git-ignored; copy them in, then send the folder along with
+# the working tree, e.g. as a "carry" path of a remote run):
+#   mkdir -p .gpu/fashion-mnist
+#   cp path/to/own_resnet50.py .gpu/                         # the baseline step
+#   cp /usr/share/datasets/fashion-mnist/*.gz .gpu/fashion-mnist/   # the study's data
+# (or BASELINE=file, FMNIST=folder).
+#
+# Sections (SECTIONS=comma list; default machine,levers,baseline,profile,input,study):
+#   machine   the card, driver, library versions, XLA_FLAGS; a bf16 matrix-product ceiling;
+#   levers    one process of experiments/bench_train_step.py, ResNet-50 bf16, 256 images
+#             per device, that compiles today's step (BN groups of 32, the reference),
+#             each speed lever alone, all of them, BN over the device batch (256), and
+#             times them in interleaved windows; then the reference plus every lever that
+#             beat it ("combined") and a second round of all; ~3-4 minutes;
+#   baseline  own_resnet50.py 256 40 0,32 (a minimal jit ResNet-50 step) in the same call:
+#             compare ratios, not figures from different calls or cards;
+#   profile   the fastest variant with BN groups of 32 again, traced with XLA's command
+#             buffers off (the trace names every op): top ops, and the trace by kind;
+#   input     experiments/bench_input_pipeline.py (1 core and all cores);
+#   study     with the time left (BUDGET_S in all), the GPU mode of the Fashion-MNIST study
+#             (experiments/small_scale.py --mode gpu); finished runs come back as
+#             $OUT/small_scale_gpu.tgz (untar over experiments/results/small_scale_gpu);
+#   bench     (not by default) the three separate-process steps of the earlier calls.
+# Expected on an H200, from the earlier calls' compile times (22 s first, ~12 s after):
+# machine 15 s, levers 3-4 min, baseline 50 s, profile 45 s, input 20 s, the study the
+# rest (its ~20 missing runs need about 200 s; it stops at the budget and keeps what
+# finished). Run it with a 590 s limit for the default BUDGET_S=540.
+# Optional: WHEELS=folder of wheels installed first. The defaults of the model change
+# only after such a call shows a lever faster.
+SECTIONS=${SECTIONS:-machine,levers,baseline,profile,input,study}
 on() { [[ ",$SECTIONS," == *",$1,"* ]]; }
 set -u
 OUT=${OUT:?set OUT to a folder for the figures}
@@ -31,6 +48,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/lsgd_jax_cache}
 LOG="$OUT/gpu_check.log"
 JSON="$OUT/bench.jsonl"
+WINNER="$OUT/winner.args"
 exec > >(tee -a "$LOG") 2>&1
 
 left() { echo $((BUDGET_S - SECONDS)); }
@@ -43,14 +61,36 @@ fi
 
 if [ -n "${TINY:-}" ]; then  # CPU dry run of every section
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=1"
-  BENCH="--model resnet8 --image-size 28 --channels 1 --num-classes 10 --dtype float32
+  BENCH="--model resnet18 --image-size 32 --num-classes 10 --dtype float32
          --batch-per-device 8 --steps 2 --warmup-steps 1 --repeats 2"
-  G=4; BIG=8; PROFILE=2; BASE_ARGS="2 1 0"; MATMUL=512; STUDY_EXTRA="--mode quick"
+  G=2; BIG=8; PROFILE=2; BASE_ARGS="2 1 0"; MATMUL=512; STUDY_EXTRA="--mode quick"
+  STUDY_RESULTS=/tmp/small_scale_quick_results  # never over the committed GPU results
+  INPUT_ARGS="--num-images 32 --rounds 1 --skip-tf"
+  SPLIT="--bn-split-rows 24"  # small enough that the tiny shapes reduce in two stages
 else
-  BENCH="--model resnet50 --dtype bfloat16 --batch-per-device 256 --steps 30
-         --warmup-steps 10 --repeats 3"
+  BENCH="--model resnet50 --dtype bfloat16 --batch-per-device 256 --steps 20
+         --warmup-steps 5 --repeats 3"
   G=32; BIG=256; PROFILE=10; BASE_ARGS="256 40 0,32"; MATMUL=8192; STUDY_EXTRA="--mode gpu"
+  STUDY_RESULTS=experiments/results/small_scale_gpu
+  INPUT_ARGS=""
+  SPLIT=""
 fi
+# The levers (lsgd_jax/models: grouped_bn.py, pooling.py, stem.py; XLA options per
+# compile). The first variant is the reference, today's step. Each costs a compile
+# (~12 s); left out for time: xla_gpu_experimental_enable_conv_fusion=true (it fuses
+# pointwise ops and a reduction to a scalar only, not our BN statistics).
+FAST_MIN_MAX="--xla-option xla_gpu_enable_fast_min_max=true"
+VARIANTS=(
+  "today="
+  "bn_split=--bn-impl split $SPLIT"
+  "bn_custom_vjp=--bn-impl custom_vjp $SPLIT"
+  "pool_masks=--pool-impl masks"
+  "stem_pad4=--stem-impl pad4"
+  "stem_s2d=--stem-impl s2d"
+  "fast_min_max=$FAST_MIN_MAX"
+  "all_levers=--bn-impl custom_vjp $SPLIT --pool-impl masks --stem-impl pad4 $FAST_MIN_MAX"
+  "today_groups_of_${BIG}=--bn-group-size $BIG"
+)
 
 if on machine; then
 section "machine"
@@ -64,12 +104,12 @@ import orbax.checkpoint as ocp
 v["orbax"] = getattr(ocp, "__version__", "?")
 import jax
 v.update(python=platform.python_version(), devices=[d.device_kind for d in jax.devices()],
-         XLA_FLAGS=os.environ.get("XLA_FLAGS", ""))
+         XLA_FLAGS=os.environ.get("XLA_FLAGS", ""), cpu_cores=os.cpu_count())
 print(json.dumps(v))
 EOF
 
-# Convolution autotuning results shared between the variants' processes (the convolutions
-# are the same in each): compile time only. Kept out if this jaxlib does not know the flag.
+# Convolution autotuning results shared between the processes (the convolutions are the
+# same in each): compile time only. Kept out if this jaxlib does not know the flag.
 AUTOTUNE="--xla_gpu_per_fusion_autotune_cache_dir=/tmp/lsgd_xla_autotune"
 if XLA_FLAGS="${XLA_FLAGS:-} $AUTOTUNE" $PY -c "import jax; jax.devices()" >/dev/null 2>&1; then
   export XLA_FLAGS="${XLA_FLAGS:-} $AUTOTUNE"
@@ -101,8 +141,15 @@ bench() {  # label, then extra flags
   $PY experiments/bench_train_step.py $BENCH --json "$JSON" --label "$label" "$@" \
     || echo "FAILED: $label"
 }
-if on bench; then
-bench "groups_of_${G}" --bn-group-size $G --profile-steps $PROFILE --top-ops 15
+
+if on levers; then
+section "levers: ${#VARIANTS[@]} variants and their combination, interleaved, one process"
+args=()
+for v in "${VARIANTS[@]}"; do args+=(--variant "$v"); done
+# Bounded so that the baseline and the profile keep their ~100 s; if cut, the log
+# still holds the screening table.
+timeout $(( $(left) - 150 )) $PY experiments/bench_train_step.py $BENCH --bn-group-size $G \
+  --json "$JSON" --combine --winner-args "$WINNER" "${args[@]}" || echo "FAILED: levers"
 fi
 
 if on baseline; then
@@ -119,53 +166,95 @@ fi
 fi
 
 if on bench; then
+bench "groups_of_${G}" --bn-group-size $G --profile-steps $PROFILE --top-ops 15
 bench "groups_of_${BIG}_whole_device_batch" --bn-group-size $BIG
 ( . launch/xla_gpu_flags.sh && bench "groups_of_${G}_xla_gpu_flags" --bn-group-size $G )
 fi
 
 if on profile; then
-section "profile: groups of $G and of $BIG, command buffers off"
 NOCB="--xla_gpu_enable_command_buffer="
-if XLA_FLAGS="${XLA_FLAGS:-} $NOCB" $PY -c "import jax; jax.devices()" >/dev/null 2>&1; then
+if [ -n "${TINY:-}" ]; then
+  PROFILE_FLAGS=""
+elif XLA_FLAGS="${XLA_FLAGS:-} $NOCB" $PY -c "import jax; jax.devices()" >/dev/null 2>&1; then
   PROFILE_FLAGS="$NOCB"
 else
   PROFILE_FLAGS=""; echo "(this jaxlib does not know $NOCB: profiling with command buffers)"
 fi
-for g in $G $BIG; do
-  ( export XLA_FLAGS="${XLA_FLAGS:-} $PROFILE_FLAGS"
-    bench "groups_of_${g}_profiled_no_command_buffers" --bn-group-size $g \
-      --profile-steps $PROFILE --top-ops 25 )
-done
+W=$(cat "$WINNER" 2>/dev/null || echo "--bn-group-size $G")
+section "profile: the fastest variant with BN groups of $G ($W), command buffers off"
+( export XLA_FLAGS="${XLA_FLAGS:-} $PROFILE_FLAGS"
+  eval "bench winner_profiled_no_command_buffers $W --steps 10 --warmup-steps 3 --repeats 1 \
+    --profile-steps $PROFILE --top-ops 25" )
 fi
 
+summary() {
 section "summary"
-$PY - "$JSON" <<'EOF'
+[ -s "$JSON" ] || { echo "(no figures yet)"; return; }
+$PY - "$JSON" "$OUT/summary.md" <<'EOF'
 import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-base = {r["system"]: r["img_per_s"] for r in rows if r.get("system", "").startswith("own-")}
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
+steps = [r for r in rows if "img_per_s" in r]
+base = {r["system"]: r["img_per_s"] for r in steps if r.get("system", "").startswith("own-")}
 ghost = next((v for k, v in base.items() if "ghost" in k), None)
-for r in rows:
-    if "img_per_s" not in r:
-        continue
+whole = next((v for k, v in base.items() if "batch" in k), None)
+ab = [r for r in steps if r.get("ab_interleaved")]
+today = next((r["img_per_s"] for r in ab if r.get("label") == "today"), None)
+out = ["| variant | BN groups | bn / pool / stem / XLA options | img/s | ms/step | x today "
+       "| x baseline ghost32 | x baseline batch BN |", "|" + "---|" * 8]
+for r in steps:
     name = r.get("label") or r["system"]
-    ratio = f"{r['img_per_s'] / ghost:.3f}x baseline ghost32" if ghost else ""
-    print(f"{name:45s} {r['img_per_s']:9,.0f} img/s  {ratio}")
+    levers = (f"{r['bn_impl']} / {r['pool_impl']} / {r['stem_impl']} / "
+              f"{' '.join(r['xla_options']) or '-'}" if "bn_impl" in r else "")
+    ratio = lambda ref: f"{r['img_per_s'] / ref:.3f}" if ref else ""
+    out.append(f"| {name} | {r.get('bn_group_size', '')} | {levers} | {r['img_per_s']:,.0f} | "
+               f"{1e3 * r['step_s']:.2f} | {ratio(today) if r in ab else ''} | {ratio(ghost)} "
+               f"| {ratio(whole)} |")
+best = max((r for r in ab if r.get("bn_group_size") == min(x["bn_group_size"] for x in ab)),
+           key=lambda r: r["img_per_s"], default=None)
+if best:
+    wide = next((r["img_per_s"] for r in ab if r.get("label", "").startswith("today_groups_of_")),
+                None)
+    out.append("")
+    out.append(f"fastest with BN groups of {best['bn_group_size']}: {best['label']}, "
+               f"{best['img_per_s']:,.0f} img/s on {best['device']} (goal 7,100 on an H200)"
+               + (f"; {best['img_per_s'] / ghost:.3f}x the baseline's ghost32 (goal 1.15)"
+                  if ghost else "")
+               + (f"; {best['img_per_s'] / wide:.3f}x today's step with BN over the device "
+                  f"batch (goal >= 1)" if wide else ""))
+text = "\n".join(out)
+print(text)
+open(sys.argv[2], "w").write(text + "\n")
 EOF
+}
+summary
+
+if on input; then
+section "input pipeline bench, 1 core and all $(nproc) cores"
+reserve=0; on study && reserve=240  # the study's ~20 runs need about 200 s
+limit=$(( $(left) - reserve )); [ "$limit" -gt 60 ] && limit=60
+if [ "$limit" -gt 20 ]; then
+  timeout "$limit" $PY experiments/bench_input_pipeline.py $INPUT_ARGS \
+    || echo "FAILED or cut at ${limit}s: input"
+else
+  echo "skipped: only $(left) s left"
+fi
+fi
 
 if on study; then
 section "Fashion-MNIST study, GPU mode"
 limit=$(( $(left) - 45 ))
 if [ "$limit" -gt 60 ]; then
   $PY experiments/small_scale.py $STUDY_EXTRA --fmnist-dir "$FMNIST" \
-    --out /tmp/small_scale_gpu --results experiments/results/small_scale_gpu \
+    --out /tmp/small_scale_gpu --results "$STUDY_RESULTS" \
     --time-limit "$limit" || echo "FAILED: study"
   # The committed records travel with the call (finished runs are skipped); the new ones
   # come back here: untar over experiments/results/small_scale_gpu.
-  tar -C experiments/results/small_scale_gpu -czf "$OUT/small_scale_gpu.tgz" . \
+  tar -C "$STUDY_RESULTS" -czf "$OUT/small_scale_gpu.tgz" . \
     && tar -C /tmp/small_scale_gpu -czf "$OUT/small_scale_gpu_logs.tgz" logs
 else
   echo "skipped: only $(left) s left"
 fi
+summary
 fi
 
 section "done"

@@ -16,3 +16,10 @@
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_all_reduce_combine_threshold_bytes=33554432"
 # Let XLA take most of the GPU memory up front (fewer fragmentation stalls).
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
+#
+# Candidates, not set here: each is A/B-ed per compile, in one process, by
+#   python experiments/bench_train_step.py ... --variant 'today=' \
+#       --variant 'fast_min_max=--xla-option xla_gpu_enable_fast_min_max=true'
+# (experiments/gpu_check.sh does it), and joins this file only if that call shows it faster.
+#   xla_gpu_enable_fast_min_max=true                  min/max without NaN propagation
+#   xla_gpu_experimental_enable_conv_fusion=true      epilogue fusion into convolutions

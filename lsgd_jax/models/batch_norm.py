@@ -29,6 +29,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lsgd_jax.models.grouped_bn import (
+    BN_IMPLS,
+    DEFAULT_SPLIT_ROWS,
+    group_bn_custom_vjp,
+    group_bn_split,
+)
+
 
 class GroupBatchNorm(nn.Module):
     """BatchNorm over groups of ``group_size`` consecutive examples, NHWC.
@@ -46,6 +53,11 @@ class GroupBatchNorm(nn.Module):
       epsilon: added to the variance (fb.resnet.torch / cuDNN: 1e-5).
       dtype: output dtype (the compute dtype).
       scale_init: initializer of γ (zeros for the paper's zero-γ).
+      impl: how training-mode statistics are computed, all with the same math
+        (:mod:`lsgd_jax.models.grouped_bn`): "plain" (one reduction per group),
+        "split" (two-stage reductions of about ``split_rows`` rows), "custom_vjp"
+        (split, with a hand-written one-pass backward). Evaluation is the same in all.
+      split_rows: the most rows of the inner stage of "split" and "custom_vjp".
     """
 
     group_size: int | None = None
@@ -54,9 +66,17 @@ class GroupBatchNorm(nn.Module):
     dtype: Any = jnp.float32
     scale_init: Callable = nn.initializers.ones
     bias_init: Callable = nn.initializers.zeros
+    impl: str = "plain"
+    split_rows: int = DEFAULT_SPLIT_ROWS
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        if self.impl not in BN_IMPLS:
+            raise ValueError(f"GroupBatchNorm: impl must be one of {BN_IMPLS}, got {self.impl!r}")
+        if isinstance(self.split_rows, bool) or not isinstance(self.split_rows, int) \
+                or self.split_rows < 1:
+            raise ValueError(f"GroupBatchNorm: split_rows must be a positive integer, "
+                             f"got {self.split_rows!r}")
         features = x.shape[-1]
         ra_mean = self.variable(
             "batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32)
@@ -83,6 +103,10 @@ class GroupBatchNorm(nn.Module):
                 f"that divides the per-device (micro)batch"
             )
         num_groups = batch // group
+        if self.impl != "plain":
+            y, mean, var = self._levered(x, scale, bias, num_groups)
+            self._update_averages(ra_mean, ra_var, mean, var)
+            return y
         xg = x.reshape((num_groups, group) + x.shape[1:]).astype(jnp.float32)
         axes = tuple(range(1, xg.ndim - 1))
         # One fused pass over the activations: E[x] and E[x^2] in float32.
@@ -90,10 +114,7 @@ class GroupBatchNorm(nn.Module):
         mean_sq = jnp.mean(jnp.square(xg), axis=axes)
         var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
 
-        if not self.is_initializing():
-            m = self.momentum
-            ra_mean.value = m * ra_mean.value + (1.0 - m) * jnp.mean(mean, axis=0)
-            ra_var.value = m * ra_var.value + (1.0 - m) * jnp.mean(var, axis=0)
+        self._update_averages(ra_mean, ra_var, mean, var)
 
         # y = γ·(x − μ)/σ + β folded into one multiply-add per element.
         mul = scale[None, :] * jax.lax.rsqrt(var + self.epsilon)
@@ -101,3 +122,14 @@ class GroupBatchNorm(nn.Module):
         gshape = (num_groups,) + (1,) * (xg.ndim - 2) + (features,)
         y = xg * mul.reshape(gshape) + add.reshape(gshape)
         return y.reshape(x.shape).astype(self.dtype)
+
+    def _update_averages(self, ra_mean, ra_var, mean, var) -> None:
+        if not self.is_initializing():
+            m = self.momentum
+            ra_mean.value = m * ra_mean.value + (1.0 - m) * jnp.mean(mean, axis=0)
+            ra_var.value = m * ra_var.value + (1.0 - m) * jnp.mean(var, axis=0)
+
+    def _levered(self, x, scale, bias, num_groups):
+        fn = group_bn_split if self.impl == "split" else group_bn_custom_vjp
+        return fn(x, scale, bias, num_groups=num_groups, epsilon=self.epsilon,
+                  dtype=self.dtype, limit=self.split_rows)

@@ -26,6 +26,9 @@ import jax
 import jax.numpy as jnp
 
 from lsgd_jax.models.batch_norm import GroupBatchNorm
+from lsgd_jax.models.grouped_bn import BN_IMPLS, DEFAULT_SPLIT_ROWS
+from lsgd_jax.models.pooling import POOL_IMPLS, max_pool
+from lsgd_jax.models.stem import STEM_IMPLS, StemConv
 
 # fb.resnet.torch: weight ~ N(0, sqrt(2 / (kW·kH·nOutputPlane))), i.e. He/fan-out.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -130,6 +133,14 @@ class ResNet(nn.Module):
       bn_momentum: running-average momentum (the paper: 0.9).
       bn_epsilon: BN epsilon.
       zero_init_residual: γ = 0 on the last BN of every residual block.
+      bn_impl, bn_split_rows: how training-mode BN statistics are reduced
+        (:class:`GroupBatchNorm`'s ``impl`` and ``split_rows``; the same math).
+      pool_impl: "reduce_window" (``nn.max_pool``) or "masks" (the same pool with an
+        elementwise backward, :func:`lsgd_jax.models.pooling.max_pool`).
+      stem_impl: "conv" (``nn.Conv``), "pad4" or "s2d" (the same convolution
+        rearranged, :class:`lsgd_jax.models.stem.StemConv`).
+      The last four change speed on a GPU, not results (equal within float
+      rounding) nor the parameter and state trees.
     """
 
     stage_sizes: Sequence[int]
@@ -142,11 +153,19 @@ class ResNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     zero_init_residual: bool = True
+    bn_impl: str = "plain"
+    bn_split_rows: int = DEFAULT_SPLIT_ROWS
+    pool_impl: str = "reduce_window"
+    stem_impl: str = "conv"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         if self.stem not in ("imagenet", "cifar"):
             raise ValueError(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}")
+        check_levers(self.bn_impl, self.bn_split_rows, self.pool_impl, self.stem_impl)
+        if self.stem_impl == "s2d" and self.stem != "imagenet":
+            raise ValueError("stem_impl='s2d' needs the imagenet stem (7x7 stride 2), "
+                             f"got stem={self.stem!r}")
         if x.ndim != 4:
             raise ValueError(f"ResNet expects NHWC images, got shape {x.shape}")
         bn = functools.partial(
@@ -155,15 +174,20 @@ class ResNet(nn.Module):
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,
             dtype=self.dtype,
+            impl=self.bn_impl,
+            split_rows=self.bn_split_rows,
         )
         x = x.astype(self.dtype)
-        if self.stem == "imagenet":
-            x = _conv(self.num_filters, 7, 2, self.dtype, "stem_conv")(x)
-            x = nn.relu(bn(name="stem_bn")(x, train))
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        size, stride = (7, 2) if self.stem == "imagenet" else (3, 1)
+        if self.stem_impl == "conv":
+            x = _conv(self.num_filters, size, stride, self.dtype, "stem_conv")(x)
         else:
-            x = _conv(self.num_filters, 3, 1, self.dtype, "stem_conv")(x)
-            x = nn.relu(bn(name="stem_bn")(x, train))
+            x = StemConv(self.num_filters, size, stride, self.stem_impl, self.dtype,
+                         kernel_init=conv_init, name="stem_conv")(x)
+        x = nn.relu(bn(name="stem_bn")(x, train))
+        if self.stem == "imagenet":
+            pool = nn.max_pool if self.pool_impl == "reduce_window" else max_pool
+            x = pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
         for i, num_blocks in enumerate(self.stage_sizes):
             for j in range(num_blocks):
@@ -187,6 +211,16 @@ class ResNet(nn.Module):
             bias_init=nn.initializers.zeros,
             name="fc",
         )(x)
+
+
+def check_levers(bn_impl: str, bn_split_rows: int, pool_impl: str, stem_impl: str) -> None:
+    """Raise ValueError naming the value if a speed switch of :class:`ResNet` is not valid."""
+    for name, value, valid in (("bn_impl", bn_impl, BN_IMPLS), ("pool_impl", pool_impl, POOL_IMPLS),
+                               ("stem_impl", stem_impl, STEM_IMPLS)):
+        if value not in valid:
+            raise ValueError(f"{name} must be one of {valid}, got {value!r}")
+    if isinstance(bn_split_rows, bool) or not isinstance(bn_split_rows, int) or bn_split_rows < 1:
+        raise ValueError(f"bn_split_rows must be a positive integer, got {bn_split_rows!r}")
 
 
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block=BasicBlock)
@@ -237,7 +271,8 @@ def get_model(
       dtype: compute dtype, jnp.float32 / jnp.bfloat16 or "float32" / "bfloat16".
       bn_group_size: the paper's n, examples per BN group, or None.
       zero_init_residual: zero-γ on the last BN of each residual block.
-      **kwargs: further :class:`ResNet` attributes (e.g. bn_momentum).
+      **kwargs: further :class:`ResNet` attributes (e.g. bn_momentum, or the speed
+        switches bn_impl, bn_split_rows, pool_impl, stem_impl).
 
     Returns:
       A :class:`ResNet` module.
@@ -257,6 +292,8 @@ def get_model(
         isinstance(bn_group_size, bool) or not isinstance(bn_group_size, int) or bn_group_size < 1
     ):
         raise ValueError(f"bn_group_size must be a positive integer or None, got {bn_group_size!r}")
+    check_levers(kwargs.get("bn_impl", "plain"), kwargs.get("bn_split_rows", DEFAULT_SPLIT_ROWS),
+                 kwargs.get("pool_impl", "reduce_window"), kwargs.get("stem_impl", "conv"))
     return _PRESETS[key](
         num_classes=num_classes,
         dtype=dtype,
