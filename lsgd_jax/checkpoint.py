@@ -37,7 +37,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lsgd_jax.config import RESUME_FIELDS
+from lsgd_jax.config import resume_fields
 
 
 class CheckpointMismatchError(ValueError):
@@ -195,7 +195,7 @@ def check_resumable(directory: str, config: dict) -> int | None:
 def _compare(where: str, saved: dict, config: dict) -> None:
     diffs = [
         f"{name}: checkpoint has {saved.get(name)!r}, this run has {config.get(name)!r}"
-        for name in RESUME_FIELDS
+        for name in resume_fields(saved)
         if name in saved and saved.get(name) != config.get(name)
     ]
     if diffs:

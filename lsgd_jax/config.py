@@ -274,9 +274,13 @@ FREE_FIELDS = frozenset({
 })
 
 
-def resume_fields() -> tuple[str, ...]:
-    """The fields that must match between a checkpoint and the run resuming from it."""
-    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in FREE_FIELDS)
+def resume_fields(saved: dict | None = None) -> tuple[str, ...]:
+    """The fields that must match between a checkpoint whose config is ``saved`` and the
+    run resuming from it. ``--epochs`` is free under the paper's step decay (its
+    decays are at fixed epochs), but not under ``--schedule poly``, which decays
+    towards the last epoch."""
+    free = FREE_FIELDS - {"epochs"} if (saved or {}).get("schedule") == "poly" else FREE_FIELDS
+    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in free)
 
 
 RESUME_FIELDS = resume_fields()

@@ -298,6 +298,17 @@ def test_fields_that_do_not_change_the_math_may_change(workdir):
     assert {"bn_group_size", "dtype", "base_lr", "weight_decay", "seed"} <= set(RESUME_FIELDS)
 
 
+def test_epochs_are_part_of_a_poly_recipe(workdir):
+    """Poly decay runs to the last epoch: a longer run would change every rate."""
+    from lsgd_jax.checkpoint import _compare, CheckpointMismatchError
+
+    steps = BASE.to_dict()
+    poly = BASE.replace(schedule="poly", end_lr=0.0).to_dict()
+    _compare("w", steps, steps | {"epochs": 9})  # step decay: free
+    with pytest.raises(CheckpointMismatchError, match="epochs: checkpoint has 3, this run has 9"):
+        _compare("w", poly, poly | {"epochs": 9})
+
+
 @pytest.mark.slow
 def test_a_changed_recipe_exits_2_and_keeps_config_json(workdir):
     before = _files(workdir)
