@@ -70,6 +70,12 @@ class TrainConfig:
     synthetic_eval_examples: int = _field(50_000, "data", "size of the synthetic validation set")
     model: str | None = _field(None, "model", "the ResNet", choices=MODEL_NAMES,
                                default_text="resnet50, or resnet20 for --data fashion_mnist")
+    num_classes: int | None = _field(None, "model", "classifier outputs; synthetic data draws "
+                                     "its labels among them", default_text="the data set's")
+    init_from: str | None = _field(None, "model", "start from the weights of a file written by "
+                                   "`lsgd-jax export` (fine-tuning: fresh optimizer and "
+                                   "schedule; the classifier is re-initialised when the class "
+                                   "count differs)")
     dtype: str = _field("bfloat16", "model", "compute dtype; parameters and optimizer state "
                         "are float32", choices=DTYPES)
     zero_init_residual: bool = _field(True, "model", "γ=0 on the last BN of every residual "
@@ -140,7 +146,7 @@ class TrainConfig:
             _positive_int(name, getattr(self, name))
         for name in ("checkpoint_every_steps", "keep_every_epochs", "seed"):
             _non_negative_int(name, getattr(self, name))
-        for name in ("image_size", "num_steps", "eval_batch_size"):
+        for name in ("image_size", "num_steps", "eval_batch_size", "num_classes"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
         _positive_float("epochs", self.epochs)
@@ -163,6 +169,10 @@ class TrainConfig:
             raise ValueError(
                 f"decay_epochs must be non-negative and increasing, got {self.decay_epochs!r}"
             )
+        if self.init_from is not None and (not isinstance(self.init_from, str)
+                                           or not self.init_from):
+            raise ValueError(f"init_from must be the path of a model file, got "
+                             f"{self.init_from!r}")
         if not isinstance(self.tfds_name, str) or not self.tfds_name:
             raise ValueError(f"tfds_name must be a non-empty name, got {self.tfds_name!r}")
         _choice("allreduce", self.allreduce, _allreduce_names())
@@ -217,7 +227,7 @@ def evaluation_steps(*, total_steps: int, steps_per_epoch: int, eval_every_epoch
 # Fields that must match between a checkpoint and the run resuming from it:
 # they change the shapes of the state or the meaning of the saved position.
 RESUME_FIELDS = ("data", "tfds_name", "model", "image_size", "batch_size", "seed", "synthetic_examples",
-                 "momentum_form")
+                 "momentum_form", "num_classes")
 
 
 def _choice(name, value, valid) -> None:

@@ -85,8 +85,10 @@ def read_metrics(workdir: str, kind: str | None = None) -> list[dict]:
 def eval_history(workdir: str) -> dict[int, dict]:
     """Eval records by step, in step order; the latest one where a resumed run evaluated a
     step twice. Keyed by step, not epoch: a run evaluates several times within an epoch
-    (the median's evaluations, a fractional last epoch)."""
-    history = {int(r["step"]): r for r in read_metrics(workdir, "eval")}
+    (the median's evaluations, a fractional last epoch). Records of ``lsgd-jax evaluate``
+    (``source: "evaluate"``) are not the run's and are left out."""
+    history = {int(r["step"]): r for r in read_metrics(workdir, "eval")
+               if r.get("source") != "evaluate"}  # the run's own, not later read-backs
     return dict(sorted(history.items()))
 
 
