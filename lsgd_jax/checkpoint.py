@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from typing import Any
@@ -361,6 +362,10 @@ def read_verified(directory: str, target: Any, *, step: int | None = None,
         "saved one (a checkpoint is saved at the end of every epoch)")
 
 
+def _quiet_metadata(record: logging.LogRecord) -> bool:
+    return "_CHECKPOINT_METADATA" not in record.getMessage()
+
+
 def _read_one(directory: str, step: int, target: Any) -> tuple[Any, dict]:
     step_dir = os.path.join(directory, str(step))
     for name in _REQUIRED_FILES:
@@ -369,9 +374,12 @@ def _read_one(directory: str, step: int, target: Any) -> tuple[Any, dict]:
     meta = _read_json_item(directory, step, "meta")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     checkpointer = ocp.StandardCheckpointer()
+    absl = logging.getLogger("absl")
+    absl.addFilter(_quiet_metadata)  # a checkpoint's item has no metadata file of its own
     try:
         state = checkpointer.restore(os.path.join(step_dir, "state"), abstract)
     finally:
+        absl.removeFilter(_quiet_metadata)
         checkpointer.close()
     digest = state_sha256(state)
     if "state_sha256" in meta and digest != meta["state_sha256"]:

@@ -84,10 +84,21 @@ def classify(paths: Sequence[str], model: Any, variables: dict, meta: dict, *,
         try:
             ready.append((path, load_image(path, meta)))
         except DECODE_ERRORS as e:  # OSError covers a missing file and a non-image
-            errors[path] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            errors[path] = _reason(e)
     for start in range(0, len(ready), batch_size):
         chunk = ready[start:start + batch_size]
         probs = predict(np.stack([image for _, image in chunk]))
         for (path, _), best in zip(chunk, top_k(probs, meta)):
             results[path] = best
     return results, errors
+
+
+def _reason(error: Exception) -> str:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image format PIL can identify"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text[:200]}"

@@ -17,13 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from lsgd_jax.checkpoint import UnreadableCheckpointError, read_verified, _step_dirs
+from lsgd_jax.checkpoint import (
+    UnreadableCheckpointError,
+    _quiet_metadata,
+    _step_dirs,
+    read_verified,
+)
 from lsgd_jax.config import TrainConfig
 
 # The side of a preprocessed image when --image-size is not given (the sources' defaults).
@@ -86,6 +92,15 @@ def _checkpoint_shapes(directory: str) -> dict | None:
     """``{"classes": C, "channels": c}`` from the newest checkpoint whose metadata reads."""
     import orbax.checkpoint as ocp
 
+    absl = logging.getLogger("absl")
+    absl.addFilter(_quiet_metadata)  # a checkpoint's item has no metadata file of its own
+    try:
+        return _shapes(ocp, directory)
+    finally:
+        absl.removeFilter(_quiet_metadata)
+
+
+def _shapes(ocp, directory: str) -> dict | None:
     for step in _step_dirs(directory):
         checkpointer = ocp.StandardCheckpointer()
         try:
