@@ -88,20 +88,20 @@ def pixel_stats(data: str, channels: int) -> tuple[tuple[float, ...], tuple[floa
     return IMAGENET_MEAN, IMAGENET_STD
 
 
-def _checkpoint_shapes(directory: str) -> dict | None:
+def _checkpoint_shapes(directory: str, step: int | None) -> dict | None:
     """``{"classes": C, "channels": c}`` from the newest checkpoint whose metadata reads."""
     import orbax.checkpoint as ocp
 
     absl = logging.getLogger("absl")
     absl.addFilter(_quiet_metadata)  # a checkpoint's item has no metadata file of its own
     try:
-        return _shapes(ocp, directory)
+        return _shapes(ocp, directory, step)
     finally:
         absl.removeFilter(_quiet_metadata)
 
 
-def _shapes(ocp, directory: str) -> dict | None:
-    for step in _step_dirs(directory):
+def _shapes(ocp, directory: str, only: int | None) -> dict | None:
+    for step in [only] if only is not None else _step_dirs(directory):
         checkpointer = ocp.StandardCheckpointer()
         try:
             metadata = checkpointer.metadata(os.path.join(directory, str(step), "state"))
@@ -154,12 +154,14 @@ def restore_run(workdir: str, *, step: int | None = None, mesh: Any = None,
             f"--workdir {workdir} does not exist; give the --workdir of a training run")
     if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
         raise UnreadableCheckpointError(f"--step must be a step number >= 0, got {step!r}")
-    shapes = _checkpoint_shapes(directory)
-    if shapes is None:  # nothing readable: read_verified names the problem
-        read_verified(directory, None, step=step, log=log)
+    shapes = _checkpoint_shapes(directory, step)
     # The configuration of the newest checkpoint whose meta reads (read_verified
     # re-reads the chosen checkpoint's own meta below).
     config = _checkpoint_config(directory, step)
+    if shapes is None or config is None:  # nothing readable: read_verified names the problem
+        read_verified(directory, None, step=step, log=lambda msg: None)
+        raise UnreadableCheckpointError(f"no checkpoint in {directory} can be read; nothing "
+                                        "was changed")
     facts = run_facts(config, num_classes=shapes["classes"], channels=shapes["channels"])
     mesh = make_mesh() if mesh is None else mesh
     model = get_model(config.model, num_classes=facts.num_classes, dtype=config.dtype,
@@ -183,7 +185,7 @@ def restore_run(workdir: str, *, step: int | None = None, mesh: Any = None,
                        steps_per_epoch=_steps_per_epoch(workdir))
 
 
-def _checkpoint_config(directory: str, step: int | None) -> TrainConfig:
+def _checkpoint_config(directory: str, step: int | None) -> TrainConfig | None:
     from lsgd_jax.checkpoint import _read_json_item
 
     for candidate in [step] if step is not None else _step_dirs(directory):
@@ -192,9 +194,7 @@ def _checkpoint_config(directory: str, step: int | None) -> TrainConfig:
             return TrainConfig.from_dict(meta["config"])
         except Exception:
             continue
-    raise UnreadableCheckpointError(
-        f"no checkpoint in {directory} has a readable configuration (meta/metadata); "
-        "nothing was changed")
+    return None
 
 
 def evaluate_run(run: RestoredRun, *, eval_batch_size: int | None = None,
