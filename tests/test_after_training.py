@@ -418,3 +418,44 @@ def test_init_from_refuses_another_model_naming_it(model_path, tmp_path):
                      "--init-from", str(tmp_path / "missing.msgpack"), "--cpu-devices", "8")
     assert result.returncode == 2
     assert str(tmp_path / "missing.msgpack") in _error_line(result.stderr)
+
+
+@pytest.mark.slow
+def test_evaluate_and_export_on_two_processes(run_dir, model_path, tmp_path):
+    """2 processes × 2 CPU devices (Gloo): the run's top-1, one record, one model file
+    equal to the one-process export."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    records_before = len(read_metrics(run_dir, "eval"))
+
+    def launch(script, *args):
+        procs = [subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "experiments", script), *args,
+             "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+             "--process-id", str(i), "--cpu-devices", "2"],
+            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(2)]
+        try:
+            outs = [p.communicate(timeout=240)[0] for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        for p, out in zip(procs, outs):
+            assert p.returncode == 0, out
+        return outs
+
+    outs = launch("evaluate.py", "--workdir", run_dir, "--eval-batch-size", "12")
+    last = eval_history(run_dir)[12]
+    assert f"top-1 error {100 * last['top1_error']:.2f}%" in outs[0] and "4 devices" in outs[0]
+    assert "top-1 error" not in outs[1]  # process 0 reports
+    records = read_metrics(run_dir, "eval")
+    assert len(records) == records_before + 1 and records[-1]["num_processes"] == 2
+    assert records[-1]["top1_error"] == last["top1_error"]
+    out = str(tmp_path / "two.msgpack")
+    launch("export.py", "--workdir", run_dir, "--out", out)
+    assert open(out, "rb").read() == open(model_path, "rb").read()
