@@ -459,3 +459,36 @@ def test_evaluate_and_export_on_two_processes(run_dir, model_path, tmp_path):
     out = str(tmp_path / "two.msgpack")
     launch("export.py", "--workdir", run_dir, "--out", out)
     assert open(out, "rb").read() == open(model_path, "rb").read()
+
+
+def test_the_eval_transform_of_a_one_channel_model_and_of_imagenet(tmp_path):
+    """Fashion-MNIST-sized files come back as their pixels; ImageNet's is resize 256, crop
+    224 (decode_eval), made RGB from CMYK."""
+    from lsgd_jax.data.augment import decode_eval
+    from lsgd_jax.predict import load_image
+
+    pixels = np.random.default_rng(1).integers(0, 256, (28, 28), np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "item.png")
+    small = {"image_size": 28, "eval_resize": 28, "channels": 1}
+    np.testing.assert_array_equal(load_image(str(tmp_path / "item.png"), small),
+                                  pixels[..., None])
+    photo = Image.fromarray(np.random.default_rng(2).integers(0, 256, (300, 500, 3), np.uint8))
+    photo.convert("CMYK").save(tmp_path / "photo.jpg")
+    imagenet = {"image_size": 224, "eval_resize": 256, "channels": 3}
+    data = (tmp_path / "photo.jpg").read_bytes()
+    out = load_image(str(tmp_path / "photo.jpg"), imagenet)
+    assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, decode_eval(data, size=224, resize=256))
+
+
+def test_num_classes_for_synthetic_data_and_too_few_for_a_data_set():
+    from lsgd_jax.data import open_source
+
+    source = open_source(TrainConfig(**TINY | dict(num_classes=7)), "validation")
+    assert source.num_classes == 7
+    assert source.get_batch(np.arange(40))["label"].max() < 7
+    with pytest.raises(ValueError, match="--num-classes 5 is fewer than the 10 classes of "
+                                         "fashion_mnist; use at least 10"):
+        open_source(TrainConfig(data="fashion_mnist", num_classes=5), "validation")
+    with pytest.raises(ValueError, match="num_classes must be a positive integer"):
+        TrainConfig(num_classes=0)
