@@ -340,13 +340,19 @@ def read_verified(directory: str, target: Any, *, step: int | None = None,
     skipped = []
     for candidate in steps:
         step_dir = os.path.join(directory, str(candidate))
+        problem = None
         try:
-            return (*_read_one(directory, candidate, target), candidate)
+            state, meta = _read_one(directory, candidate, target)
         except CorruptCheckpointError as e:
             problem = e
         except Exception as e:  # orbax and tensorstore raise many kinds
             problem = CorruptCheckpointError(
                 candidate, _damaged_file(e, step_dir) or step_dir, _first_line(e))
+        if not _all_processes_agree(problem is None):  # every process takes the same one
+            problem = problem or CorruptCheckpointError(
+                candidate, step_dir, "another process could not read it")
+        if problem is None:
+            return state, meta, candidate
         if not _all_processes_agree(os.path.isdir(step_dir)) and step is None:
             continue  # removed meanwhile by the run's retention: not damage
         if step is not None:

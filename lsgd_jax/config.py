@@ -70,16 +70,16 @@ class TrainConfig:
     synthetic_eval_examples: int = _field(50_000, "data", "size of the synthetic validation set")
     model: str | None = _field(None, "model", "the ResNet", choices=MODEL_NAMES,
                                default_text="resnet50, or resnet20 for --data fashion_mnist")
+    dtype: str = _field("bfloat16", "model", "compute dtype; parameters and optimizer state "
+                        "are float32", choices=DTYPES)
+    zero_init_residual: bool = _field(True, "model", "γ=0 on the last BN of every residual "
+                                      "block (zero-γ, section 5.1)", flag="--zero-gamma")
     num_classes: int | None = _field(None, "model", "classifier outputs; synthetic data draws "
                                      "its labels among them", default_text="the data set's")
     init_from: str | None = _field(None, "model", "start from the weights of a file written by "
                                    "`lsgd-jax export` (fine-tuning: fresh optimizer and "
                                    "schedule; the classifier is re-initialised when the class "
                                    "count differs)")
-    dtype: str = _field("bfloat16", "model", "compute dtype; parameters and optimizer state "
-                        "are float32", choices=DTYPES)
-    zero_init_residual: bool = _field(True, "model", "γ=0 on the last BN of every residual "
-                                      "block (zero-γ, section 5.1)", flag="--zero-gamma")
     batch_size: int = _field(256, "minibatch", "the global minibatch kn")
     bn_group_size: int = _field(32, "minibatch", "n: images per BatchNorm worker, independent "
                                 "of the per-device batch (the paper: 32)")

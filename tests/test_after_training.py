@@ -492,3 +492,17 @@ def test_num_classes_for_synthetic_data_and_too_few_for_a_data_set():
         open_source(TrainConfig(data="fashion_mnist", num_classes=5), "validation")
     with pytest.raises(ValueError, match="num_classes must be a positive integer"):
         TrainConfig(num_classes=0)
+
+
+def test_class_names_come_from_the_tfds_metadata(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    from tiny_imagenet import BUILDER, build
+
+    from lsgd_jax.model_file import class_names
+
+    data_dir = build(str(tmp_path / "tfds"))
+    config = TrainConfig(data="imagenet", tfds_name=BUILDER, data_dir=data_dir)
+    assert class_names(config) == ["0", "1", "2", "3"]  # ClassLabel(num_classes=4)'s names
+    assert class_names(config.replace(tfds_name="no_such_data_set")) is None  # indices then
+    assert class_names(TrainConfig(data="synthetic")) is None
+    assert class_names(TrainConfig(data="fashion_mnist"))[9] == "Ankle boot"
