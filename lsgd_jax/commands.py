@@ -66,7 +66,7 @@ def _log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------ evaluate
-def evaluate_main(argv: list[str] | None = None) -> int:
+def evaluate_parser() -> argparse.ArgumentParser:
     p = _parser("lsgd-jax evaluate", "Evaluate a training run's checkpoint on the whole "
                 "validation split (top-1 and top-5 error, exact: every image once, on any "
                 "number of devices). Reads the workdir without changing it or taking its lock; "
@@ -78,7 +78,11 @@ def evaluate_main(argv: list[str] | None = None) -> int:
                    "(default: the run's --data-dir)")
     p.add_argument("--no-record", action="store_true",
                    help="do not append the result to WORKDIR/metrics.jsonl")
-    args = p.parse_args(argv)
+    return p
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    args = evaluate_parser().parse_args(argv)
     error = _start(args, {"--eval-batch-size": args.eval_batch_size,
                           "--cpu-devices": args.cpu_devices})
     if error:
@@ -113,13 +117,17 @@ def evaluate_main(argv: list[str] | None = None) -> int:
 
 
 # ------------------------------------------------------------------ export
-def export_main(argv: list[str] | None = None) -> int:
+def export_parser() -> argparse.ArgumentParser:
     p = _parser("lsgd-jax export", "Write a training run's parameters and BN averages to "
                 "one file (Flax msgpack) and a JSON description beside it (MODEL.json), for "
                 "lsgd_jax.load_model, `lsgd-jax predict` and --init-from.")
     _workdir_flags(p)
     p.add_argument("--out", required=True, help="the model file, e.g. model.msgpack")
-    args = p.parse_args(argv)
+    return p
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    args = export_parser().parse_args(argv)
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         return _fail(f"--out {args.out}: the folder {out_dir} does not exist; create it or "
@@ -145,7 +153,7 @@ def export_main(argv: list[str] | None = None) -> int:
 
 
 # ------------------------------------------------------------------ predict
-def predict_main(argv: list[str] | None = None) -> int:
+def predict_parser() -> argparse.ArgumentParser:
     p = _parser("lsgd-jax predict", "Top-5 classes with probabilities for each image file "
                 "(JPEG, PNG, ...; CMYK and grayscale too), through the model's eval transform. "
                 "Exit status 1 when some files could not be read as images (each is named).",
@@ -153,7 +161,11 @@ def predict_main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="a file written by `lsgd-jax export`")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("images", nargs="+", help="image files")
-    args = p.parse_args(argv)
+    return p
+
+
+def predict_main(argv: list[str] | None = None) -> int:
+    args = predict_parser().parse_args(argv)
     if args.batch_size < 1:
         return _fail(f"--batch-size must be a positive integer, got {args.batch_size}")
     status = [0]

@@ -150,3 +150,25 @@ def test_the_model_file_example_runs_as_written(tmp_path):
     model, variables, meta = scope["model"], scope["variables"], scope["meta"]
     np.testing.assert_allclose(probs, make_predict(model, variables, meta)(scope["images"]),
                                atol=1e-6)
+
+
+def test_every_lsgd_jax_command_in_the_readme_parses():
+    import shlex
+
+    from lsgd_jax.cli import build_parser
+    from lsgd_jax.commands import evaluate_parser, export_parser, predict_parser
+
+    parsers = {"train": build_parser, "evaluate": evaluate_parser, "export": export_parser,
+               "predict": predict_parser}
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        blocks = re.findall(r"^```bash\n(.*?)^```", f.read(), flags=re.S | re.M)
+    seen = set()
+    for block in blocks:
+        for line in block.splitlines():
+            if not line.startswith("lsgd-jax "):
+                continue
+            tokens = shlex.split(line, comments=True)
+            if tokens[:1] == ["lsgd-jax"]:
+                parsers[tokens[1]]().parse_args(tokens[2:])
+                seen.add(tokens[1])
+    assert seen == set(parsers), seen
