@@ -43,6 +43,10 @@ from lsgd_jax.plan import Plan, make_plan
 from lsgd_jax.checkpoint import state_sha256
 from lsgd_jax.train import train_and_evaluate
 
+# --- after training (model_file.py, predict.py) ---
+from lsgd_jax.model_file import ModelFileError, load_model
+from lsgd_jax.predict import load_images, normalize
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -79,4 +83,9 @@ __all__ = [
     "make_plan",
     "state_sha256",
     "train_and_evaluate",
+    # after training
+    "ModelFileError",
+    "load_images",
+    "load_model",
+    "normalize",
 ]

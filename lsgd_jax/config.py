@@ -76,6 +76,12 @@ class TrainConfig:
                         "are float32", choices=DTYPES)
     zero_init_residual: bool = _field(True, "model", "γ=0 on the last BN of every residual "
                                       "block (zero-γ, section 5.1)", flag="--zero-gamma")
+    num_classes: int | None = _field(None, "model", "classifier outputs; synthetic data draws "
+                                     "its labels among them", default_text="the data set's")
+    init_from: str | None = _field(None, "model", "start from the weights of a file written by "
+                                   "`lsgd-jax export` (fine-tuning: fresh optimizer and "
+                                   "schedule; the classifier is re-initialised when the class "
+                                   "count differs)")
     batch_size: int = _field(256, "minibatch", "the global minibatch kn")
     bn_group_size: int = _field(32, "minibatch", "n: images per BatchNorm worker, independent "
                                 "of the per-device batch (the paper: 32)")
@@ -158,7 +164,7 @@ class TrainConfig:
             _positive_int(name, getattr(self, name))
         for name in ("checkpoint_every_steps", "keep_every_epochs", "seed"):
             _non_negative_int(name, getattr(self, name))
-        for name in ("image_size", "num_steps", "eval_batch_size"):
+        for name in ("image_size", "num_steps", "eval_batch_size", "num_classes"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
         _positive_float("epochs", self.epochs)
@@ -197,6 +203,10 @@ class TrainConfig:
             raise ValueError(
                 f"decay_epochs must be non-negative and increasing, got {self.decay_epochs!r}"
             )
+        if self.init_from is not None and (not isinstance(self.init_from, str)
+                                           or not self.init_from):
+            raise ValueError(f"init_from must be the path of a model file, got "
+                             f"{self.init_from!r}")
         if not isinstance(self.tfds_name, str) or not self.tfds_name:
             raise ValueError(f"tfds_name must be a non-empty name, got {self.tfds_name!r}")
         _choice("allreduce", self.allreduce, _allreduce_names())
@@ -270,7 +280,7 @@ FREE_FIELDS = frozenset({
     "data_dir", "decode_threads", "max_bad_fraction", "synthetic_eval_examples",
     "eval_batch_size", "epochs", "num_steps", "allreduce", "checkpoint_every_steps",
     "keep_checkpoints", "keep_every_epochs", "eval_every_epochs", "median_evals",
-    "log_every_steps",
+    "log_every_steps", "init_from",
 })
 
 

@@ -136,9 +136,9 @@ def eval_history(workdir: str) -> dict[int, dict]:
     """Eval records of the current attempt by step, in step order; the latest one where
     a resumed run evaluated a step twice. Keyed by step, not epoch: a run evaluates
     several times within an epoch (the median's evaluations, a fractional last epoch).
-    Evaluations of a checkpoint by ``evaluate`` (``source`` set) are not the run's own."""
+    Records of ``lsgd-jax evaluate`` (``source: "evaluate"``) are not the run's own."""
     history = {int(r["step"]): r for r in current_records(workdir, "eval")
-               if "source" not in r}
+               if r.get("source") != "evaluate"}  # the run's own, not later read-backs
     return dict(sorted(history.items()))
 
 

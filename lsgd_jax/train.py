@@ -153,7 +153,8 @@ def _prepare(config: TrainConfig, workdir: str, log: Callable[[str], None],
             f"{config.warmup_epochs:g}) is longer than the run ({plan.planned_steps} steps, "
             f"--epochs {config.epochs:g}): the rate never reaches its peak {plan.peak_lr:g}")
     # The model and the step are built from the same n and dtype: the plan's and the config's.
-    model = get_model(config.model, num_classes=train_source.num_classes, dtype=config.dtype,
+    model = get_model(config.model, num_classes=config.num_classes or train_source.num_classes,
+                      dtype=config.dtype,
                       bn_group_size=plan.bn_group_size,
                       zero_init_residual=config.zero_init_residual)
     schedule, tx = build_recipe(config, plan)  # --schedule and --optimizer
@@ -189,6 +190,13 @@ def _prepare(config: TrainConfig, workdir: str, log: Callable[[str], None],
             f"step {run.position['step']} of the epoch; its state SHA-256 verified)")
         return run
     _start_without_checkpoint(run, had_steps, restart_from_scratch)
+    if config.init_from and run.finished is None:
+        # Fine-tuning: the file's weights, a fresh optimizer and schedule.
+        from lsgd_jax.init_from import start_from_model
+
+        run.log(f"initialising from {config.init_from}")
+        run.state = start_from_model(run.state, config.init_from, model_name=config.model,
+                                     log=log)
     return run
 
 

@@ -5,6 +5,8 @@ import re
 
 import jax
 import numpy as np
+
+import lsgd_jax
 import optax
 import pytest
 
@@ -16,11 +18,12 @@ def _python_blocks() -> list[str]:
         return re.findall(r"^```python\n(.*?)^```", f.read(), flags=re.S | re.M)
 
 
-def test_the_readme_has_the_three_examples():
+def test_the_readme_has_the_four_examples():
     blocks = _python_blocks()
-    assert len(blocks) == 3, "update this test with the README's examples"
+    assert len(blocks) == 4, "update this test with the README's examples"
     assert "goyal_sgd" in blocks[0] and "make_train_step" in blocks[1]
     assert "lsgd_jax.lars(" in blocks[2] and "poly_schedule" in blocks[2]
+    assert "load_model" in blocks[3]
 
 
 def test_the_lars_example_runs_with_the_trust_ratio_on_kernels_only():
@@ -122,3 +125,72 @@ def test_every_study_command_in_the_results_readme_parses():
     assert len(commands) >= 5, commands  # run, --list, --report-only, --quick, --mode gpu
     for argv in commands:
         _parser().parse_args(argv)
+
+
+def _untrained_model_file(tmp_path) -> str:
+    """An exported model file of a fresh ResNet-8 (10 classes, 32 pixels)."""
+    from lsgd_jax.config import TrainConfig
+    from lsgd_jax.model_file import export_model
+    from lsgd_jax.optim import goyal_sgd
+    from lsgd_jax.readback import RestoredRun, run_facts
+    from lsgd_jax.step import create_train_state
+
+    config = TrainConfig(data="synthetic", model="resnet8", image_size=32, num_classes=10,
+                         dtype="float32")
+    model = lsgd_jax.get_model("resnet8", num_classes=10, dtype="float32", bn_group_size=None)
+    mesh = lsgd_jax.make_mesh()
+    state = create_train_state(model, goyal_sgd(0.1), rng=jax.random.key(0),
+                               input_shape=(1, 32, 32, 3), mesh=mesh)
+    run = RestoredRun(workdir=str(tmp_path), config=config,
+                      facts=run_facts(config, num_classes=10, channels=3), model=model,
+                      state=state, step=0, meta={}, mesh=mesh, steps_per_epoch=None)
+    out = str(tmp_path / "model.msgpack")
+    export_model(run, out)
+    return out
+
+
+def test_the_model_file_example_runs_as_written(tmp_path):
+    """The four lines of the README, with a real model file and two real image files."""
+    from PIL import Image
+
+    from lsgd_jax.predict import make_predict
+
+    path = _untrained_model_file(tmp_path)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (60, 80, 3), np.uint8)).save(tmp_path / "shirt.jpg")
+    Image.fromarray(rng.integers(0, 256, (50, 40), np.uint8)).save(tmp_path / "boot.png")
+    code = _python_blocks()[3]
+    for name in ("model.msgpack", "shirt.jpg", "boot.png"):
+        assert f'"{name}"' in code, f"the README's model example no longer reads {name}"
+        code = code.replace(f'"{name}"', repr(str(tmp_path / name)))
+    assert len(code.strip().splitlines()) == 4
+    scope: dict = {}
+    exec(code, scope)  # noqa: S102 - the README's own code
+    probs = np.asarray(scope["probs"])
+    assert probs.shape == (2, 10)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    model, variables, meta = scope["model"], scope["variables"], scope["meta"]
+    np.testing.assert_allclose(probs, make_predict(model, variables, meta)(scope["images"]),
+                               atol=1e-6)
+
+
+def test_every_lsgd_jax_command_in_the_readme_parses():
+    import shlex
+
+    from lsgd_jax.cli import build_parser
+    from lsgd_jax.commands import evaluate_parser, export_parser, predict_parser
+
+    parsers = {"train": build_parser, "evaluate": evaluate_parser, "export": export_parser,
+               "predict": predict_parser}
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        blocks = re.findall(r"^```bash\n(.*?)^```", f.read(), flags=re.S | re.M)
+    seen = set()
+    for block in blocks:
+        for line in block.splitlines():
+            if not line.startswith("lsgd-jax "):
+                continue
+            tokens = shlex.split(line, comments=True)
+            if tokens[:1] == ["lsgd-jax"]:
+                parsers[tokens[1]]().parse_args(tokens[2:])
+                seen.add(tokens[1])
+    assert seen == set(parsers), seen

@@ -26,12 +26,20 @@ def open_source(config, split: str) -> Source:
         options = {"image_size": config.image_size, "seed": config.seed,
                    "num_examples": (config.synthetic_examples if split == "train"
                                     else config.synthetic_eval_examples)}
+        if getattr(config, "num_classes", None):
+            options["num_classes"] = config.num_classes
     elif config.data == "imagenet":
         options.update(decode_threads=config.decode_threads, max_bad_fraction=config.max_bad_fraction,
                        builder_name=config.tfds_name)
         if split == "train":
             options.update(color_jitter=config.color_jitter, lighting=config.lighting)
-    return get_source(config.data, split=split, **options)
+    source = get_source(config.data, split=split, **options)
+    wanted = getattr(config, "num_classes", None)
+    if wanted is not None and wanted < source.num_classes:
+        source.close()
+        raise ValueError(f"--num-classes {wanted} is fewer than the {source.num_classes} "
+                         f"classes of {config.data}; use at least {source.num_classes}")
+    return source
 
 
 __all__ = [

@@ -30,6 +30,9 @@ FILES = {
 PIXEL_MEAN = (72.940,)
 PIXEL_STD = (90.021,)
 PAD = 4
+# The labels 0-9 (the data set's documentation).
+CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+               "Sneaker", "Bag", "Ankle boot")
 
 
 def write_idx(path: str, array: np.ndarray) -> None:

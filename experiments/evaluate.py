@@ -1,0 +1,14 @@
+"""Evaluate a training run's checkpoint on the validation split (``--help`` for the flags; the same as ``lsgd-jax evaluate``).
+
+The command lives in ``lsgd_jax.commands``.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+
+from lsgd_jax.commands import evaluate_main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(evaluate_main())

@@ -1,0 +1,7 @@
+"""``python -m lsgd_jax train|evaluate|export|predict ...`` (the ``lsgd-jax`` command)."""
+
+import sys
+
+from lsgd_jax.commands import main
+
+sys.exit(main())

@@ -1,0 +1,187 @@
+"""A trained model in one file: ``export_model`` writes it, ``load_model`` reads it.
+
+``MODEL.msgpack`` (Flax's msgpack serialization) holds::
+
+  {"format": "lsgd-jax model", "format_version": 1, "model": NAME,
+   "variables": {"params": ..., "batch_stats": ...}}
+
+the parameters and the BN running averages that evaluation uses, as float32 arrays.
+``MODEL.json`` beside it says how to use them: the model's name, classes (names when
+the data set's metadata has them), image size, channels and eval transform, the
+pixel mean and std, the compute dtype, the checkpoint's step and ``state_sha256``,
+the run's result (the paper's metric) from ``metrics.jsonl``, and the SHA-256 of
+the msgpack file, checked by every load. ``load_model`` needs nothing else: any
+JAX program on any number of devices can apply the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+FORMAT = "lsgd-jax model"
+FORMAT_VERSION = 1
+
+
+class ModelFileError(ValueError):
+    """A model file that is missing, damaged, or not one this version can load."""
+
+
+def sidecar_path(path: str) -> str:
+    """``model.msgpack`` -> ``model.json``: where the model file's description lies."""
+    root, ext = os.path.splitext(path)
+    return (root if ext == ".msgpack" else path) + ".json"
+
+
+def class_names(config) -> list[str] | None:
+    """The label names of the run's data set, when its metadata has them."""
+    if config.data == "fashion_mnist":
+        from lsgd_jax.data.fashion_mnist import CLASS_NAMES
+
+        return list(CLASS_NAMES)
+    if config.data == "imagenet":
+        try:
+            import tensorflow_datasets as tfds
+
+            builder = tfds.builder(config.tfds_name, data_dir=config.data_dir)
+            return list(builder.info.features["label"].names)
+        except Exception:  # no tfds, or the data set is not on this host: indices then
+            return None
+    return None
+
+
+def export_model(run, out: str) -> dict:
+    """Write ``run``'s (a :class:`lsgd_jax.readback.RestoredRun`) parameters and BN averages
+    to ``out`` and its description to ``sidecar_path(out)``; returns the description."""
+    from flax import serialization
+
+    from lsgd_jax import __version__
+    from lsgd_jax.metrics import eval_history, read_metrics
+
+    host = jax.tree.map(lambda x: np.asarray(jax.device_get(
+        x.addressable_data(0) if isinstance(x, jax.Array) else x)),
+        {"params": run.state.params, "batch_stats": run.state.batch_stats})
+    payload = serialization.msgpack_serialize({
+        "format": FORMAT, "format_version": FORMAT_VERSION, "model": run.facts.model,
+        "variables": serialization.to_state_dict(host)})
+    results = [r for r in read_metrics(run.workdir, "result")]
+    evaluated = eval_history(run.workdir).get(run.step)
+    facts = run.facts
+    meta = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "lsgd_jax_version": __version__,
+        "model": facts.model, "num_classes": facts.num_classes,
+        "classes": class_names(run.config), "image_size": facts.image_size,
+        "channels": facts.channels, "eval_resize": facts.eval_resize,
+        "pixel_mean": list(facts.pixel_mean), "pixel_std": list(facts.pixel_std),
+        "dtype": facts.dtype, "data": facts.data,
+        "tfds_name": facts.tfds_name if facts.data == "imagenet" else None,
+        "step": run.step, "state_sha256": run.meta.get("state_sha256"),
+        "result": ({k: v for k, v in results[-1].items() if k not in ("kind", "time")}
+                   if results else None),
+        "eval": ({k: evaluated[k] for k in ("top1_error", "top5_error", "count")
+                  if k in evaluated} if evaluated else None),
+        "workdir": run.workdir,
+        "file_sha256": hashlib.sha256(payload).hexdigest(),
+    }
+    if jax.process_index() == 0:  # one writer; every process holds the same arrays
+        _write_atomically(out, payload)
+        _write_atomically(sidecar_path(out), (json.dumps(meta, indent=2) + "\n").encode())
+    return meta
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def load_model(path: str, *, dtype: Any = None) -> tuple[Any, dict, dict]:
+    """The model of an exported file, ready for ``model.apply(variables, x, train=False)``.
+
+    ``x``: images normalized with ``meta["pixel_mean"]``/``meta["pixel_std"]`` (see
+    :func:`lsgd_jax.predict.normalize`). ``dtype`` overrides the compute dtype saved in
+    ``meta["dtype"]``. The variables are host (numpy) arrays; ``jax.device_put`` them
+    replicated to run on several devices.
+
+    Raises:
+      ModelFileError (a ValueError): a missing file or description, a damaged file,
+        another format version, or arrays that do not fit the named model (the message
+        names the first layer that differs).
+    """
+    from flax import serialization
+
+    from lsgd_jax.models import MODEL_NAMES, get_model
+
+    meta_path = sidecar_path(path)
+    for p, what in ((path, "model file"), (meta_path, "model description")):
+        if not os.path.isfile(p):
+            raise ModelFileError(f"{what} {p} does not exist; give a file written by "
+                                 "`lsgd-jax export` (MODEL.msgpack with MODEL.json beside it)")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise ModelFileError(f"model description {meta_path} is damaged ({e}); export the "
+                             "model again") from None
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise ModelFileError(
+            f"{meta_path} is format {meta.get('format')!r} version "
+            f"{meta.get('format_version')!r}; this lsgd-jax reads {FORMAT!r} version "
+            f"{FORMAT_VERSION} (export the model again with this version)")
+    with open(path, "rb") as f:
+        payload = f.read()
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != meta.get("file_sha256"):
+        raise ModelFileError(
+            f"model file {path} is damaged or not the one {meta_path} describes: its SHA-256 "
+            f"{digest[:12]}… differs from the {str(meta.get('file_sha256'))[:12]}… recorded; "
+            "export the model again")
+    try:
+        content = serialization.msgpack_restore(payload)
+    except Exception as e:
+        raise ModelFileError(f"model file {path} cannot be decoded ({type(e).__name__}); "
+                             "export the model again") from None
+    if not isinstance(content, dict) or content.get("format") != FORMAT or content.get(
+            "format_version") != FORMAT_VERSION or content.get("model") != meta.get("model"):
+        raise ModelFileError(
+            f"model file {path} is not an lsgd-jax model of format version {FORMAT_VERSION} "
+            f"for {meta.get('model')!r} as {meta_path} says; export the model again")
+    if meta.get("model") not in MODEL_NAMES:
+        raise ModelFileError(f"{meta_path} names model {meta.get('model')!r}; this lsgd-jax "
+                             f"knows {', '.join(MODEL_NAMES)}")
+    model = get_model(meta["model"], num_classes=int(meta["num_classes"]),
+                      dtype=dtype or meta["dtype"], bn_group_size=None)
+    shape = (1, meta["image_size"], meta["image_size"], meta["channels"])
+    expected = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros(shape, np.float32),
+                                                 train=False))
+    variables = content["variables"]
+    check_tree(expected, variables, where=path)
+    return model, {k: variables[k] for k in expected}, meta
+
+
+def check_tree(expected: Any, actual: Any, *, where: str, skip: tuple[str, ...] = ()) -> None:
+    """Raise ModelFileError naming the first layer of ``actual`` whose arrays differ in
+    name or shape from ``expected`` (nested dicts); paths starting with ``skip`` are not
+    compared."""
+    want = {jax.tree_util.keystr(p): x.shape
+            for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    have = {jax.tree_util.keystr(p): np.shape(x)
+            for p, x in jax.tree_util.tree_flatten_with_path(actual)[0]}
+    for name in sorted(set(want) | set(have)):
+        if any(name.startswith(s) for s in skip):
+            continue
+        if name not in have:
+            raise ModelFileError(f"{where} lacks layer {name} (shape {want[name]}) of the model")
+        if name not in want:
+            raise ModelFileError(f"{where} has layer {name} that the model does not have")
+        if tuple(want[name]) != tuple(have[name]):
+            raise ModelFileError(f"{where}: layer {name} has shape {tuple(have[name])}, the "
+                                 f"model needs {tuple(want[name])}")

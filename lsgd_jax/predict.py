@@ -1,0 +1,104 @@
+"""Classify image files with an exported model (:mod:`lsgd_jax.model_file`).
+
+Each file goes through the eval transform of the model's data set
+(:func:`lsgd_jax.data.augment.decode_eval`: shorter side to ``meta["eval_resize"]``,
+centre crop ``meta["image_size"]``; 256 and 224 for ImageNet, the model's own size
+for the small data sets), becomes RGB (CMYK, grayscale, palette and RGBA images
+included) or grayscale for a one-channel model, and is normalized on the device with
+the model's mean and std, as in evaluation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TOP_K = 5
+
+
+def load_image(path: str, meta: dict) -> np.ndarray:
+    """uint8 ``(size, size, channels)``: the eval transform of the image file ``path``.
+
+    Raises one of ``lsgd_jax.data.augment.DECODE_ERRORS`` (or OSError) for a file that is
+    not an image PIL can decode.
+    """
+    from lsgd_jax.data.augment import decode_eval
+
+    with open(path, "rb") as f:
+        data = f.read()
+    image = decode_eval(data, size=int(meta["image_size"]), resize=int(meta["eval_resize"]))
+    if meta["channels"] == 1:  # ITU-R 601 luma, as PIL's "L" conversion
+        from PIL import Image
+
+        image = np.asarray(Image.fromarray(image).convert("L"))[..., None]
+    return image
+
+
+def load_images(paths: Sequence[str], meta: dict) -> np.ndarray:
+    """uint8 ``(len(paths), size, size, channels)``; raises on the first unreadable file."""
+    return np.stack([load_image(p, meta) for p in paths])
+
+
+def normalize(images: Any, meta: dict) -> jax.Array:
+    """uint8 images -> ``(x − mean) / std`` in float32, the model's input (the same
+    arithmetic as the train and eval steps)."""
+    from lsgd_jax.step import _normalize
+
+    return _normalize(jnp.asarray(images), tuple(meta["pixel_mean"]), tuple(meta["pixel_std"]),
+                      jnp.float32)
+
+
+def make_predict(model: Any, variables: dict, meta: dict):
+    """``fn(uint8 images) -> float32 probabilities (N, classes)``, jitted."""
+
+    @jax.jit
+    def probabilities(variables, images):
+        logits = model.apply(variables, normalize(images, meta), train=False)
+        return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+    return lambda images: np.asarray(probabilities(variables, images))
+
+
+def top_k(probabilities: np.ndarray, meta: dict, k: int = TOP_K) -> list[list[tuple[str, float]]]:
+    """Per image, the ``k`` most probable classes (names when known) with probabilities;
+    ties go to the lower class index."""
+    names = meta.get("classes")
+    out = []
+    for row in probabilities:
+        order = np.argsort(-row, kind="stable")[:k]
+        out.append([(names[i] if names else str(int(i)), float(row[i])) for i in order])
+    return out
+
+
+def classify(paths: Sequence[str], model: Any, variables: dict, meta: dict, *,
+             batch_size: int = 64) -> tuple[dict[str, list], dict[str, str]]:
+    """Top-5 of every readable file of ``paths``; returns (results by path, errors by path)."""
+    from lsgd_jax.data.augment import DECODE_ERRORS
+
+    predict = make_predict(model, variables, meta)
+    results, errors, ready = {}, {}, []
+    for path in paths:
+        try:
+            ready.append((path, load_image(path, meta)))
+        except DECODE_ERRORS as e:  # OSError covers a missing file and a non-image
+            errors[path] = _reason(e)
+    for start in range(0, len(ready), batch_size):
+        chunk = ready[start:start + batch_size]
+        probs = predict(np.stack([image for _, image in chunk]))
+        for (path, _), best in zip(chunk, top_k(probs, meta)):
+            results[path] = best
+    return results, errors
+
+
+def _reason(error: Exception) -> str:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image format PIL can identify"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text[:200]}"

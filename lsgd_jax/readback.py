@@ -1,0 +1,226 @@
+"""A training run read back: its configuration, model and verified state, for evaluation
+and export.
+
+``restore_run(workdir)`` rebuilds what training built (the model from the checkpoint's
+own configuration, the optimizer that fixes the state's tree) and reads the newest
+checkpoint that verifies, or a given step, with
+:func:`lsgd_jax.checkpoint.read_verified`: the same SHA-256 check as a resume, but
+nothing is written, moved or locked, so a workdir in use by a run can be read while
+it trains. Every process calls it with the same arguments.
+
+The model's facts that are not in the configuration (classes, channels) come from
+the checkpoint's array shapes (``params/fc/kernel``: features × classes,
+``params/stem_conv/kernel``: k × k × channels × filters), so no data set is opened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from lsgd_jax.checkpoint import (
+    UnreadableCheckpointError,
+    _quiet_metadata,
+    _step_dirs,
+    read_verified,
+)
+from lsgd_jax.config import TrainConfig
+
+# The side of a preprocessed image when --image-size is not given (the sources' defaults).
+DEFAULT_IMAGE_SIZE = {"imagenet": 224, "synthetic": 224, "fashion_mnist": 28}
+# ImageNet's eval transform: shorter side to 256, centre crop 224 (section 5.1); the
+# other data sets are stored at their size and evaluated as they are.
+IMAGENET_EVAL_RESIZE = 256
+
+
+@dataclasses.dataclass
+class RunFacts:
+    """What inference needs to know about a run's model and its inputs."""
+
+    model: str
+    num_classes: int
+    image_size: int
+    channels: int
+    eval_resize: int
+    pixel_mean: tuple[float, ...]
+    pixel_std: tuple[float, ...]
+    dtype: str
+    data: str
+    tfds_name: str
+
+
+@dataclasses.dataclass
+class RestoredRun:
+    """A run's checkpoint, verified: ``state`` is a :class:`lsgd_jax.step.TrainState`
+    replicated over ``mesh``."""
+
+    workdir: str
+    config: TrainConfig
+    facts: RunFacts
+    model: Any
+    state: Any
+    step: int
+    meta: dict
+    mesh: Any
+    steps_per_epoch: int | None
+
+
+def pixel_stats(data: str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel mean and std (0-255 units) that data set ``data``'s source gives."""
+    from lsgd_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
+
+    if data == "fashion_mnist":
+        from lsgd_jax.data.fashion_mnist import PIXEL_MEAN, PIXEL_STD
+
+        return PIXEL_MEAN, PIXEL_STD
+    if data == "synthetic" and channels != 3:
+        from lsgd_jax.data.synthetic import SyntheticSource
+
+        source = SyntheticSource(split="validation", num_examples=1, channels=channels,
+                                 image_size=1)
+        return tuple(source.pixel_mean), tuple(source.pixel_std)
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def _checkpoint_shapes(directory: str, step: int | None) -> dict | None:
+    """``{"classes": C, "channels": c}`` from the newest checkpoint whose metadata reads."""
+    import orbax.checkpoint as ocp
+
+    absl = logging.getLogger("absl")
+    absl.addFilter(_quiet_metadata)  # a checkpoint's item has no metadata file of its own
+    try:
+        return _shapes(ocp, directory, step)
+    finally:
+        absl.removeFilter(_quiet_metadata)
+
+
+def _shapes(ocp, directory: str, only: int | None) -> dict | None:
+    for step in [only] if only is not None else _step_dirs(directory):
+        checkpointer = ocp.StandardCheckpointer()
+        try:
+            metadata = checkpointer.metadata(os.path.join(directory, str(step), "state"))
+            tree = getattr(metadata, "item_metadata", metadata)
+            params = tree["params"]
+            return {"classes": int(params["fc"]["kernel"].shape[-1]),
+                    "channels": int(params["stem_conv"]["kernel"].shape[-2])}
+        except Exception:  # damaged or partly removed: read_verified reports it
+            continue
+        finally:
+            checkpointer.close()
+    return None
+
+
+def run_facts(config: TrainConfig, *, num_classes: int, channels: int) -> RunFacts:
+    size = config.image_size or DEFAULT_IMAGE_SIZE[config.data]
+    mean, std = pixel_stats(config.data, channels)
+    return RunFacts(model=config.model, num_classes=num_classes, image_size=size,
+                    channels=channels,
+                    eval_resize=IMAGENET_EVAL_RESIZE if config.data == "imagenet" else size,
+                    pixel_mean=tuple(mean), pixel_std=tuple(std), dtype=config.dtype,
+                    data=config.data, tfds_name=config.tfds_name)
+
+
+def _steps_per_epoch(workdir: str) -> int | None:
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            return int(json.load(f)["plan"]["steps_per_epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def restore_run(workdir: str, *, step: int | None = None, mesh: Any = None,
+                log: Callable[[str], None] = print) -> RestoredRun:
+    """Read ``workdir``'s newest verified checkpoint (or ``step``) without changing anything.
+
+    Raises:
+      UnreadableCheckpointError (a ValueError): no workdir, no checkpoint, ``step``
+        missing or damaged, or none that verifies; the message names the path.
+    """
+    from lsgd_jax.models import get_model
+    from lsgd_jax.optim import goyal_sgd
+    from lsgd_jax.parallel import make_mesh, replicated_sharding
+    from lsgd_jax.step import create_train_state
+
+    workdir = os.path.abspath(workdir)
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(workdir):
+        raise UnreadableCheckpointError(
+            f"--workdir {workdir} does not exist; give the --workdir of a training run")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+        raise UnreadableCheckpointError(f"--step must be a step number >= 0, got {step!r}")
+    shapes = _checkpoint_shapes(directory, step)
+    # The configuration of the newest checkpoint whose meta reads (read_verified
+    # re-reads the chosen checkpoint's own meta below).
+    config = _checkpoint_config(directory, step)
+    if shapes is None or config is None:  # nothing readable: read_verified names the problem
+        read_verified(directory, None, step=step, log=lambda msg: None)
+        raise UnreadableCheckpointError(f"no checkpoint in {directory} can be read; nothing "
+                                        "was changed")
+    facts = run_facts(config, num_classes=shapes["classes"], channels=shapes["channels"])
+    mesh = make_mesh() if mesh is None else mesh
+    model = get_model(config.model, num_classes=facts.num_classes, dtype=config.dtype,
+                      bn_group_size=None, zero_init_residual=config.zero_init_residual)
+    tx = goyal_sgd(0.0, momentum=config.momentum, nesterov=config.nesterov,
+                   weight_decay=config.weight_decay, form=config.momentum_form,
+                   momentum_correction=config.momentum_correction)
+    shape = (1, facts.image_size, facts.image_size, facts.channels)
+    abstract = jax.eval_shape(lambda: create_train_state(
+        model, tx, rng=jax.random.key(0), input_shape=shape, mesh=mesh))
+    sharding = replicated_sharding(mesh)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          abstract)
+    state, meta, step = read_verified(directory, target, step=step, log=log)
+    saved = TrainConfig.from_dict(meta.get("config", config.to_dict()))
+    if saved != config:  # an older checkpoint of a run resumed with other options
+        config = saved
+        facts = run_facts(config, num_classes=facts.num_classes, channels=facts.channels)
+    return RestoredRun(workdir=workdir, config=config, facts=facts, model=model, state=state,
+                       step=step, meta=meta, mesh=mesh,
+                       steps_per_epoch=_steps_per_epoch(workdir))
+
+
+def _checkpoint_config(directory: str, step: int | None) -> TrainConfig | None:
+    from lsgd_jax.checkpoint import _read_json_item
+
+    for candidate in [step] if step is not None else _step_dirs(directory):
+        try:
+            meta = _read_json_item(directory, candidate, "meta")
+            return TrainConfig.from_dict(meta["config"])
+        except Exception:
+            continue
+    return None
+
+
+def evaluate_run(run: RestoredRun, *, eval_batch_size: int | None = None,
+                 data_dir: str | None = None) -> dict:
+    """Top-1/top-5 error and loss of ``run.state`` over the whole validation split, with the
+    training loop's exact masked evaluation."""
+    from lsgd_jax.data import open_source
+    from lsgd_jax.step import make_eval_step
+    from lsgd_jax.train import evaluate
+
+    config = run.config if data_dir is None else run.config.replace(data_dir=data_dir)
+    devices, processes = run.mesh.devices.size, jax.process_count()
+    batch = eval_batch_size or config.eval_batch_size or config.batch_size
+    if batch < 1 or batch % devices or batch % processes:
+        raise ValueError(f"--eval-batch-size {batch} must be a positive multiple of the "
+                         f"{devices} devices and the {processes} processes; use a multiple "
+                         f"of {devices}")
+    source = open_source(config, "validation")
+    try:
+        if source.num_classes > run.facts.num_classes:
+            raise ValueError(f"the validation split of {config.data} has {source.num_classes} "
+                             f"classes but the model of {run.workdir} has "
+                             f"{run.facts.num_classes}")
+        eval_step = make_eval_step(run.model, run.mesh, pixel_mean=source.pixel_mean,
+                                   pixel_std=source.pixel_std)
+        result = evaluate(eval_step, run.state, source, global_batch_size=batch, mesh=run.mesh)
+    finally:
+        source.close()
+    return {**result, "eval_batch_size": batch}
