@@ -14,6 +14,16 @@ Speed: JPEG decoding is the cost. ``Image.draft`` lets libjpeg decode directly a
 need at most that resolution; the crop window is chosen first from the header size, so
 only the needed resolution is decoded. PIL releases the GIL while decoding and
 resizing, so threads scale over cores.
+
+The train crop's resize has two implementations (``resizer``): ``"pil"``, PIL's
+antialiased bilinear filter on the exact (fractional) crop box, and ``"opencv"``,
+OpenCV's 2-tap bilinear ``cv2.resize`` of the crop box rounded to whole pixels of the
+decoded image. Both use the same crop box from the same draws and the same PIL decode;
+OpenCV's resize takes about a quarter of PIL's time, which makes the whole train
+transform about 1.35x faster per core. After DCT scaling the remaining downscale is
+under 2x, so the 2-tap filter loses little; the pixels differ from PIL's by about 2
+levels on average (``tests/test_data_augment.py`` states the tolerance). The eval
+transform always uses PIL.
 """
 
 from __future__ import annotations
@@ -23,6 +33,16 @@ import math
 
 import numpy as np
 from PIL import Image
+
+try:  # optional (the ``data`` extra): the faster train resize
+    import cv2
+except ImportError:  # pragma: no cover - depends on the host
+    cv2 = None
+else:
+    # One thread per call: the decoding threads or worker processes are the parallelism.
+    cv2.setNumThreads(1)
+
+RESIZERS = ("auto", "opencv", "pil")
 
 # Per-channel RGB statistics of ImageNet in 0-255 units (fb.resnet.torch's values x 255).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -123,7 +143,28 @@ def center_crop_box(width: int, height: int, *, size: int, resize: int) -> tuple
     return (width - side) / 2, (height - side) / 2, side, side
 
 
-def _crop_resize(img: Image.Image, box, size: int) -> np.ndarray:
+def resolve_resizer(resizer: str) -> str:
+    """``"auto"``: ``"opencv"`` when OpenCV is installed, else ``"pil"``."""
+    if resizer not in RESIZERS:
+        raise ValueError(f"unknown resizer {resizer!r}; valid: {', '.join(RESIZERS)}")
+    if resizer == "auto":
+        return "pil" if cv2 is None else "opencv"
+    if resizer == "opencv" and cv2 is None:
+        raise ValueError("resizer 'opencv' needs OpenCV: pip install opencv-python-headless "
+                         "(in the data extra), or use resizer 'pil'")
+    return resizer
+
+
+def _opencv_resize(rgb: np.ndarray, box, size: int) -> np.ndarray:
+    """``box`` (in ``rgb``'s pixels, fractional) rounded to whole pixels, resized bilinearly."""
+    x, y, w, h = box
+    height, width = rgb.shape[:2]
+    x0, y0 = min(int(round(x)), width - 1), min(int(round(y)), height - 1)
+    x1, y1 = max(int(round(x + w)), x0 + 1), max(int(round(y + h)), y0 + 1)
+    return cv2.resize(rgb[y0:y1, x0:x1], (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def _crop_resize(img: Image.Image, box, size: int, resizer: str = "pil") -> np.ndarray:
     """Decodes only the needed resolution of ``img``, crops ``box`` and resizes to size."""
     x, y, w, h = box
     width, height = img.size
@@ -134,6 +175,8 @@ def _crop_resize(img: Image.Image, box, size: int) -> np.ndarray:
     sx, sy = img.size[0] / width, img.size[1] / height
     if img.mode != "RGB":  # CMYK and grayscale JPEGs, PNG (palette, RGBA, ...).
         img = img.convert("RGB")
+    if resizer == "opencv":
+        return _opencv_resize(np.asarray(img), (x * sx, y * sy, w * sx, h * sy), size)
     out = img.resize(
         (size, size),
         Image.Resampling.BILINEAR,
@@ -171,15 +214,16 @@ def pca_lighting(image: np.ndarray, u: np.ndarray, std: float) -> np.ndarray:
 
 
 def decode_train(data: bytes, u: np.ndarray, *, size: int = 224, color_jitter_strength: float = 0.0,
-                 lighting_std: float = 0.0, **crop_kwargs) -> np.ndarray:
+                 lighting_std: float = 0.0, resizer: str = "pil", **crop_kwargs) -> np.ndarray:
     """Encoded image -> uint8 ``(size, size, 3)``: random-resized crop and flip, then the
     optional colour jitter (fb.resnet.torch: 0.4) and PCA lighting (0.1), off by default.
+    ``resizer``: ``"pil"`` or ``"opencv"`` (see the module docstring; not ``"auto"``).
 
     Raises one of ``DECODE_ERRORS`` when the data cannot be decoded.
     """
     img = Image.open(io.BytesIO(data))
     box = random_resized_crop_box(img.size[0], img.size[1], u, **crop_kwargs)
-    out = _crop_resize(img, box, size)
+    out = _crop_resize(img, box, size, resizer)
     if u[_FLIP] < 0.5:
         out = out[:, ::-1]
     if color_jitter_strength or lighting_std:
