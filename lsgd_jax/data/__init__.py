@@ -5,6 +5,8 @@ Importing this package never imports TensorFlow, tfds or grain: the ImageNet rea
 the synthetic and Fashion-MNIST sources work on hosts without them.
 """
 
+import os
+
 from lsgd_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from lsgd_jax.data.pipeline import TrainIterator, eval_batches, num_eval_batches
 from lsgd_jax.data.prefetch import DevicePrefetcher, prefetch_to_mesh
@@ -28,10 +30,33 @@ def open_source(config, split: str) -> Source:
                                     else config.synthetic_eval_examples)}
     elif config.data == "imagenet":
         options.update(decode_threads=config.decode_threads, max_bad_fraction=config.max_bad_fraction,
-                       builder_name=config.tfds_name)
+                       builder_name=config.tfds_name, resizer=config.resizer)
         if split == "train":
             options.update(color_jitter=config.color_jitter, lighting=config.lighting)
     return get_source(config.data, split=split, **options)
+
+
+def train_stream(source: Source, config, *, global_batch_size: int, process_index: int = 0,
+                 process_count: int = 1, position=None, log=print) -> TrainIterator:
+    """This process's training batches: decoded by worker processes (``workers.py``) when
+    ``config.decode_workers`` (default: ``workers.default_decode_workers()``) is above 0
+    and the source supports it, else in this process. Logs the choice; ``close()`` it."""
+    from lsgd_jax.data.workers import WorkerTrainIterator, default_decode_workers
+
+    kwargs = dict(global_batch_size=global_batch_size, seed=config.seed,
+                  process_index=process_index, process_count=process_count, position=position)
+    workers = config.decode_workers
+    cores = os.cpu_count() or 1
+    if workers is None:
+        workers = default_decode_workers(cores)
+    if workers and hasattr(source, "worker_opener"):
+        log(f"input: {workers} decoding worker processes per process ({cores} cores; "
+            f"--decode-workers {config.decode_workers if config.decode_workers is not None else 'default'}"
+            f"), resize {getattr(source, 'resizer', '?')}")
+        return WorkerTrainIterator(source, decode_workers=workers, **kwargs)
+    threads = f"{config.decode_threads} decoding threads, resize {getattr(source, 'resizer', '?')}"
+    log(f"input: in the training process ({threads if hasattr(source, 'worker_opener') else config.data})")
+    return TrainIterator(source, **kwargs)
 
 
 __all__ = [
@@ -52,4 +77,5 @@ __all__ = [
     "prefetch_to_mesh",
     "shard_indices",
     "steps_per_epoch",
+    "train_stream",
 ]
