@@ -215,3 +215,45 @@ def test_bad_worker_arguments_and_default():
     with pytest.raises(ValueError, match="cannot be decoded in worker processes"):
         WorkerTrainIterator(NoWorkers(), decode_workers=1, global_batch_size=4, seed=0)
     assert [default_decode_workers(c) for c in (1, 2, 3, 4, 16)] == [0, 0, 0, 3, 15]
+
+
+def test_train_stream_chooses_and_says_how_it_decodes(data_dir):
+    from lsgd_jax.config import TrainConfig
+    from lsgd_jax.data import train_stream
+
+    lines = []
+    with open_imagenet(data_dir) as src:
+        for workers, kind in ((2, WorkerTrainIterator), (0, TrainIterator)):
+            config = TrainConfig(data="imagenet", decode_workers=workers, batch_size=8)
+            it = train_stream(src, config, global_batch_size=8, log=lines.append)
+            assert type(it) is kind
+            it.close()
+    assert lines[0].startswith("input: 2 decoding worker processes per process (")
+    assert "--decode-workers 2), resize opencv" in lines[0]
+    assert lines[1] == "input: in the training process (2 decoding threads, resize opencv)"
+    with pytest.raises(ValueError, match="decode_workers must be an integer >= 0, got -1"):
+        TrainConfig(decode_workers=-1)
+
+
+@pytest.mark.slow
+def test_training_with_workers_equals_training_with_threads(data_dir, tmp_path):
+    """The trainer end to end: the same losses at every step, and the same final state."""
+    from lsgd_jax.config import TrainConfig
+    from lsgd_jax.metrics import read_metrics
+    from lsgd_jax.train import train_and_evaluate
+    from tiny_imagenet import BUILDER
+
+    config = TrainConfig(data="imagenet", data_dir=data_dir, tfds_name=BUILDER, model="resnet20",
+                         image_size=16, batch_size=16, bn_group_size=2, eval_batch_size=16,
+                         dtype="float32", epochs=2, warmup_epochs=0, decay_epochs=(),
+                         max_bad_fraction=0.2, decode_threads=2, log_every_steps=1)
+    losses, digests = [], []
+    for workers in (0, 2):
+        run = str(tmp_path / f"run{workers}")
+        train_and_evaluate(config.replace(decode_workers=workers), run, log=lambda m: None)
+        records = read_metrics(run, "train")
+        losses.append([r["loss"] for r in records])
+        assert all(0.0 <= r["input_wait_fraction"] <= 1.0 for r in records)
+        digests.append(read_metrics(run, "checkpoint")[-1]["state_sha256"])
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+    assert digests[0] == digests[1]

@@ -54,7 +54,8 @@ def train_stream(source: Source, config, *, global_batch_size: int, process_inde
             f"--decode-workers {config.decode_workers if config.decode_workers is not None else 'default'}"
             f"), resize {getattr(source, 'resizer', '?')}")
         return WorkerTrainIterator(source, decode_workers=workers, **kwargs)
-    threads = f"{config.decode_threads} decoding threads, resize {getattr(source, 'resizer', '?')}"
+    threads = (f"{getattr(source, 'decode_threads', '?')} decoding threads, resize "
+               f"{getattr(source, 'resizer', '?')}")
     log(f"input: in the training process ({threads if hasattr(source, 'worker_opener') else config.data})")
     return TrainIterator(source, **kwargs)
 

@@ -175,7 +175,7 @@ class ImageNetSource:
         self._crop_kwargs = {"area_range": tuple(area_range), "ratio_range": tuple(ratio_range),
                              "color_jitter_strength": float(color_jitter),
                              "lighting_std": float(lighting), "resizer": resizer}
-        self.resizer = resizer
+        self.resizer, self.decode_threads = resizer, decode_threads
         # What a decoding worker process needs to open the same split, decoding alike.
         self._worker_options = dict(
             split=split, builder_name=builder_name, builder_dir=str(builder.data_dir),
