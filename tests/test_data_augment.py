@@ -281,3 +281,39 @@ def test_resizer_names_are_checked():
     assert resolve_resizer("auto") == "opencv" and resolve_resizer("pil") == "pil"
     with pytest.raises(ValueError, match="unknown resizer 'cubic'; valid: auto, opencv, pil"):
         resolve_resizer("cubic")
+
+
+def test_opencv_decodes_jpegs_to_pils_pixels_and_leaves_the_rest_to_pil():
+    from lsgd_jax.data import augment
+    from lsgd_jax.data.augment import DECODE_ERRORS, _crop_resize
+    from lsgd_jax.data.samples import sample_jpegs
+
+    rotated = io.BytesIO()  # EXIF orientation 6: OpenCV would rotate it unless told not to
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(smooth_image(300, 200, 1)).save(rotated, "JPEG", quality=90, exif=exif)
+    blobs = sample_jpegs("photo", 6, seed=7) + sample_jpegs("hard", 6, seed=7) + [
+        rotated.getvalue(), jpeg_bytes(smooth_image(300, 200, 2), mode="L"),
+        jpeg_bytes(smooth_image(300, 200, 3), mode="CMYK")]
+    us = example_uniforms(2, 1, np.arange(len(blobs)), NUM_TRAIN_UNIFORMS)
+    used = []
+    original = augment._opencv_decode
+
+    def spy(*args):
+        used.append(original(*args) is not None)
+        return original(*args)
+
+    augment._opencv_decode = spy
+    try:
+        for data, u in zip(blobs, us):
+            img = Image.open(io.BytesIO(data))
+            box = random_resized_crop_box(img.size[0], img.size[1], u)
+            by_pil = _crop_resize(img, box, 64, "opencv")  # no bytes: PIL decodes
+            by_opencv = _crop_resize(Image.open(io.BytesIO(data)), box, 64, "opencv", data)
+            np.testing.assert_array_equal(by_opencv, by_pil)  # exact: the same libjpeg-turbo
+    finally:
+        augment._opencv_decode = original
+    assert used == [True] * 13 + [False, False]  # grayscale and CMYK go to PIL
+    truncated = blobs[0][: len(blobs[0]) * 2 // 3]
+    with pytest.raises(DECODE_ERRORS):
+        decode_train(truncated, us[0], resizer="opencv")
