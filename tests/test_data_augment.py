@@ -317,3 +317,18 @@ def test_opencv_decodes_jpegs_to_pils_pixels_and_leaves_the_rest_to_pil():
     truncated = blobs[0][: len(blobs[0]) * 2 // 3]
     with pytest.raises(DECODE_ERRORS):
         decode_train(truncated, us[0], resizer="opencv")
+
+
+def test_without_opencv_auto_falls_back_to_pil(monkeypatch):
+    import importlib.util
+
+    from lsgd_jax.data import augment
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(augment, "cv2", None)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "cv2" else real(name, *a))
+    assert augment.resolve_resizer("auto") == "pil"
+    with pytest.raises(ValueError, match="resizer 'opencv' needs OpenCV: pip install "
+                                         "opencv-python-headless"):
+        augment.resolve_resizer("opencv")

@@ -30,21 +30,30 @@ transform always uses PIL.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import math
 
 import numpy as np
 from PIL import Image
 
-try:  # optional (the ``data`` extra): the faster train resize
-    import cv2
-except ImportError:  # pragma: no cover - depends on the host
-    cv2 = None
-else:
-    # One thread per call: the decoding threads or worker processes are the parallelism.
-    cv2.setNumThreads(1)
-    _REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
-                4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+# OpenCV (optional, the ``data`` extra: the faster train transform) is imported on first
+# use, so that the sources and processes that never use it do not pay for its import.
+cv2 = None
+_REDUCED: dict = {}
+
+
+def _cv2():
+    global cv2
+    if cv2 is None:
+        import cv2 as module
+
+        # One thread per call: the decoding threads or worker processes are the parallelism.
+        module.setNumThreads(1)
+        _REDUCED.update({1: module.IMREAD_COLOR, 2: module.IMREAD_REDUCED_COLOR_2,
+                         4: module.IMREAD_REDUCED_COLOR_4, 8: module.IMREAD_REDUCED_COLOR_8})
+        cv2 = module
+    return cv2
 
 RESIZERS = ("auto", "opencv", "pil")
 
@@ -151,9 +160,10 @@ def resolve_resizer(resizer: str) -> str:
     """``"auto"``: ``"opencv"`` when OpenCV is installed, else ``"pil"``."""
     if resizer not in RESIZERS:
         raise ValueError(f"unknown resizer {resizer!r}; valid: {', '.join(RESIZERS)}")
+    installed = cv2 is not None or importlib.util.find_spec("cv2") is not None
     if resizer == "auto":
-        return "pil" if cv2 is None else "opencv"
-    if resizer == "opencv" and cv2 is None:
+        return "opencv" if installed else "pil"
+    if resizer == "opencv" and not installed:
         raise ValueError("resizer 'opencv' needs OpenCV: pip install opencv-python-headless "
                          "(in the data extra), or use resizer 'pil'")
     return resizer
@@ -165,6 +175,7 @@ def _opencv_resize(rgb: np.ndarray, box, size: int) -> np.ndarray:
     height, width = rgb.shape[:2]
     x0, y0 = min(int(round(x)), width - 1), min(int(round(y)), height - 1)
     x1, y1 = max(int(round(x + w)), x0 + 1), max(int(round(y + h)), y0 + 1)
+    cv2 = _cv2()
     return cv2.resize(rgb[y0:y1, x0:x1], (size, size), interpolation=cv2.INTER_LINEAR)
 
 
@@ -176,6 +187,7 @@ def _opencv_decode(data: bytes, img: Image.Image, width: int):
     """
     if img.format != "JPEG" or img.mode != "RGB" or not data.endswith(b"\xff\xd9"):
         return None
+    cv2 = _cv2()
     flag = _REDUCED.get(round(width / img.size[0]))
     if flag is None:
         return None
