@@ -230,7 +230,8 @@ def test_train_stream_chooses_and_says_how_it_decodes(data_dir):
             it.close()
     assert lines[0].startswith("input: 2 decoding worker processes per process (")
     assert "--decode-workers 2), resize opencv" in lines[0]
-    assert lines[1] == "input: in the training process (2 decoding threads, resize opencv)"
+    assert lines[1] == ("input: in the training process (2 decoding threads, resize opencv; "
+                        "--decode-workers 0)")
     with pytest.raises(ValueError, match="decode_workers must be an integer >= 0, got -1"):
         TrainConfig(decode_workers=-1)
 
@@ -257,3 +258,22 @@ def test_training_with_workers_equals_training_with_threads(data_dir, tmp_path):
         digests.append(read_metrics(run, "checkpoint")[-1]["state_sha256"])
     assert len(losses[0]) == 4 and losses[0] == losses[1]
     assert digests[0] == digests[1]
+
+
+def test_a_worker_that_cannot_open_the_data_fails_before_any_batch():
+    with pytest.raises(DecodeWorkerError, match=r"decode worker \d \(pid \d+\) failed:\n"
+                                                r"(.|\n)*FileNotFoundError: no data set here"):
+        WorkerTrainIterator(FakeSource(fail_in_worker=True), decode_workers=2,
+                            global_batch_size=4, seed=0)
+
+
+def test_too_little_shared_memory_is_reported_before_starting(monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(64 << 20, 64 << 20, 100))
+    with pytest.raises(ValueError, match=r"need \d+ MiB of shared memory \(4 batch slots of "
+                                         r"4 images\) but /dev/shm has 0 MiB free"):
+        WorkerTrainIterator(FakeSource(), decode_workers=2, global_batch_size=4, seed=0,
+                            slots=4)

@@ -22,13 +22,18 @@ class FakeSource:
     pixel_mean = (0.0,) * 3
     pixel_std = (1.0,) * 3
 
-    def __init__(self, num_examples=40, die_at=-1, hang_at=-1):
+    def __init__(self, num_examples=40, die_at=-1, hang_at=-1, fail_in_worker=False,
+                 in_worker=False):
+        if fail_in_worker and in_worker:
+            raise FileNotFoundError("no data set here")
         self.num_examples, self.die_at, self.hang_at = num_examples, die_at, hang_at
+        self.fail_in_worker = fail_in_worker
         self.bad = []
 
     def worker_opener(self):
         return FakeSource, dict(num_examples=self.num_examples, die_at=self.die_at,
-                                hang_at=self.hang_at)
+                                hang_at=self.hang_at, fail_in_worker=self.fail_in_worker,
+                                in_worker=True)
 
     @staticmethod
     def image(i, seed, epoch):

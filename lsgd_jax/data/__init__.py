@@ -45,18 +45,20 @@ def train_stream(source: Source, config, *, global_batch_size: int, process_inde
 
     kwargs = dict(global_batch_size=global_batch_size, seed=config.seed,
                   process_index=process_index, process_count=process_count, position=position)
-    workers = config.decode_workers
-    cores = os.cpu_count() or 1
+    workers, cores = config.decode_workers, os.cpu_count() or 1
+    flag = "default" if workers is None else workers
     if workers is None:
         workers = default_decode_workers(cores)
-    if workers and hasattr(source, "worker_opener"):
+    if not hasattr(source, "worker_opener"):  # in-memory sources: nothing to decode
+        log(f"input: {config.data}, in the training process")
+        return TrainIterator(source, **kwargs)
+    resize = getattr(source, "resizer", "?")
+    if workers:
         log(f"input: {workers} decoding worker processes per process ({cores} cores; "
-            f"--decode-workers {config.decode_workers if config.decode_workers is not None else 'default'}"
-            f"), resize {getattr(source, 'resizer', '?')}")
+            f"--decode-workers {flag}), resize {resize}")
         return WorkerTrainIterator(source, decode_workers=workers, **kwargs)
-    threads = (f"{getattr(source, 'decode_threads', '?')} decoding threads, resize "
-               f"{getattr(source, 'resizer', '?')}")
-    log(f"input: in the training process ({threads if hasattr(source, 'worker_opener') else config.data})")
+    log(f"input: in the training process ({getattr(source, 'decode_threads', '?')} decoding "
+        f"threads, resize {resize}; --decode-workers {flag})")
     return TrainIterator(source, **kwargs)
 
 

@@ -257,6 +257,7 @@ class WorkerTrainIterator(TrainIterator):
         self._free = collections.deque(range(slots))
         self._pending: dict[int, tuple[int, int, int, int]] = {}  # seq -> worker, slot, epoch, step
         self._done: dict[int, tuple] = {}
+        self._ready: set[int] = set()
         self._seq_out = self._seq_in = 0
         self._ahead = self.position
         try:
@@ -289,7 +290,10 @@ class WorkerTrainIterator(TrainIterator):
                 where = "" if seq is None else " on " + self._where(seq)
                 error = BadDataError if a == "BadDataError" else DecodeWorkerError
                 self._fail(f"{self._name(w)} failed{where}:\n{b}", error)
-            self._done[seq] = (kind, w, a)
+            if kind == "ready":
+                self._ready.add(w)
+            else:
+                self._done[seq] = (kind, w, a)
         for obj in ready:
             if obj in sentinels:  # a worker exited while it was still needed
                 w = sentinels[obj]
@@ -308,13 +312,10 @@ class WorkerTrainIterator(TrainIterator):
 
     def _await_ready(self) -> None:
         deadline = time.monotonic() + self.start_timeout
-        ready: set[int] = set()
-        while len(ready) < len(self._procs):
+        while len(self._ready) < len(self._procs):
             self._receive(0.2)
-            for key in [k for k, m in self._done.items() if m[0] == "ready"]:
-                ready.add(self._done.pop(key)[1])
             if time.monotonic() > deadline:
-                late = sorted(set(range(len(self._procs))) - ready)
+                late = sorted(set(range(len(self._procs))) - self._ready)
                 self._fail(f"decode workers {late} did not start within {self.start_timeout:g} s")
 
     # ---------------------------------------------------------------- the stream
