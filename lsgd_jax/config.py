@@ -61,7 +61,15 @@ class TrainConfig:
                             "data set with imagenet2012's image/label features)")
     image_size: int | None = _field(None, "data", "input side in pixels",
                                     default_text="the data set's, 224 for ImageNet")
-    decode_threads: int = _field(8, "data", "image-decoding threads per process (ImageNet)")
+    decode_threads: int = _field(8, "data", "image-decoding threads per process (ImageNet; "
+                                 "the train batches' when --decode-workers is 0, and eval's)")
+    decode_workers: int | None = _field(None, "data", "ImageNet train batches: decoding worker "
+                                        "processes per process (shared memory); 0: threads "
+                                        "in the training process",
+                                        default_text="cores - 1 with 4 or more cores, else 0")
+    resizer: str = _field("auto", "data", "ImageNet train crop resize: opencv (faster, "
+                          "~2 levels from pil's pixels), pil, auto: opencv if installed",
+                          choices=("auto", "opencv", "pil"))
     max_bad_fraction: float = _field(1e-3, "data", "fail when more than this fraction of "
                                      "images cannot be decoded")
     color_jitter: float = _field(0.0, "data", "ImageNet: brightness/contrast/saturation jitter "
@@ -164,6 +172,9 @@ class TrainConfig:
             _positive_int(name, getattr(self, name))
         for name in ("checkpoint_every_steps", "keep_every_epochs", "seed"):
             _non_negative_int(name, getattr(self, name))
+        _choice("resizer", self.resizer, ("auto", "opencv", "pil"))
+        if self.decode_workers is not None:
+            _non_negative_int("decode_workers", self.decode_workers)
         for name in ("image_size", "num_steps", "eval_batch_size", "num_classes"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
@@ -280,7 +291,7 @@ FREE_FIELDS = frozenset({
     "data_dir", "decode_threads", "max_bad_fraction", "synthetic_eval_examples",
     "eval_batch_size", "epochs", "num_steps", "allreduce", "checkpoint_every_steps",
     "keep_checkpoints", "keep_every_epochs", "eval_every_epochs", "median_evals",
-    "log_every_steps", "init_from",
+    "log_every_steps", "init_from", "decode_workers",
 })
 
 

@@ -324,10 +324,12 @@ class LogWindow:
         self.run, self.writer = run, writer
         self.values: list[dict] = []
         self.start_step, self.t_start, self.t_window = start_step, time.time(), time.time()
+        self.input_wait, self.waited = (lambda: 0.0), 0.0  # seconds blocked on the input so far
 
     def restart(self, step: int, t_window: float) -> None:
         """After the first step: the ETA counts only the steps after it."""
         self.start_step, self.t_start, self.t_window = step, time.time(), t_window
+        self.waited = self.input_wait()
 
     def add(self, step_done: int, metrics) -> None:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -350,10 +352,14 @@ class LogWindow:
             (now - self.t_start) / (step - self.start_step) * (plan.total_steps - step)))
         lr = float(self.run.schedule(step - 1))
         spe = plan.steps_per_epoch
-        self.writer.write("train", step, epoch=step / spe, lr=lr, images_per_second=rate, **mean)
+        waited, self.waited = self.waited, self.input_wait()
+        wait = min(1.0, (self.waited - waited) / max(now - self.t_window, 1e-9))
+        self.writer.write("train", step, epoch=step / spe, lr=lr, images_per_second=rate,
+                          input_wait_fraction=wait, **mean)
         self.run.log(f"step {step}/{plan.total_steps} epoch {step / spe:.2f} | loss "
                      f"{mean['loss']:.4f} top1 {100 * mean['top1_error']:.2f}% | lr {lr:.4g} | "
-                     f"{rate:,.0f} img/s | {eta}")
+                     f"{rate:,.0f} img/s | {'input-bound: ' if wait >= 0.1 else ''}"
+                     f"{100 * wait:.0f} % of the time waiting for data | {eta}")
         self.values.clear()
         self.t_window = now
 
@@ -441,7 +447,7 @@ class Saver:
 def _loop(run: _Run, writer: MetricsWriter, step: int) -> tuple[int, bool]:
     """Train from ``step`` to the end (or a preemption); returns the last step and whether
     the run was preempted. Metrics of step t are read while step t+1 runs."""
-    from lsgd_jax.data import TrainIterator, prefetch_to_mesh
+    from lsgd_jax.data import prefetch_to_mesh, train_stream
 
     config, plan, state = run.config, run.plan, run.state
     pixel_stats = dict(pixel_mean=run.train_source.pixel_mean,
@@ -453,12 +459,14 @@ def _loop(run: _Run, writer: MetricsWriter, step: int) -> tuple[int, bool]:
                                  allreduce=config.allreduce, dtype=config.dtype,
                                  label_smoothing=config.label_smoothing, **pixel_stats)
     eval_step = make_eval_step(run.model, run.mesh, **pixel_stats)
-    iterator = TrainIterator(run.train_source, global_batch_size=plan.global_batch_size,
-                             seed=config.seed, process_index=jax.process_index(),
-                             process_count=jax.process_count(), position=run.position)
+    iterator = train_stream(run.train_source, config, global_batch_size=plan.global_batch_size,
+                            process_index=jax.process_index(),
+                            process_count=jax.process_count(), position=run.position,
+                            log=run.log)
     prefetch = prefetch_to_mesh(iterator, data_sharding(run.mesh), size=2)
     preemption, saver, window = PreemptionWatcher(run.log), Saver(run, writer), LogWindow(
         run, writer, step)
+    window.input_wait = lambda: prefetch.wait_seconds
     last_eval_step = max((int(r["step"]) for r in eval_history(run.workdir).values()), default=-1)
     eval_steps, spe, preempted, pending = set(plan.eval_steps), plan.steps_per_epoch, False, None
     try:
@@ -504,6 +512,7 @@ def _loop(run: _Run, writer: MetricsWriter, step: int) -> tuple[int, bool]:
             window.add(*pending)
     finally:
         prefetch.close()
+        iterator.close()
         preemption.close()
         try:
             saver.record_committed(wait=True)  # waits for the last asynchronous save

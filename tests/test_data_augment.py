@@ -205,3 +205,130 @@ def test_jitter_and_lighting_settings_are_checked():
         TrainConfig(color_jitter=1.5)
     with pytest.raises(ValueError, match="lighting must be in \\[0, 1\\).*got -0.1"):
         TrainConfig(lighting=-0.1)
+
+
+# ------------------------------------------------------------------ the OpenCV resize
+cv2 = pytest.importorskip("cv2")
+
+
+def gradient(width, height):
+    """R rises 1 level per pixel along x, G along y (mod 256 would break the linearity:
+    the images are at most 256 px)."""
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x * 255 / (width - 1), y * 255 / (height - 1),
+                     np.full(x.shape, 128)], -1).round().astype(np.uint8)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(64, 256), st.integers(64, 256), st.integers(0, 2**31 - 1))
+def test_opencv_resize_takes_the_same_crop_box_from_the_same_draws(width, height, seed):
+    buf = io.BytesIO()
+    Image.fromarray(gradient(width, height)).save(buf, "PNG")  # lossless
+    u = example_uniforms(seed, 0, [0], NUM_TRAIN_UNIFORMS)[0]
+    pil = decode_train(buf.getvalue(), u, size=32, resizer="pil").astype(np.float64)
+    fast = decode_train(buf.getvalue(), u, size=32, resizer="opencv").astype(np.float64)
+    # On a linear ramp both filters return the ramp over the crop box: the mean of R (G)
+    # is the box's centre in x (y). Tolerance: the box rounded to whole pixels moves each
+    # edge by <= 1/2 px, i.e. <= 255/(side-1)/2 <= 2 levels, plus 0.5 of rounding.
+    for c, side in ((0, width), (1, height)):
+        assert abs(pil[..., c].mean() - fast[..., c].mean()) <= 255 / (side - 1) / 2 + 0.5
+    # ... and the same flip: R increases in the same direction.
+    assert np.sign(np.diff(pil[..., 0].mean(0)).sum()) == np.sign(np.diff(fast[..., 0].mean(0)).sum())
+
+
+@pytest.mark.parametrize("kind, mean, p99", [("smooth", 0.5, 2), ("photo", 2.5, 16),
+                                              ("hard", 4.0, 26)])
+def test_opencv_resize_on_dct_scaled_jpegs_stays_within_tolerance_of_pil(kind, mean, p99):
+    from lsgd_jax.data.samples import sample_jpegs
+
+    if kind == "smooth":
+        blobs = [jpeg_bytes(smooth_image(500, 375, s), quality=95) for s in range(8)]
+    else:
+        blobs = sample_jpegs(kind, 8, seed=3)
+    us = example_uniforms(1, 0, np.arange(len(blobs)), NUM_TRAIN_UNIFORMS)
+    d = np.concatenate([
+        np.abs(decode_train(data, u, resizer="pil").astype(np.int16)
+               - decode_train(data, u, resizer="opencv").astype(np.int16)).ravel()
+        for data, u in zip(blobs, us)])
+    # Stated tolerance, 0-255 units: the mean and the 99th percentile of |pil - opencv|.
+    # The generated photo-like files carry strong pixel noise (the worst case for a
+    # 2-tap filter against PIL's antialiased one); measured: smooth 0.2 / 1, photo
+    # 2.0 / 13, hard (q95, 4:4:4, up to 1,000 px) 3.3 / 21. A different crop box or a
+    # missing flip gives a mean of tens of levels.
+    assert d.mean() <= mean and np.percentile(d, 99) <= p99
+
+
+def test_eval_transform_is_pil_whatever_the_resizer():
+    from lsgd_jax.data.imagenet import ImageNetSource
+    from lsgd_jax.data.samples import sample_jpegs
+
+    data = sample_jpegs("photo", 1, seed=4)[0]  # 500x375: the eval crop needs no DCT scaling
+    side = 375 * 224 / 256
+    box = ((500 - side) / 2, (375 - side) / 2, (500 + side) / 2, (375 + side) / 2)
+    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize(
+        (224, 224), Image.Resampling.BILINEAR, box=box))
+    np.testing.assert_array_equal(decode_eval(data), expected)
+    source = ImageNetSource.__new__(ImageNetSource)  # the decode path only, no data set
+    source.image_shape, source._eval_resize = (224, 224, 3), 256
+    for resizer in ("opencv", "pil"):
+        source._crop_kwargs = {"resizer": resizer}
+        np.testing.assert_array_equal(source._decode(data, None), expected)
+
+
+def test_resizer_names_are_checked():
+    from lsgd_jax.data.augment import resolve_resizer
+
+    assert resolve_resizer("auto") == "opencv" and resolve_resizer("pil") == "pil"
+    with pytest.raises(ValueError, match="unknown resizer 'cubic'; valid: auto, opencv, pil"):
+        resolve_resizer("cubic")
+
+
+def test_opencv_decodes_jpegs_to_pils_pixels_and_leaves_the_rest_to_pil():
+    from lsgd_jax.data import augment
+    from lsgd_jax.data.augment import DECODE_ERRORS, _crop_resize
+    from lsgd_jax.data.samples import sample_jpegs
+
+    rotated = io.BytesIO()  # EXIF orientation 6: OpenCV would rotate it unless told not to
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(smooth_image(300, 200, 1)).save(rotated, "JPEG", quality=90, exif=exif)
+    blobs = sample_jpegs("photo", 6, seed=7) + sample_jpegs("hard", 6, seed=7) + [
+        rotated.getvalue(), jpeg_bytes(smooth_image(300, 200, 2), mode="L"),
+        jpeg_bytes(smooth_image(300, 200, 3), mode="CMYK")]
+    us = example_uniforms(2, 1, np.arange(len(blobs)), NUM_TRAIN_UNIFORMS)
+    used = []
+    original = augment._opencv_decode
+
+    def spy(*args):
+        used.append(original(*args) is not None)
+        return original(*args)
+
+    augment._opencv_decode = spy
+    try:
+        for data, u in zip(blobs, us):
+            img = Image.open(io.BytesIO(data))
+            box = random_resized_crop_box(img.size[0], img.size[1], u)
+            by_pil = _crop_resize(img, box, 64, "opencv")  # no bytes: PIL decodes
+            by_opencv = _crop_resize(Image.open(io.BytesIO(data)), box, 64, "opencv", data)
+            np.testing.assert_array_equal(by_opencv, by_pil)  # exact: the same libjpeg-turbo
+    finally:
+        augment._opencv_decode = original
+    assert used == [True] * 13 + [False, False]  # grayscale and CMYK go to PIL
+    truncated = blobs[0][: len(blobs[0]) * 2 // 3]
+    with pytest.raises(DECODE_ERRORS):
+        decode_train(truncated, us[0], resizer="opencv")
+
+
+def test_without_opencv_auto_falls_back_to_pil(monkeypatch):
+    import importlib.util
+
+    from lsgd_jax.data import augment
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(augment, "cv2", None)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "cv2" else real(name, *a))
+    assert augment.resolve_resizer("auto") == "pil"
+    with pytest.raises(ValueError, match="resizer 'opencv' needs OpenCV: pip install "
+                                         "opencv-python-headless"):
+        augment.resolve_resizer("opencv")

@@ -5,6 +5,8 @@ Importing this package never imports TensorFlow, tfds or grain: the ImageNet rea
 the synthetic and Fashion-MNIST sources work on hosts without them.
 """
 
+import os
+
 from lsgd_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from lsgd_jax.data.pipeline import TrainIterator, eval_batches, num_eval_batches
 from lsgd_jax.data.prefetch import DevicePrefetcher, prefetch_to_mesh
@@ -30,7 +32,7 @@ def open_source(config, split: str) -> Source:
             options["num_classes"] = config.num_classes
     elif config.data == "imagenet":
         options.update(decode_threads=config.decode_threads, max_bad_fraction=config.max_bad_fraction,
-                       builder_name=config.tfds_name)
+                       builder_name=config.tfds_name, resizer=config.resizer)
         if split == "train":
             options.update(color_jitter=config.color_jitter, lighting=config.lighting)
     source = get_source(config.data, split=split, **options)
@@ -40,6 +42,32 @@ def open_source(config, split: str) -> Source:
         raise ValueError(f"--num-classes {wanted} is fewer than the {source.num_classes} "
                          f"classes of {config.data}; use at least {source.num_classes}")
     return source
+
+
+def train_stream(source: Source, config, *, global_batch_size: int, process_index: int = 0,
+                 process_count: int = 1, position=None, log=print) -> TrainIterator:
+    """This process's training batches: decoded by worker processes (``workers.py``) when
+    ``config.decode_workers`` (default: ``workers.default_decode_workers()``) is above 0
+    and the source supports it, else in this process. Logs the choice; ``close()`` it."""
+    from lsgd_jax.data.workers import WorkerTrainIterator, default_decode_workers
+
+    kwargs = dict(global_batch_size=global_batch_size, seed=config.seed,
+                  process_index=process_index, process_count=process_count, position=position)
+    workers, cores = config.decode_workers, os.cpu_count() or 1
+    flag = "default" if workers is None else workers
+    if workers is None:
+        workers = default_decode_workers(cores)
+    if not hasattr(source, "worker_opener"):  # in-memory sources: nothing to decode
+        log(f"input: {config.data}, in the training process")
+        return TrainIterator(source, **kwargs)
+    resize = getattr(source, "resizer", "?")
+    if workers:
+        log(f"input: {workers} decoding worker processes per process ({cores} cores; "
+            f"--decode-workers {flag}), resize {resize}")
+        return WorkerTrainIterator(source, decode_workers=workers, **kwargs)
+    log(f"input: in the training process ({getattr(source, 'decode_threads', '?')} decoding "
+        f"threads, resize {resize}; --decode-workers {flag})")
+    return TrainIterator(source, **kwargs)
 
 
 __all__ = [
@@ -60,4 +88,5 @@ __all__ = [
     "prefetch_to_mesh",
     "shard_indices",
     "steps_per_epoch",
+    "train_stream",
 ]

@@ -14,15 +14,48 @@ Speed: JPEG decoding is the cost. ``Image.draft`` lets libjpeg decode directly a
 need at most that resolution; the crop window is chosen first from the header size, so
 only the needed resolution is decoded. PIL releases the GIL while decoding and
 resizing, so threads scale over cores.
+
+The train crop's resize has two implementations (``resizer``): ``"pil"``, PIL's
+antialiased bilinear filter on the exact (fractional) crop box, and ``"opencv"``,
+OpenCV's 2-tap bilinear ``cv2.resize`` of the crop box rounded to whole pixels of the
+decoded image. Both use the same crop box from the same draws and the same decoded
+pixels (with ``"opencv"``, OpenCV decodes YCbCr JPEGs at PIL's DCT scale, with the same
+libjpeg-turbo result, and PIL the rest); OpenCV's resize takes about a quarter of PIL's
+time, and its decode about 15 % less, which makes the train transform about 1.3-1.45x
+faster per core. After DCT scaling the remaining downscale is
+under 2x, so the 2-tap filter loses little; the pixels differ from PIL's by about 2
+levels on average (``tests/test_data_augment.py`` states the tolerance). The eval
+transform always uses PIL.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import math
 
 import numpy as np
 from PIL import Image
+
+# OpenCV (optional, the ``data`` extra: the faster train transform) is imported on first
+# use, so that the sources and processes that never use it do not pay for its import.
+cv2 = None
+_REDUCED: dict = {}
+
+
+def _cv2():
+    global cv2
+    if cv2 is None:
+        import cv2 as module
+
+        # One thread per call: the decoding threads or worker processes are the parallelism.
+        module.setNumThreads(1)
+        _REDUCED.update({1: module.IMREAD_COLOR, 2: module.IMREAD_REDUCED_COLOR_2,
+                         4: module.IMREAD_REDUCED_COLOR_4, 8: module.IMREAD_REDUCED_COLOR_8})
+        cv2 = module
+    return cv2
+
+RESIZERS = ("auto", "opencv", "pil")
 
 # Per-channel RGB statistics of ImageNet in 0-255 units (fb.resnet.torch's values x 255).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -123,8 +156,51 @@ def center_crop_box(width: int, height: int, *, size: int, resize: int) -> tuple
     return (width - side) / 2, (height - side) / 2, side, side
 
 
-def _crop_resize(img: Image.Image, box, size: int) -> np.ndarray:
-    """Decodes only the needed resolution of ``img``, crops ``box`` and resizes to size."""
+def resolve_resizer(resizer: str) -> str:
+    """``"auto"``: ``"opencv"`` when OpenCV is installed, else ``"pil"``."""
+    if resizer not in RESIZERS:
+        raise ValueError(f"unknown resizer {resizer!r}; valid: {', '.join(RESIZERS)}")
+    installed = cv2 is not None or importlib.util.find_spec("cv2") is not None
+    if resizer == "auto":
+        return "opencv" if installed else "pil"
+    if resizer == "opencv" and not installed:
+        raise ValueError("resizer 'opencv' needs OpenCV: pip install opencv-python-headless "
+                         "(in the data extra), or use resizer 'pil'")
+    return resizer
+
+
+def _opencv_resize(rgb: np.ndarray, box, size: int) -> np.ndarray:
+    """``box`` (in ``rgb``'s pixels, fractional) rounded to whole pixels, resized bilinearly."""
+    x, y, w, h = box
+    height, width = rgb.shape[:2]
+    x0, y0 = min(int(round(x)), width - 1), min(int(round(y)), height - 1)
+    x1, y1 = max(int(round(x + w)), x0 + 1), max(int(round(y + h)), y0 + 1)
+    cv2 = _cv2()
+    return cv2.resize(rgb[y0:y1, x0:x1], (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def _opencv_decode(data: bytes, img: Image.Image, width: int):
+    """``img`` (opened and drafted by PIL, not decoded) decoded by OpenCV at the draft's
+    DCT scale, BGR: PIL's pixels, as both call libjpeg-turbo alike, in about 15 % less
+    time. ``None`` (decode with PIL) where the two might differ: not a YCbCr JPEG, or a
+    file without its end marker (PIL fails on a truncated file; OpenCV would fill it in).
+    """
+    if img.format != "JPEG" or img.mode != "RGB" or not data.endswith(b"\xff\xd9"):
+        return None
+    cv2 = _cv2()
+    flag = _REDUCED.get(round(width / img.size[0]))
+    if flag is None:
+        return None
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flag | cv2.IMREAD_IGNORE_ORIENTATION)
+    if bgr is None or bgr.shape != (img.size[1], img.size[0], 3):
+        return None
+    return bgr
+
+
+def _crop_resize(img: Image.Image, box, size: int, resizer: str = "pil",
+                 data: bytes | None = None) -> np.ndarray:
+    """Decodes only the needed resolution of ``img``, crops ``box`` and resizes to size
+    (``data``: ``img``'s bytes, which OpenCV may decode instead of PIL)."""
     x, y, w, h = box
     width, height = img.size
     # Smallest uniform scale at which the crop still covers size x size pixels.
@@ -132,8 +208,15 @@ def _crop_resize(img: Image.Image, box, size: int) -> np.ndarray:
     if scale < 1.0 and img.format == "JPEG":
         img.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
     sx, sy = img.size[0] / width, img.size[1] / height
+    scaled_box = (x * sx, y * sy, w * sx, h * sy)
+    if resizer == "opencv" and data is not None:
+        bgr = _opencv_decode(data, img, width)
+        if bgr is not None:  # resizing acts on each channel alone: reorder after it
+            return _opencv_resize(bgr, scaled_box, size)[..., ::-1]
     if img.mode != "RGB":  # CMYK and grayscale JPEGs, PNG (palette, RGBA, ...).
         img = img.convert("RGB")
+    if resizer == "opencv":
+        return _opencv_resize(np.asarray(img), scaled_box, size)
     out = img.resize(
         (size, size),
         Image.Resampling.BILINEAR,
@@ -171,15 +254,16 @@ def pca_lighting(image: np.ndarray, u: np.ndarray, std: float) -> np.ndarray:
 
 
 def decode_train(data: bytes, u: np.ndarray, *, size: int = 224, color_jitter_strength: float = 0.0,
-                 lighting_std: float = 0.0, **crop_kwargs) -> np.ndarray:
+                 lighting_std: float = 0.0, resizer: str = "pil", **crop_kwargs) -> np.ndarray:
     """Encoded image -> uint8 ``(size, size, 3)``: random-resized crop and flip, then the
     optional colour jitter (fb.resnet.torch: 0.4) and PCA lighting (0.1), off by default.
+    ``resizer``: ``"pil"`` or ``"opencv"`` (see the module docstring; not ``"auto"``).
 
     Raises one of ``DECODE_ERRORS`` when the data cannot be decoded.
     """
     img = Image.open(io.BytesIO(data))
     box = random_resized_crop_box(img.size[0], img.size[1], u, **crop_kwargs)
-    out = _crop_resize(img, box, size)
+    out = _crop_resize(img, box, size, resizer, data)
     if u[_FLIP] < 0.5:
         out = out[:, ::-1]
     if color_jitter_strength or lighting_std:

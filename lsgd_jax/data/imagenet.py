@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import logging
 import os
 import threading
 
@@ -38,6 +37,7 @@ from lsgd_jax.data.augment import (
     decode_eval,
     decode_train,
     example_uniforms,
+    resolve_resizer,
 )
 from lsgd_jax.data.source import BadDataError
 
@@ -60,8 +60,11 @@ class _DropMessages(logging.Filter):
         return self.fragment not in record.getMessage()
 
 
-def _open_builder(builder_name: str, data_dir):
+def _open_builder(builder_name: str, data_dir, builder_dir=None):
     import tensorflow_datasets as tfds  # deferred: hosts without TensorFlow never get here
+
+    if builder_dir is not None:  # a decoding worker: the prepared folder, no registered class
+        return tfds.builder_from_directory(builder_dir), tfds
 
     # tfds warns "Variant folder ... has no dataset_info.json" for a data set that is not
     # prepared (even for a folder that does not exist); the error below says it plainly.
@@ -108,6 +111,10 @@ class ImageNetSource:
       decode_threads: decoding threads (``None``: all cores). Results do not depend on it.
       max_bad_fraction: fail once more than this fraction of the split is undecodable.
       area_range, ratio_range: the train crop's area fraction and aspect ratio ranges.
+      resizer: the train crop's resize, ``"auto"``, ``"opencv"`` or ``"pil"``
+        (``augment.resolve_resizer``).
+      builder_dir: the prepared data set's folder, read without its builder class (how
+        decoding worker processes open it; ``builder_name`` then only names it).
     """
 
     pixel_mean = IMAGENET_MEAN
@@ -127,6 +134,8 @@ class ImageNetSource:
         ratio_range: tuple[float, float] = RATIO_RANGE,
         color_jitter: float = 0.0,
         lighting: float = 0.0,
+        resizer: str = "auto",
+        builder_dir: str | None = None,
     ):
         if decode_threads is None:
             decode_threads = os.cpu_count() or 1
@@ -147,7 +156,8 @@ class ImageNetSource:
             if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
                 raise ValueError(f"{name} must lie in [0, 1) (fb.resnet.torch: 0.4 and 0.1), "
                                  f"got {value!r}")
-        builder, tfds = _open_builder(builder_name, data_dir)
+        resizer = resolve_resizer(resizer)
+        builder, tfds = _open_builder(builder_name, data_dir, builder_dir)
         if split not in builder.info.splits:
             raise ValueError(
                 f"{builder_name} has no split {split!r}; valid: {sorted(builder.info.splits)}"
@@ -164,7 +174,15 @@ class ImageNetSource:
         self._eval_resize = eval_resize
         self._crop_kwargs = {"area_range": tuple(area_range), "ratio_range": tuple(ratio_range),
                              "color_jitter_strength": float(color_jitter),
-                             "lighting_std": float(lighting)}
+                             "lighting_std": float(lighting), "resizer": resizer}
+        self.resizer, self.decode_threads = resizer, decode_threads
+        # What a decoding worker process needs to open the same split, decoding alike.
+        self._worker_options = dict(
+            split=split, builder_name=builder_name, builder_dir=str(builder.data_dir),
+            image_size=image_size, eval_resize=eval_resize, decode_threads=1,
+            max_bad_fraction=max_bad_fraction, area_range=tuple(area_range),
+            ratio_range=tuple(ratio_range), color_jitter=color_jitter, lighting=lighting,
+            resizer=resizer)
         self._pool = concurrent.futures.ThreadPoolExecutor(
             decode_threads, thread_name_prefix="imagenet_decode"
         )
@@ -189,15 +207,26 @@ class ImageNetSource:
         except DECODE_ERRORS as e:
             return e
 
+    def worker_opener(self):
+        """``(callable, kwargs)`` that opens this split in a decoding worker process."""
+        return ImageNetSource, dict(self._worker_options)
+
     def _mark_bad(self, i: int, record, error: Exception) -> None:
         name = record.get("file_name", b"?")
         name = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
         with self._lock:
             self._bad[int(i)] = name
+        self._on_bad(int(i), name, f"{type(error).__name__}: {error}")
+
+    def note_bad(self, i: int, name: str, error: str) -> None:
+        """Records, logs and counts undecodable example ``i``; raises ``BadDataError``
+        past ``max_bad_fraction``. (A worker process reports its finds here.)"""
+        with self._lock:
+            self._bad[int(i)] = name
             count = len(self._bad)
         log.warning(
-            "%s/%s: undecodable image id=%d file_name=%s (%s: %s); %d bad so far",
-            self.builder_name, self.split, i, name, type(error).__name__, error, count,
+            "%s/%s: undecodable image id=%d file_name=%s (%s); %d bad so far",
+            self.builder_name, self.split, i, name, error, count,
         )
         if count > self.max_bad_fraction * self.num_examples:
             raise BadDataError(
@@ -207,6 +236,8 @@ class ImageNetSource:
                 "prepared data (re-run experiments/prepare_imagenet.py) or raise "
                 "max_bad_fraction."
             )
+
+    _on_bad = note_bad
 
     def _replacement(self, i: int, u):
         """The next decodable example after ``i``: (image, label)."""
@@ -226,6 +257,19 @@ class ImageNetSource:
     def get_batch(self, ids, *, seed: int, epoch: int, train: bool):
         """See ``Source.get_batch``; decodes in the thread pool, order preserved."""
         ids = np.asarray(ids, dtype=np.int64)
+        images = np.empty((len(ids), *self.image_shape), np.uint8)
+        labels = np.empty(len(ids), np.int32)
+        self.decode_into(ids, seed=seed, epoch=epoch, train=train, images=images, labels=labels)
+        return {"image": images, "label": labels}
+
+    def decode_into(self, ids, *, seed: int, epoch: int, train: bool, images: np.ndarray,
+                    labels: np.ndarray, map_fn=None) -> None:
+        """``get_batch`` written into ``images`` and ``labels`` (a worker's shared memory).
+
+        ``map_fn`` maps the per-image decode over the images in order (default: this
+        source's thread pool; a worker process passes a plain serial map).
+        """
+        ids = np.asarray(ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.num_examples):
             raise IndexError(f"example ids must lie in [0, {self.num_examples}), got {ids}")
         records = self._records.__getitems__(ids.tolist())
@@ -233,15 +277,15 @@ class ImageNetSource:
             uniforms = list(example_uniforms(seed, epoch, ids, NUM_TRAIN_UNIFORMS))
         else:
             uniforms = [None] * len(ids)
-        decoded = list(
-            self._pool.map(self._try_decode, [r["image"] for r in records], uniforms)
-        )
-        labels = np.fromiter((r["label"] for r in records), np.int32, count=len(ids))
+        decoded = (map_fn or self._pool.map)(
+            self._try_decode, [r["image"] for r in records], uniforms)
         for k, out in enumerate(decoded):
+            label = records[k]["label"]
             if isinstance(out, Exception):
                 self._mark_bad(int(ids[k]), records[k], out)
-                decoded[k], labels[k] = self._replacement(int(ids[k]), uniforms[k])
-        return {"image": np.stack(decoded), "label": labels}
+                out, label = self._replacement(int(ids[k]), uniforms[k])
+            images[k] = out
+            labels[k] = label
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

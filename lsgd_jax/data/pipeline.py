@@ -111,6 +111,9 @@ class TrainIterator:
         self._position = Position(epoch=epoch, step=step)
         return batch
 
+    def close(self) -> None:
+        """Nothing to release here (``workers.WorkerTrainIterator`` stops its workers)."""
+
 
 def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
     """Number of (padded) evaluation batches every process yields."""

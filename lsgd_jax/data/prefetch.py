@@ -4,12 +4,17 @@ A background thread takes local batches from an iterator, turns them into global
 arrays with ``jax.make_array_from_process_local_data`` (each process contributes its
 slice of the global batch) and keeps up to ``size`` of them in a queue, so the host
 to device copy and the decoding of the next batch overlap the current step.
+
+``wait_seconds`` adds up the time the consumer spent blocked in ``next()`` for a batch
+that was not ready yet: over a stretch of training, its share of the wall time is the
+share in which the devices (or the loop) waited for the input pipeline.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Any, Iterator
 
 import jax
@@ -49,6 +54,7 @@ class DevicePrefetcher:
         self._stop = threading.Event()
         self._done = False
         self._position = getattr(iterator, "position", None)
+        self.wait_seconds = 0.0  # cumulative time next() waited for a batch (module doc)
         self._thread = threading.Thread(target=self._produce, daemon=True, name="prefetch_to_mesh")
         self._thread.start()
 
@@ -90,7 +96,9 @@ class DevicePrefetcher:
     def __next__(self):
         if self._done:
             raise StopIteration
+        t = time.perf_counter()
         batch, position, error = self._queue.get()
+        self.wait_seconds += time.perf_counter() - t
         if error is not None:
             self._done = True
             self.close()

@@ -1,0 +1,376 @@
+"""Decoding in worker processes: whole local batches written into shared memory.
+
+Threads in one process share one GIL, which caps a process near a few thousand images
+per second whatever its cores; a GPU needs more. ``WorkerTrainIterator`` is a
+``TrainIterator`` whose batches are decoded by ``N`` worker processes:
+
+* The training process alone computes every batch's ids (Remark 4's sampler, exactly as
+  ``TrainIterator``) and sends batch ``k`` (its ids, seed and epoch) to worker
+  ``k mod N``, at most ``slots`` batches ahead of the consumer.
+* A worker decodes the whole batch into batch slot ``k mod slots`` of one
+  ``multiprocessing.shared_memory`` block and answers with a short message. Nothing
+  is pickled but ids and that message; the training process copies the slot out
+  (a memcpy) and hands it on. Every image's augmentation is a function of
+  (seed, epoch, id) (``augment.example_uniforms``) and a worker runs the source's own
+  ``decode_into``, so the batches are bit for bit those of ``TrainIterator``, for any
+  number of workers and of processes; ``position`` resumes exactly as it does.
+* Undecodable images: a worker replaces them as the source does and reports them;
+  the training process logs and counts them (``max_bad_fraction``) in batch order.
+* Failures never hang: a worker that exits is reported at once, one that has not
+  finished an image for ``stall_timeout`` seconds is reported as hung, by index and
+  pid; the workers are then stopped and the error raised by ``next()``.
+* Shutdown: ``close()`` (also at interpreter exit) stops and joins the workers and
+  frees the shared memory. Workers ignore SIGINT (Ctrl-C reaches the whole process
+  group; the training process decides) and die with the training process
+  (``PR_SET_PDEATHSIG``, and a parent check twice a second).
+
+Workers are started with ``forkserver``: a server process, started once by ``exec`` (so
+it inherits none of the training process's threads, JAX runtime or device state, which
+``fork`` would copy in an unsafe state), imports this module and forks each worker from
+itself. A worker starts in milliseconds and shares the imported modules' pages; with
+``spawn`` each would import JAX, NumPy and PIL anew (about a second and 200 MB each).
+The server holds only the idle thread pools that NumPy and OpenCV start at import.
+
+A source supports workers when it has ``worker_opener()`` (returning a callable and
+its kwargs that open the same split in a worker), ``decode_into(...)`` and
+``note_bad(i, name, error)`` (see ``imagenet.ImageNetSource``).
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import time
+import traceback
+import weakref
+from multiprocessing import shared_memory
+
+import numpy as np
+
+from lsgd_jax.data.pipeline import TrainIterator
+from lsgd_jax.data.sampler import Position
+from lsgd_jax.data.source import BadDataError
+
+
+class DecodeWorkerError(RuntimeError):
+    """A decoding worker process exited, hung or failed."""
+
+
+def default_decode_workers(cores: int | None = None) -> int:
+    """Worker processes for ``cores`` cores: one core is left to the training process.
+
+    Below 4 cores, 0 (threads in the training process): their GIL ceiling (thousands
+    of images/s) is then far above what the cores can decode.
+    """
+    cores = cores or os.cpu_count() or 1
+    return cores - 1 if cores >= 4 else 0
+
+
+def _align(n: int, to: int = 64) -> int:
+    return -(-n // to) * to
+
+
+class _Layout:
+    """Offsets in the shared block: a progress counter per worker, then the slots."""
+
+    def __init__(self, workers: int, slots: int, batch: int, image_shape):
+        self.workers, self.slots, self.batch = workers, slots, batch
+        self.image_shape = tuple(image_shape)
+        self.image_bytes = batch * int(np.prod(image_shape))
+        self.slot_bytes = _align(self.image_bytes) + _align(4 * batch)
+        self.header = _align(8 * workers)
+        self.size = self.header + slots * self.slot_bytes
+
+    def views(self, buf):
+        progress = np.ndarray((self.workers,), np.int64, buf, 0)
+        slots = []
+        for s in range(self.slots):
+            at = self.header + s * self.slot_bytes
+            images = np.ndarray((self.batch, *self.image_shape), np.uint8, buf, at)
+            labels = np.ndarray((self.batch,), np.int32, buf, at + _align(self.image_bytes))
+            slots.append((images, labels))
+        return progress, slots
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _die_with_parent(trainer_pid: int):
+    """Dies with the fork server (which exits when the training process does) and returns
+    a check that the training process and the server still run."""
+    try:  # Linux: SIGKILL this process when its parent (the fork server) dies
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    server = os.getppid()
+    if not _alive(trainer_pid):
+        os._exit(1)
+    return lambda: os.getppid() == server and _alive(trainer_pid)
+
+
+def _context():
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["lsgd_jax.data.workers"])
+    return ctx
+
+
+def _worker_main(index, opener, options, shm_name, layout, conn, trainer_pid) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent_alive = _die_with_parent(trainer_pid)
+    try:
+        shm = shared_memory.SharedMemory(name=shm_name)
+        progress, slots = layout.views(shm.buf)
+        source = opener(**options)
+    except BaseException:  # noqa: BLE001 (reported to the training process)
+        conn.send(("failed", None, "", traceback.format_exc()))
+        return
+    found: list = []
+    images = labels = None
+    source._on_bad = lambda i, name, error: found.append((i, name, error))
+
+    def serial_map(fn, *iterables):
+        for args in zip(*iterables):
+            out = fn(*args)
+            progress[index] += 1
+            yield out
+
+    conn.send(("ready", os.getpid(), "", ""))
+    try:
+        while True:
+            if not conn.poll(0.5):
+                if not parent_alive():
+                    return
+                continue
+            task = conn.recv()
+            if task is None:
+                return
+            seq, slot, ids, seed, epoch = task
+            images, labels = slots[slot]
+            found.clear()
+            try:
+                source.decode_into(ids, seed=seed, epoch=epoch, train=True,
+                                   images=images[:len(ids)], labels=labels[:len(ids)],
+                                   map_fn=serial_map)
+            except BaseException as e:  # noqa: BLE001
+                conn.send(("failed", seq, type(e).__name__, traceback.format_exc()))
+                return
+            conn.send(("done", seq, list(found), ""))
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        return
+    finally:
+        del progress, slots, images, labels
+        source.close()
+        shm.close()
+
+
+def _shutdown(procs, conns, shm) -> None:
+    """Stops the workers (politely, then by force) and frees the shared memory."""
+    for conn in conns:
+        try:
+            conn.send(None)
+        except (OSError, ValueError):
+            pass
+    deadline = time.monotonic() + 2.0
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(2.0)
+        if p.is_alive():
+            p.kill()
+            p.join(2.0)
+    for conn in conns:
+        conn.close()
+    try:
+        shm.close()
+    except BufferError:  # views still held by the iterator at interpreter exit
+        pass
+    try:
+        shm.unlink()
+    except FileNotFoundError:
+        pass
+
+
+class WorkerTrainIterator(TrainIterator):
+    """``TrainIterator`` whose batches ``decode_workers`` processes decode (module doc).
+
+    Extra args:
+      decode_workers: number of worker processes (>= 1).
+      slots: batches decoded ahead of the consumer (default ``2 * decode_workers``).
+      stall_timeout: seconds without a finished image after which the worker that owes
+        the next batch is declared hung.
+      start_timeout: seconds a worker may take to start and open the data.
+    """
+
+    def __init__(self, source, *, decode_workers: int, slots: int | None = None,
+                 stall_timeout: float = 30.0, start_timeout: float = 120.0, **kwargs):
+        super().__init__(source, **kwargs)
+        if not isinstance(decode_workers, int) or isinstance(decode_workers, bool) \
+                or decode_workers < 1:
+            raise ValueError(f"decode_workers must be a positive integer, got {decode_workers!r}")
+        slots = 2 * decode_workers if slots is None else slots
+        if not isinstance(slots, int) or slots < 1:
+            raise ValueError(f"slots must be a positive integer, got {slots!r}")
+        if not hasattr(source, "worker_opener"):
+            raise ValueError(f"{type(source).__name__} cannot be decoded in worker processes "
+                             "(it has no worker_opener); use decode_workers=0")
+        opener, options = source.worker_opener()
+        self._layout = _Layout(decode_workers, slots, self.local_batch_size, source.image_shape)
+        free = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else None
+        if free is not None and free < self._layout.size:
+            raise ValueError(
+                f"{decode_workers} decode workers need {self._layout.size / 2**20:.0f} MiB of "
+                f"shared memory ({slots} batch slots of {self.local_batch_size} images) but "
+                f"/dev/shm has {free / 2**20:.0f} MiB free: enlarge it (docker --shm-size), "
+                "use fewer --decode-workers, or 0 (threads)")
+        self.stall_timeout, self.start_timeout = float(stall_timeout), float(start_timeout)
+        self._shm = shared_memory.SharedMemory(create=True, size=self._layout.size)
+        self._progress, self._slots = self._layout.views(self._shm.buf)
+        self._progress[:] = 0
+        ctx = _context()
+        self._procs, self._conns = [], []
+        self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._conns, self._shm)
+        for i in range(decode_workers):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker_main, name=f"decode_worker_{i}", daemon=True,
+                               args=(i, opener, options, self._shm.name, self._layout, child,
+                                     os.getpid()))
+            proc.start()
+            child.close()
+            self._procs.append(proc)
+            self._conns.append(parent)
+        self.pids = [p.pid for p in self._procs]
+        self._free = collections.deque(range(slots))
+        self._pending: dict[int, tuple[int, int, int, int]] = {}  # seq -> worker, slot, epoch, step
+        self._done: dict[int, tuple] = {}
+        self._ready: set[int] = set()
+        self._seq_out = self._seq_in = 0
+        self._ahead = self.position
+        try:
+            self._await_ready()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---------------------------------------------------------------- messages
+    def _name(self, w: int) -> str:
+        return f"decode worker {w} (pid {self._procs[w].pid})"
+
+    def _fail(self, message: str, error=DecodeWorkerError):
+        self.close()
+        raise error(message)
+
+    def _receive(self, timeout: float) -> None:
+        """Takes in the messages that arrive within ``timeout``; a dead worker raises."""
+        sentinels = {p.sentinel: w for w, p in enumerate(self._procs)}
+        ready = multiprocessing.connection.wait(self._conns + list(sentinels), timeout)
+        for obj in ready:
+            if obj in sentinels:
+                continue
+            w = self._conns.index(obj)
+            try:
+                kind, seq, a, b = obj.recv()
+            except (EOFError, OSError):
+                continue  # it exited: its sentinel says how
+            if kind == "failed":
+                where = "" if seq is None else " on " + self._where(seq)
+                error = BadDataError if a == "BadDataError" else DecodeWorkerError
+                self._fail(f"{self._name(w)} failed{where}:\n{b}", error)
+            if kind == "ready":
+                self._ready.add(w)
+            else:
+                self._done[seq] = (kind, w, a)
+        for obj in ready:
+            if obj in sentinels:  # a worker exited while it was still needed
+                w = sentinels[obj]
+                self._procs[w].join(0.1)
+                code = self._procs[w].exitcode
+                how = (f"was killed by signal {-code}" if code is not None and code < 0
+                       else f"exited with code {code}")
+                self._fail(f"{self._name(w)} {how} (after {self._progress[w]} images); "
+                           "the input pipeline cannot continue")
+
+    def _where(self, seq: int) -> str:
+        if seq not in self._pending:
+            return f"batch {seq}"
+        _, _, epoch, step = self._pending[seq]
+        return f"the batch of epoch {epoch}, step {step}"
+
+    def _await_ready(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while len(self._ready) < len(self._procs):
+            self._receive(0.2)
+            if time.monotonic() > deadline:
+                late = sorted(set(range(len(self._procs))) - self._ready)
+                self._fail(f"decode workers {late} did not start within {self.start_timeout:g} s")
+
+    # ---------------------------------------------------------------- the stream
+    def _dispatch(self) -> None:
+        while self._free:
+            epoch, step = self._ahead.epoch, self._ahead.step
+            ids = self._ids(epoch)[step]
+            slot, w = self._free.popleft(), self._seq_in % len(self._procs)
+            try:
+                self._conns[w].send((self._seq_in, slot, ids, self.seed, epoch))
+            except (OSError, ValueError):
+                self._receive(1.0)  # reports how the worker ended
+                self._fail(f"{self._name(w)} does not take work")
+            self._pending[self._seq_in] = (w, slot, epoch, step)
+            self._seq_in += 1
+            step += 1
+            if step == self.steps_per_epoch:
+                epoch, step = epoch + 1, 0
+            self._ahead = Position(epoch=epoch, step=step)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._finalizer is None or not self._finalizer.alive:
+            raise DecodeWorkerError("the decode workers were stopped (close() was called)")
+        self._dispatch()
+        seq = self._seq_out
+        w, slot, epoch, step = self._pending[seq]
+        seen, since = int(self._progress[w]), time.monotonic()
+        while seq not in self._done:
+            self._receive(0.1)
+            now, count = time.monotonic(), int(self._progress[w])
+            if count != seen:
+                seen, since = count, now
+            elif now - since > self.stall_timeout:
+                self._fail(f"{self._name(w)} hangs: no image finished in {self.stall_timeout:g} s "
+                           f"while it owes {self._where(seq)}")
+        _, _, found = self._done.pop(seq)
+        images, labels = self._slots[slot]
+        batch = {"image": images.copy(), "label": labels.copy()}
+        del self._pending[seq]
+        self._free.append(slot)
+        self._seq_out += 1
+        try:
+            for i, name, error in found:
+                self.source.note_bad(i, name, error)
+        except BadDataError:
+            self.close()
+            raise
+        step += 1
+        if step == self.steps_per_epoch:
+            epoch, step = epoch + 1, 0
+        self._position = Position(epoch=epoch, step=step)
+        return batch
+
+    def close(self) -> None:
+        """Stops the workers and frees the shared memory (idempotent)."""
+        if self._finalizer is not None and self._finalizer.alive:
+            self._progress = self._slots = None
+            self._finalizer()

@@ -1,0 +1,279 @@
+"""Decoding worker processes: the same batches as in-process decoding, failures, shutdown.
+
+Every test that starts processes bounds its time and checks that they are gone.
+"""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from workers_fake import FakeSource
+
+from lsgd_jax.data import BadDataError, Position, TrainIterator, get_source
+from lsgd_jax.data.workers import DecodeWorkerError, WorkerTrainIterator, default_decode_workers
+
+pytestmark = pytest.mark.timeout(120)
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def stream(iterators, steps):
+    """``steps`` global batches: the local batches of all processes, concatenated."""
+    out = []
+    for _ in range(steps):
+        parts = [next(it) for it in iterators]
+        out.append({k: np.concatenate([p[k] for p in parts]) for k in ("image", "label")})
+    return out
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["label"], y["label"])
+
+
+def gone(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    pytest.importorskip("tensorflow_datasets")
+    from tiny_imagenet import build
+
+    return build(tmp_path_factory.mktemp("tfds"))
+
+
+def open_imagenet(data_dir, **kwargs):
+    from tiny_imagenet import BUILDER
+
+    kwargs = {"builder_name": BUILDER, "image_size": 16, "eval_resize": 20,
+              "max_bad_fraction": 0.1, "decode_threads": 2, **kwargs}
+    return get_source("imagenet", split="train", data_dir=data_dir, **kwargs)
+
+
+def test_workers_give_the_batches_of_in_process_decoding_bit_for_bit(data_dir, caplog):
+    """0, 1 or 3 workers, 1 or 2 processes: the same global batches over 2+ epochs (5 steps
+    per epoch), with the corrupt and truncated files of the data set replaced alike."""
+    kw = dict(global_batch_size=8, seed=5)
+    with open_imagenet(data_dir) as src:
+        reference = stream([TrainIterator(src, **kw)], 12)
+        bad_threads = src.bad_examples
+    assert len(bad_threads) == 2  # the stream did meet both bad files
+    for workers, processes in ((1, 1), (3, 1), (2, 2)):
+        with open_imagenet(data_dir) as src, caplog.at_level(logging.WARNING):
+            caplog.clear()
+            its = [WorkerTrainIterator(src, decode_workers=workers, process_index=p,
+                                       process_count=processes, **kw) for p in range(processes)]
+            try:
+                assert_same(stream(its, 12), reference)
+                # Found by the workers, logged and counted by the training process.
+                assert src.bad_examples == bad_threads
+                assert all(f"id={i}" in caplog.text for i in bad_threads)
+                assert its[0].position == Position(2, 2)
+            finally:
+                for it in its:
+                    it.close()
+            assert _wait_gone([pid for it in its for pid in it.pids])
+
+
+def test_workers_resume_at_the_data_position(data_dir):
+    kw = dict(global_batch_size=8, seed=9, decode_workers=2)
+    with open_imagenet(data_dir) as src:
+        with _closing(WorkerTrainIterator(src, **kw)) as it:
+            reference = stream([it], 8)
+        with _closing(WorkerTrainIterator(src, **kw)) as it:
+            first = stream([it], 3)
+            position = it.position
+        assert position == Position(0, 3)
+        with _closing(WorkerTrainIterator(src, position=position.to_dict(), **kw)) as it:
+            rest = stream([it], 5)
+    assert_same(first + rest, reference)
+
+
+def test_too_many_bad_files_fail_as_in_process(data_dir):
+    with open_imagenet(data_dir, max_bad_fraction=0.03) as src:
+        it = WorkerTrainIterator(src, decode_workers=2, global_batch_size=40, seed=0)
+        with pytest.raises(BadDataError, match="2 of 40 examples .* max_bad_fraction=0.03"):
+            next(it)
+        assert _wait_gone(it.pids)
+
+
+class _closing:
+    def __init__(self, it):
+        self.it = it
+
+    def __enter__(self):
+        return self.it
+
+    def __exit__(self, *exc):
+        self.it.close()
+
+
+def _wait_gone(pids, seconds=5.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if all(gone(p) for p in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_fake_source_through_workers_equals_in_process():
+    src = FakeSource()
+    reference = stream([TrainIterator(src, global_batch_size=4, seed=2)], 25)
+    with _closing(WorkerTrainIterator(src, decode_workers=2, global_batch_size=4, seed=2,
+                                      slots=3)) as it:
+        assert_same(stream([it], 25), reference)
+
+
+@pytest.mark.parametrize("failure, match", [
+    ("die_at", r"decode worker \d \(pid \d+\) exited with code 3"),
+    ("hang_at", r"decode worker \d \(pid \d+\) hangs: no image finished in 1.5 s while it owes "
+                r"the batch of epoch \d+, step \d+"),
+])
+def test_a_worker_that_dies_or_hangs_is_named_within_seconds(failure, match):
+    # The id is read at the 6th step or so: the first batches come normally.
+    src = FakeSource(**{failure: 23})
+    order = TrainIterator(src, global_batch_size=4, seed=1)
+    when = next(k for k in range(10) if 23 in order._ids(0)[k])
+    it = WorkerTrainIterator(src, decode_workers=2, global_batch_size=4, seed=1,
+                             stall_timeout=1.5)
+    t = time.monotonic()
+    with pytest.raises(DecodeWorkerError, match=match):
+        for _ in range(when + 1):
+            next(it)
+    assert time.monotonic() - t < 10.0
+    assert _wait_gone(it.pids), "close() after the failure stops the other worker too"
+    with pytest.raises(DecodeWorkerError, match="stopped"):
+        next(it)
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sigkill"])
+def test_stopping_the_training_process_leaves_no_process_behind(how):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
+    child = subprocess.Popen([sys.executable, os.path.join(HERE, "workers_fake.py")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env, start_new_session=True)
+    try:
+        info = json.loads(child.stdout.readline() or "{}")
+        assert info.get("workers"), child.stderr.read()
+        if how == "ctrl-c":  # the terminal sends SIGINT to the whole process group
+            os.killpg(child.pid, signal.SIGINT)
+        else:
+            child.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+        child.wait(timeout=20)
+        assert _wait_gone(info["workers"], 10.0), f"workers outlived the run ({how})"
+        # Nothing of the session survives (the resource tracker included) and the shared
+        # memory is freed.
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and (_session(child.pid) or os.path.exists(
+                f"/dev/shm/{info['shm']}")):
+            time.sleep(0.1)
+        assert not _session(child.pid), f"processes outlived the run: {_session(child.pid)}"
+        assert not os.path.exists(f"/dev/shm/{info['shm']}")
+    finally:
+        for pid in _session(child.pid):
+            os.kill(pid, signal.SIGKILL)
+        if child.poll() is None:
+            child.kill()
+        child.communicate(timeout=10)
+
+
+def _session(sid):
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
+                pids.append(int(name))
+    return pids
+
+
+def test_bad_worker_arguments_and_default():
+    src = FakeSource()
+    with pytest.raises(ValueError, match="decode_workers must be a positive integer, got 0"):
+        WorkerTrainIterator(src, decode_workers=0, global_batch_size=4, seed=0)
+
+    class NoWorkers:
+        num_examples, image_shape = 8, (1, 1, 1)
+
+    with pytest.raises(ValueError, match="cannot be decoded in worker processes"):
+        WorkerTrainIterator(NoWorkers(), decode_workers=1, global_batch_size=4, seed=0)
+    assert [default_decode_workers(c) for c in (1, 2, 3, 4, 16)] == [0, 0, 0, 3, 15]
+
+
+def test_train_stream_chooses_and_says_how_it_decodes(data_dir):
+    from lsgd_jax.config import TrainConfig
+    from lsgd_jax.data import train_stream
+
+    lines = []
+    with open_imagenet(data_dir) as src:
+        for workers, kind in ((2, WorkerTrainIterator), (0, TrainIterator)):
+            config = TrainConfig(data="imagenet", decode_workers=workers, batch_size=8)
+            it = train_stream(src, config, global_batch_size=8, log=lines.append)
+            assert type(it) is kind
+            it.close()
+    assert lines[0].startswith("input: 2 decoding worker processes per process (")
+    assert "--decode-workers 2), resize opencv" in lines[0]
+    assert lines[1] == ("input: in the training process (2 decoding threads, resize opencv; "
+                        "--decode-workers 0)")
+    with pytest.raises(ValueError, match="decode_workers must be an integer >= 0, got -1"):
+        TrainConfig(decode_workers=-1)
+
+
+@pytest.mark.slow
+def test_training_with_workers_equals_training_with_threads(data_dir, tmp_path):
+    """The trainer end to end: the same losses at every step, and the same final state."""
+    from lsgd_jax.config import TrainConfig
+    from lsgd_jax.metrics import read_metrics
+    from lsgd_jax.train import train_and_evaluate
+    from tiny_imagenet import BUILDER
+
+    config = TrainConfig(data="imagenet", data_dir=data_dir, tfds_name=BUILDER, model="resnet20",
+                         image_size=16, batch_size=16, bn_group_size=2, eval_batch_size=16,
+                         dtype="float32", epochs=2, warmup_epochs=0, decay_epochs=(),
+                         max_bad_fraction=0.2, decode_threads=2, log_every_steps=1)
+    losses, digests = [], []
+    for workers in (0, 2):
+        run = str(tmp_path / f"run{workers}")
+        train_and_evaluate(config.replace(decode_workers=workers), run, log=lambda m: None)
+        records = read_metrics(run, "train")
+        losses.append([r["loss"] for r in records])
+        assert all(0.0 <= r["input_wait_fraction"] <= 1.0 for r in records)
+        digests.append(read_metrics(run, "checkpoint")[-1]["state_sha256"])
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+    assert digests[0] == digests[1]
+
+
+def test_a_worker_that_cannot_open_the_data_fails_before_any_batch():
+    with pytest.raises(DecodeWorkerError, match=r"decode worker \d \(pid \d+\) failed:\n"
+                                                r"(.|\n)*FileNotFoundError: no data set here"):
+        WorkerTrainIterator(FakeSource(fail_in_worker=True), decode_workers=2,
+                            global_batch_size=4, seed=0)
+
+
+def test_too_little_shared_memory_is_reported_before_starting(monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(64 << 20, 64 << 20, 100))
+    with pytest.raises(ValueError, match=r"need \d+ MiB of shared memory \(4 batch slots of "
+                                         r"4 images\) but /dev/shm has 0 MiB free"):
+        WorkerTrainIterator(FakeSource(), decode_workers=2, global_batch_size=4, seed=0,
+                            slots=4)
