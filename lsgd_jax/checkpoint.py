@@ -67,10 +67,6 @@ class CheckpointSaveError(CheckpointError):
 
 class NoUsableCheckpointError(CheckpointError):
     """The workdir holds a run's progress, but none of its checkpoints can be resumed."""
-class UnreadableCheckpointError(ValueError):
-    """No checkpoint can be read (for readers that change nothing on disk)."""
-
-
 class CorruptCheckpointError(Exception):
     """A checkpoint that cannot be read back as it was saved."""
 
@@ -407,8 +403,6 @@ class Checkpoints:
         try:
             self._manager.wait_until_finished()
         except Exception:  # noqa: BLE001
-            import logging
-
             logging.getLogger("orbax").error("a save failed", exc_info=True)
         self._manager.close()
 
@@ -432,95 +426,9 @@ def _worst_on_every_process(outcome: int) -> int:
     return int(np.max(multihost_utils.process_allgather(np.asarray(outcome, np.int32))))
 
 
-def _all_processes_agree(ok: bool) -> bool:
-    """True when ``ok`` holds on every process (a collective on several processes)."""
-    return _worst_on_every_process(0 if ok else 1) == 0
-
-
 def list_corrupt(directory: str) -> list[str]:
     """The ``corrupt-*`` folders of a checkpoint directory, oldest step first."""
     if not os.path.isdir(directory):
         return []
     return sorted((n for n in os.listdir(directory) if n.startswith("corrupt-")),
                   key=lambda n: [int(p) if p.isdigit() else 0 for p in n.split("-")[1:]])
-    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
-
-
-def read_verified(directory: str, target: Any, *, step: int | None = None,
-                  log: Any = print) -> tuple[Any, dict, int]:
-    """Read a checkpoint onto ``target`` and verify its SHA-256, changing nothing on disk.
-
-    For readers of a workdir (evaluation, export) that may be in use by a run: no
-    orbax manager is opened (it would remove a save in progress) and nothing is
-    moved aside. With ``step``, that checkpoint or an error; without, the newest
-    one that verifies, older ones tried in turn (each skipped one is logged). A
-    checkpoint removed by the run's retention while being read is skipped silently.
-
-    Returns:
-      (state, meta, step).
-
-    Raises:
-      UnreadableCheckpointError: ``step`` is missing or damaged, or no checkpoint verifies.
-    """
-    directory = os.path.abspath(directory)
-    steps = [step] if step is not None else _step_dirs(directory)
-    if step is not None and not os.path.isdir(os.path.join(directory, str(step))):
-        raise UnreadableCheckpointError(
-            f"{os.path.join(directory, str(step))} does not exist; the complete checkpoints "
-            f"are steps {sorted(_step_dirs(directory)) or 'none'}")
-    skipped = []
-    for candidate in steps:
-        step_dir = os.path.join(directory, str(candidate))
-        problem = None
-        try:
-            state, meta = _read_one(directory, candidate, target)
-        except CorruptCheckpointError as e:
-            problem = e
-        except Exception as e:  # orbax and tensorstore raise many kinds
-            problem = CorruptCheckpointError(
-                candidate, _damaged_file(e, step_dir) or step_dir, _first_line(e))
-        if not _all_processes_agree(problem is None):  # every process takes the same one
-            problem = problem or CorruptCheckpointError(
-                candidate, step_dir, "another process could not read it")
-        if problem is None:
-            return state, meta, candidate
-        if not _all_processes_agree(os.path.isdir(step_dir)) and step is None:
-            continue  # removed meanwhile by the run's retention: not damage
-        if step is not None:
-            raise UnreadableCheckpointError(f"{problem}; nothing was changed") from None
-        skipped.append(candidate)
-        log(f"warning: {problem}; trying the previous checkpoint (nothing was changed)")
-    if skipped:
-        raise UnreadableCheckpointError(
-            f"no checkpoint in {directory} verifies (damaged: steps {skipped}); nothing was "
-            "changed")
-    raise UnreadableCheckpointError(
-        f"{directory} holds no checkpoint: give the --workdir of a training run that has "
-        "saved one (a checkpoint is saved at the end of every epoch)")
-
-
-def _quiet_metadata(record: logging.LogRecord) -> bool:
-    return "_CHECKPOINT_METADATA" not in record.getMessage()
-
-
-def _read_one(directory: str, step: int, target: Any) -> tuple[Any, dict]:
-    step_dir = os.path.join(directory, str(step))
-    for name in _REQUIRED_FILES:
-        if not os.path.exists(os.path.join(step_dir, name)):
-            raise CorruptCheckpointError(step, os.path.join(step_dir, name), "the file is missing")
-    meta = _read_json_item(directory, step, "meta")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    checkpointer = ocp.StandardCheckpointer()
-    absl = logging.getLogger("absl")
-    absl.addFilter(_quiet_metadata)  # a checkpoint's item has no metadata file of its own
-    try:
-        state = checkpointer.restore(os.path.join(step_dir, "state"), abstract)
-    finally:
-        absl.removeFilter(_quiet_metadata)
-        checkpointer.close()
-    digest = state_sha256(state)
-    if "state_sha256" in meta and digest != meta["state_sha256"]:
-        raise CorruptCheckpointError(
-            step, os.path.join(step_dir, "state"), f"the restored state's SHA-256 "
-            f"{digest[:12]}… differs from the {meta['state_sha256'][:12]}… saved with it")
-    return state, meta

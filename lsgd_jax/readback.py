@@ -4,7 +4,7 @@ and export.
 ``restore_run(workdir)`` rebuilds what training built (the model from the checkpoint's
 own configuration, the optimizer that fixes the state's tree) and reads the newest
 checkpoint that verifies, or a given step, with
-:func:`lsgd_jax.checkpoint.read_verified`: the same SHA-256 check as a resume, but
+:func:`read_verified`: the same SHA-256 check as a resume, but
 nothing is written, moved or locked, so a workdir in use by a run can be read while
 it trains. Every process calls it with the same arguments.
 
@@ -22,13 +22,17 @@ import os
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
+import orbax.checkpoint as ocp
 
 from lsgd_jax.checkpoint import (
-    UnreadableCheckpointError,
-    _quiet_metadata,
+    _REQUIRED_FILES,
+    CorruptCheckpointError,
+    _damaged_file,
+    _first_line,
+    _read_json_item,
     _step_dirs,
-    read_verified,
+    _worst_on_every_process,
+    state_sha256,
 )
 from lsgd_jax.config import TrainConfig
 
@@ -37,6 +41,95 @@ DEFAULT_IMAGE_SIZE = {"imagenet": 224, "synthetic": 224, "fashion_mnist": 28}
 # ImageNet's eval transform: shorter side to 256, centre crop 224 (section 5.1); the
 # other data sets are stored at their size and evaluated as they are.
 IMAGENET_EVAL_RESIZE = 256
+
+
+class UnreadableCheckpointError(ValueError):
+    """No checkpoint can be read (for readers that change nothing on disk)."""
+
+
+def _all_processes_agree(ok: bool) -> bool:
+    """True when ``ok`` holds on every process (a collective on several processes)."""
+    return _worst_on_every_process(0 if ok else 1) == 0
+
+
+def read_verified(directory: str, target: Any, *, step: int | None = None,
+                  log: Any = print) -> tuple[Any, dict, int]:
+    """Read a checkpoint onto ``target`` and verify its SHA-256, changing nothing on disk.
+
+    For readers of a workdir (evaluation, export) that may be in use by a run: no
+    orbax manager is opened (it would remove a save in progress) and nothing is
+    moved aside. With ``step``, that checkpoint or an error; without, the newest
+    one that verifies, older ones tried in turn (each skipped one is logged). A
+    checkpoint removed by the run's retention while being read is skipped silently.
+
+    Returns:
+      (state, meta, step).
+
+    Raises:
+      UnreadableCheckpointError: ``step`` is missing or damaged, or no checkpoint verifies.
+    """
+    directory = os.path.abspath(directory)
+    steps = [step] if step is not None else _step_dirs(directory)
+    if step is not None and not os.path.isdir(os.path.join(directory, str(step))):
+        raise UnreadableCheckpointError(
+            f"{os.path.join(directory, str(step))} does not exist; the complete checkpoints "
+            f"are steps {sorted(_step_dirs(directory)) or 'none'}")
+    skipped = []
+    for candidate in steps:
+        step_dir = os.path.join(directory, str(candidate))
+        problem = None
+        try:
+            state, meta = _read_one(directory, candidate, target)
+        except CorruptCheckpointError as e:
+            problem = e
+        except Exception as e:  # orbax and tensorstore raise many kinds
+            problem = CorruptCheckpointError(
+                candidate, _damaged_file(e, step_dir) or step_dir, _first_line(e))
+        if not _all_processes_agree(problem is None):  # every process takes the same one
+            problem = problem or CorruptCheckpointError(
+                candidate, step_dir, "another process could not read it")
+        if problem is None:
+            return state, meta, candidate
+        if not _all_processes_agree(os.path.isdir(step_dir)) and step is None:
+            continue  # removed meanwhile by the run's retention: not damage
+        if step is not None:
+            raise UnreadableCheckpointError(f"{problem}; nothing was changed") from None
+        skipped.append(candidate)
+        log(f"warning: {problem}; trying the previous checkpoint (nothing was changed)")
+    if skipped:
+        raise UnreadableCheckpointError(
+            f"no checkpoint in {directory} verifies (damaged: steps {skipped}); nothing was "
+            "changed")
+    raise UnreadableCheckpointError(
+        f"{directory} holds no checkpoint: give the --workdir of a training run that has "
+        "saved one (a checkpoint is saved at the end of every epoch)")
+
+
+def _quiet_metadata(record: logging.LogRecord) -> bool:
+    return "_CHECKPOINT_METADATA" not in record.getMessage()
+
+
+def _read_one(directory: str, step: int, target: Any) -> tuple[Any, dict]:
+    step_dir = os.path.join(directory, str(step))
+    for name in _REQUIRED_FILES:
+        if not os.path.exists(os.path.join(step_dir, name)):
+            raise CorruptCheckpointError(step, os.path.join(step_dir, name), "the file is missing")
+    meta = _read_json_item(directory, step, "meta")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    checkpointer = ocp.StandardCheckpointer()
+    absl = logging.getLogger("absl")
+    absl.addFilter(_quiet_metadata)  # a checkpoint's item has no metadata file of its own
+    try:
+        state = checkpointer.restore(os.path.join(step_dir, "state"), abstract)
+    finally:
+        absl.removeFilter(_quiet_metadata)
+        checkpointer.close()
+    digest = state_sha256(state)
+    if "state_sha256" in meta and digest != meta["state_sha256"]:
+        raise CorruptCheckpointError(
+            step, os.path.join(step_dir, "state"), f"the restored state's SHA-256 "
+            f"{digest[:12]}… differs from the {meta['state_sha256'][:12]}… saved with it")
+    return state, meta
 
 
 @dataclasses.dataclass
@@ -90,7 +183,6 @@ def pixel_stats(data: str, channels: int) -> tuple[tuple[float, ...], tuple[floa
 
 def _checkpoint_shapes(directory: str, step: int | None) -> dict | None:
     """``{"classes": C, "channels": c}`` from the newest checkpoint whose metadata reads."""
-    import orbax.checkpoint as ocp
 
     absl = logging.getLogger("absl")
     absl.addFilter(_quiet_metadata)  # a checkpoint's item has no metadata file of its own
