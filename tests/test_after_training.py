@@ -154,6 +154,17 @@ def test_evaluate_bad_input_is_one_line_and_status_2(run_dir, tmp_path):
     assert result.returncode == 2 and "does not exist" in _error_line(result.stderr)
 
 
+def test_a_failed_multi_host_launch_is_one_line_and_status_2(tmp_path, capsys):
+    """evaluate and export start their processes under main_guard, as training does."""
+    from lsgd_jax.commands import evaluate_main, export_main
+
+    launch = ["--num-processes", "2", "--process-id", "1"]  # no --coordinator-address
+    for main, extra in ((evaluate_main, []), (export_main, ["--out", str(tmp_path / "m")])):
+        assert main(["--workdir", str(tmp_path), *extra, *launch]) == 2
+        line = _error_line(capsys.readouterr().err)
+        assert "coordinator_address=None" in line and "num_processes=2" in line, line
+
+
 def test_a_damaged_checkpoint_is_refused_or_skipped_and_never_moved(run_dir, tmp_path):
     from lsgd_jax.commands import evaluate_main
 
