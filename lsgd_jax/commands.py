@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "train":
         from lsgd_jax.cli import main as train_main
 
-        return train_main(argv[1:])
+        return train_main(argv[1:], prog="lsgd-jax train")
     return COMMANDS[argv[0]](argv[1:])
 
 
