@@ -59,11 +59,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "imagenet_resnet50.py") -> argparse.ArgumentParser:
     """One flag per TrainConfig field (its help, type, choices and default), then the
-    launch flags that are not part of a run's configuration."""
+    launch flags that are not part of a run's configuration. ``prog``: the command's
+    name in the usage and in argparse's errors (``lsgd-jax train`` gives its own)."""
     p = argparse.ArgumentParser(
-        prog="imagenet_resnet50.py",
+        prog=prog,
         description="Large-minibatch synchronous SGD (Goyal et al. 2017): train ResNet-50 on "
                     "ImageNet, or a small model on synthetic data or Fashion-MNIST, with the "
                     "paper's recipe. Rerunning with the same --workdir resumes from the latest "
@@ -114,8 +115,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                           if hasattr(args, f.name)})
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, prog: str = "imagenet_resnet50.py") -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
         # Validate the configuration before any process starts talking to the others.

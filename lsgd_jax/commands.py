@@ -37,8 +37,8 @@ def _workdir_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _start(args, positive: dict[str, int | None]) -> str:
-    """Checks flags that must be positive, then starts JAX (fake CPU devices, processes);
-    returns an error line or ""."""
+    """Checks flags that must be positive, then sets up fake CPU devices; returns an
+    error line or "". The processes start in :func:`_launched`."""
     for flag, value in positive.items():
         if value is not None and value < 1:
             return f"{flag} must be a positive integer, got {value}"
@@ -46,11 +46,19 @@ def _start(args, positive: dict[str, int | None]) -> str:
         from lsgd_jax.parallel import use_cpu_devices
 
         use_cpu_devices(args.cpu_devices)  # before JAX starts its backends
-    if hasattr(args, "coordinator_address"):
+    return ""
+
+
+def _launched(args, fn: Callable[[], None]) -> int:
+    """Start the processes (multi-host), then ``fn``, both under ``main_guard``, as
+    training does: a launch that fails is one line and exit status 2 too."""
+    def run():
         from lsgd_jax.parallel import initialize_distributed
 
         initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    return ""
+        fn()
+
+    return main_guard(run)
 
 
 def _fail(line: str) -> int:
@@ -113,7 +121,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
                 print(f"warning: could not append to {restored.workdir}/metrics.jsonl "
                       f"({e.strerror}); the result is above", file=sys.stderr)
 
-    return main_guard(run)
+    return _launched(args, run)
 
 
 # ------------------------------------------------------------------ export
@@ -149,7 +157,7 @@ def export_main(argv: list[str] | None = None) -> int:
              + (f", the run's result {100 * figure:.2f}% top-1 error" if figure is not None
                 else ""))
 
-    return main_guard(run)
+    return _launched(args, run)
 
 
 # ------------------------------------------------------------------ predict
@@ -206,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "train":
         from lsgd_jax.cli import main as train_main
 
-        return train_main(argv[1:])
+        return train_main(argv[1:], prog="lsgd-jax train")
     return COMMANDS[argv[0]](argv[1:])
 
 

@@ -144,7 +144,7 @@ def _prepare(config: TrainConfig, workdir: str, log: Callable[[str], None],
     from lsgd_jax.data import open_source
 
     mesh = make_mesh()
-    check_resumable(os.path.join(workdir, "checkpoints"), config.to_dict())
+    resumable = check_resumable(os.path.join(workdir, "checkpoints"), config.to_dict())
     train_source, eval_source = open_source(config, "train"), open_source(config, "validation")
     plan = make_plan(config, num_train_examples=train_source.num_examples,
                      num_devices=mesh.devices.size, num_processes=jax.process_count())
@@ -158,6 +158,13 @@ def _prepare(config: TrainConfig, workdir: str, log: Callable[[str], None],
                       bn_group_size=plan.bn_group_size,
                       zero_init_residual=config.zero_init_residual)
     schedule, tx = build_recipe(config, plan)  # --schedule and --optimizer
+    checked = None
+    if config.init_from and (resumable is None or restart_from_scratch):
+        # A run that starts at step 0 reads the model file: check it before compiling.
+        from lsgd_jax.init_from import check_init_from
+
+        checked = check_init_from(config.init_from, model, model_name=config.model, log=log,
+                                  input_shape=(1, *train_source.image_shape))
     os.makedirs(workdir, exist_ok=True)
     state = create_train_state(model, tx, rng=jax.random.key(config.seed),
                                input_shape=(1, *train_source.image_shape), mesh=mesh)
@@ -196,7 +203,7 @@ def _prepare(config: TrainConfig, workdir: str, log: Callable[[str], None],
 
         run.log(f"initialising from {config.init_from}")
         run.state = start_from_model(run.state, config.init_from, model_name=config.model,
-                                     log=log)
+                                     log=log, checked=checked)
     return run
 
 

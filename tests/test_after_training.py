@@ -154,6 +154,17 @@ def test_evaluate_bad_input_is_one_line_and_status_2(run_dir, tmp_path):
     assert result.returncode == 2 and "does not exist" in _error_line(result.stderr)
 
 
+def test_a_failed_multi_host_launch_is_one_line_and_status_2(tmp_path, capsys):
+    """evaluate and export start their processes under main_guard, as training does."""
+    from lsgd_jax.commands import evaluate_main, export_main
+
+    launch = ["--num-processes", "2", "--process-id", "1"]  # no --coordinator-address
+    for main, extra in ((evaluate_main, []), (export_main, ["--out", str(tmp_path / "m")])):
+        assert main(["--workdir", str(tmp_path), *extra, *launch]) == 2
+        line = _error_line(capsys.readouterr().err)
+        assert "coordinator_address=None" in line and "num_processes=2" in line, line
+
+
 def test_a_damaged_checkpoint_is_refused_or_skipped_and_never_moved(run_dir, tmp_path):
     from lsgd_jax.commands import evaluate_main
 
@@ -418,6 +429,67 @@ def test_init_from_refuses_another_model_naming_it(model_path, tmp_path):
                      "--init-from", str(tmp_path / "missing.msgpack"), "--cpu-devices", "8")
     assert result.returncode == 2
     assert str(tmp_path / "missing.msgpack") in _error_line(result.stderr)
+
+
+def test_a_bad_init_from_file_is_refused_before_anything_is_compiled(model_path, tmp_path,
+                                                                     monkeypatch):
+    """Missing, damaged, another format version, another model, a layer of another shape:
+    one line naming the file (and the layer, with the shape the model needs), raised
+    before the fresh state is compiled, from the verdict every process shares. Another
+    class count is no error: the check passes and the run goes on to compile."""
+    from flax import serialization
+
+    import lsgd_jax.init_from as init_from
+    import lsgd_jax.train as train
+    from lsgd_jax.model_file import ModelFileError
+
+    class Compiled(Exception):
+        pass
+
+    def create_train_state(*args, **kwargs):
+        raise Compiled
+
+    monkeypatch.setattr(train, "create_train_state", create_train_state)
+    verdicts = []
+
+    def same_on_every_process(text):  # one process: the verdict it would share
+        verdicts.append(text)
+        return text
+
+    monkeypatch.setattr(init_from, "same_on_every_process", same_on_every_process)
+
+    def flip(data):
+        data[len(data) // 2] ^= 0x01
+
+    content = serialization.msgpack_restore(open(model_path, "rb").read())
+    kernel = content["variables"]["params"]["stem_conv"]["kernel"]
+    content["variables"]["params"]["stem_conv"]["kernel"] = kernel[..., :1, :]
+    gray = serialization.msgpack_serialize(content)  # a 1-channel model; this run has 3
+
+    def rewrite(data):
+        data[:] = gray
+
+    cases = [
+        (lambda: str(tmp_path / "none.msgpack"), {}, "does not exist"),
+        (lambda: _tamper(model_path, tmp_path, edit_bytes=flip), {}, "is damaged"),
+        (lambda: _tamper(model_path, tmp_path, edit_meta=lambda m: m.update(format_version=2)),
+         {}, "version 2; this lsgd-jax reads"),
+        (lambda: model_path, {"model": "resnet20"}, "holds a resnet8 but this run trains"),
+        (lambda: _tamper(model_path, tmp_path, edit_bytes=rewrite, edit_meta=lambda m: m.update(
+            channels=1, file_sha256=hashlib.sha256(gray).hexdigest())), {},
+         r"layer \['params'\]\['stem_conv'\]\['kernel'\] has shape \(3, 3, 1, 16\), the "
+         r"model needs \(3, 3, 3, 16\)"),
+    ]
+    for make, changes, message in cases:
+        path = make()
+        with pytest.raises(ModelFileError, match=message) as e:
+            _prepared(tmp_path, "bad", init_from=path, **changes)
+        text = str(e.value)
+        assert text.startswith("--init-from") and path in text and "\n" not in text, text
+        assert verdicts[-1] == text
+    with pytest.raises(Compiled):
+        _prepared(tmp_path, "seven", init_from=model_path, num_classes=7)
+    assert verdicts[-1] == ""
 
 
 @pytest.mark.slow

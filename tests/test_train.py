@@ -193,6 +193,26 @@ def test_help_explains_every_flag():
         assert flag in parser.format_help()
 
 
+def test_the_usage_names_the_command_that_was_run(capsys):
+    """The experiments script and `lsgd-jax train` share the parser; each is named in its
+    usage and in argparse's errors."""
+    from lsgd_jax.cli import main
+    from lsgd_jax.commands import main as lsgd_jax
+
+    for run, usage in ((lambda: main(["--help"]), "usage: imagenet_resnet50.py "),
+                       (lambda: lsgd_jax(["train", "--help"]), "usage: lsgd-jax train ")):
+        with pytest.raises(SystemExit) as e:
+            run()
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith(usage), out[:80]
+    with pytest.raises(SystemExit) as e:
+        lsgd_jax(["train"])
+    assert e.value.code == 2
+    assert ("lsgd-jax train: error: the following arguments are required: --workdir"
+            in capsys.readouterr().err)
+
+
 # ---------------------------------------------------------------- processes
 @pytest.fixture(scope="module")
 def reference_sha(tmp_path_factory):
