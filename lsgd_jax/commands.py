@@ -53,8 +53,14 @@ def _launched(args, fn: Callable[[], None]) -> int:
     """Start the processes (multi-host), then ``fn``, both under ``main_guard``, as
     training does: a launch that fails is one line and exit status 2 too."""
     def run():
-        from lsgd_jax.parallel import initialize_distributed
+        import os
 
+        from lsgd_jax.parallel import initialize_distributed
+        from lsgd_jax.quiet import divert_library_noise
+
+        # A reader writes nothing into the workdir: orbax's and asyncio's tracebacks of a
+        # damaged checkpoint are dropped; the command's own line says what happened.
+        divert_library_noise(os.devnull)
         initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
         fn()
 
