@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lsgd_jax.data import prefetch_to_mesh
 from lsgd_jax.metrics import MetricsWriter
-from lsgd_jax.train import LogWindow
+from lsgd_jax.recording import LogWindow
 
 
 @pytest.fixture(scope="module")
