@@ -24,6 +24,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from lsgd_jax.data import class_names
+
 FORMAT = "lsgd-jax model"
 FORMAT_VERSION = 1
 
@@ -36,23 +38,6 @@ def sidecar_path(path: str) -> str:
     """``model.msgpack`` -> ``model.json``: where the model file's description lies."""
     root, ext = os.path.splitext(path)
     return (root if ext == ".msgpack" else path) + ".json"
-
-
-def class_names(config) -> list[str] | None:
-    """The label names of the run's data set, when its metadata has them."""
-    if config.data == "fashion_mnist":
-        from lsgd_jax.data.fashion_mnist import CLASS_NAMES
-
-        return list(CLASS_NAMES)
-    if config.data == "imagenet":
-        try:
-            import tensorflow_datasets as tfds
-
-            builder = tfds.builder(config.tfds_name, data_dir=config.data_dir)
-            return list(builder.info.features["label"].names)
-        except Exception:  # no tfds, or the data set is not on this host: indices then
-            return None
-    return None
 
 
 def export_model(run, out: str) -> dict:

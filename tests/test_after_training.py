@@ -570,7 +570,7 @@ def test_class_names_come_from_the_tfds_metadata(tmp_path):
     pytest.importorskip("tensorflow_datasets")
     from tiny_imagenet import BUILDER, build
 
-    from lsgd_jax.model_file import class_names
+    from lsgd_jax.data import class_names
 
     data_dir = build(str(tmp_path / "tfds"))
     config = TrainConfig(data="imagenet", tfds_name=BUILDER, data_dir=data_dir)

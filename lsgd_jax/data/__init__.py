@@ -70,6 +70,24 @@ def train_stream(source: Source, config, *, global_batch_size: int, process_inde
     return TrainIterator(source, **kwargs)
 
 
+def class_names(config) -> list[str] | None:
+    """The label names of the run's data set, when its metadata has them (tfds for
+    ImageNet, only where tfds and the data set are on this host), else None."""
+    if config.data == "fashion_mnist":
+        from lsgd_jax.data.fashion_mnist import CLASS_NAMES
+
+        return list(CLASS_NAMES)
+    if config.data == "imagenet":
+        try:
+            import tensorflow_datasets as tfds
+
+            builder = tfds.builder(config.tfds_name, data_dir=config.data_dir)
+            return list(builder.info.features["label"].names)
+        except Exception:  # no tfds, or the data set is not on this host: indices then
+            return None
+    return None
+
+
 __all__ = [
     "BadDataError",
     "DevicePrefetcher",
@@ -79,6 +97,7 @@ __all__ = [
     "SOURCE_NAMES",
     "Source",
     "TrainIterator",
+    "class_names",
     "eval_batches",
     "eval_indices",
     "get_source",
