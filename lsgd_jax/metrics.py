@@ -74,11 +74,17 @@ class MetricsWriter:
 
     def flush(self) -> None:
         if self._tb is not None:
-            self._tb.flush()
+            try:
+                self._tb.flush()
+            except OSError:  # a full disk: the run's own error says so; nothing more to do
+                pass
 
     def close(self) -> None:
         if self._tb is not None:
-            self._tb.close()
+            try:
+                self._tb.close()
+            except OSError:
+                pass
             self._tb = None
 
 

@@ -6,11 +6,22 @@ of lines around the one line that says what happened. :func:`divert_library_nois
 sends the loggers of orbax and asyncio, and those tracebacks, to
 ``WORKDIR/orbax.log`` (one file per process), and remembers the last error they
 logged, so that our own error can quote it.
+
+The loudest noise is tensorstore's: after a failed save its write callbacks still
+schedule work on the asyncio loops orbax has closed, and each raises "Event loop is
+closed" from a C++ thread, printed past every Python hook. Once diverted, such a
+call on a closed loop is recorded in the log and dropped, as it would have been
+after its traceback; the standard error is closed to whatever is still printed
+while the interpreter shuts down.
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import errno
 import logging
+import os
 import sys
 import threading
 import traceback
@@ -41,6 +52,26 @@ class _Diverted(logging.FileHandler):
 
 _handler: _Diverted | None = None
 _hooks_installed = False
+_call_soon_threadsafe = asyncio.BaseEventLoop.call_soon_threadsafe
+
+
+def _call_soon_threadsafe_or_drop(loop, callback, *args, context=None):
+    if loop.is_closed() and _handler is not None:
+        logging.getLogger("asyncio").warning(
+            "dropped %r: its event loop is closed (a write callback after a failed save)",
+            callback)
+        return None
+    return _call_soon_threadsafe(loop, callback, *args, context=context)
+
+
+def _stderr_closed_at_exit() -> None:
+    try:
+        sys.stderr.flush()
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, 2)
+        os.close(fd)
+    except (OSError, ValueError):
+        pass
 
 
 def _is_noise(exc_type, exc_value, exc_tb) -> bool:
@@ -61,6 +92,8 @@ def _write(exc_type, exc_value, exc_tb) -> None:
             handler.stream = handler._open()
         handler.stream.write(text)
         handler.stream.flush()
+    except (OSError, ValueError):  # the log's own disk may be full: drop it
+        pass
     finally:
         handler.release()
 
@@ -84,7 +117,22 @@ def _install_hooks() -> None:
         else:
             previous_thread(args)
 
+    previous_unraisable = sys.unraisablehook
+
+    def unraisable_hook(args):
+        # A full disk seen again by a library's own exit handler (TensorBoard's flush):
+        # the run has said so in its one line already.
+        full = isinstance(args.exc_value, OSError) and args.exc_value.errno == errno.ENOSPC
+        if _handler is not None and (full or _is_noise(args.exc_type, args.exc_value,
+                                                       args.exc_traceback)):
+            _write(args.exc_type, args.exc_value, args.exc_traceback)
+        else:
+            previous_unraisable(args)
+
     sys.excepthook, threading.excepthook = sys_hook, thread_hook
+    sys.unraisablehook = unraisable_hook
+    asyncio.BaseEventLoop.call_soon_threadsafe = _call_soon_threadsafe_or_drop
+    atexit.register(_stderr_closed_at_exit)
 
 
 def divert_library_noise(path: str) -> None:

@@ -283,8 +283,11 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, log: Callable[[str], 
     log(plan.describe(config.warmup))
     writer.write("start", step, **{k: v for k, v in plan.to_dict().items()
                                    if not isinstance(v, list)})
-    step, preempted = _loop(run, writer, step)
-    return _result(run, writer, step, preempted)
+    try:
+        step, preempted = _loop(run, writer, step)
+        return _result(run, writer, step, preempted)
+    finally:
+        writer.close()  # also on errors: TensorBoard's files are closed by us, not at exit
 
 
 def _already_finished(run: _Run, step: int, result: dict) -> dict:
