@@ -124,7 +124,7 @@ class _Run:
         """Stop every process, writing nothing, when process 0 lost the workdir's lock."""
         error = ""
         if self.lock is not None:
-            self.lock._lost_reason()
+            self.lock.lost_reason()
             error = self.lock.lost
         error = same_on_every_process(error)
         if error:

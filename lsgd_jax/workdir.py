@@ -202,7 +202,7 @@ class WorkdirLock:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
-            if self._lost_reason():  # never keep another run's lock fresh
+            if self.lost_reason():  # never keep another run's lock fresh
                 return
             try:
                 os.utime(self.path)
@@ -212,7 +212,8 @@ class WorkdirLock:
     def _mine(self, holder: dict | None) -> bool:
         return bool(holder) and all(holder.get(k) == self._me[k] for k in ("host", "pid", "token"))
 
-    def _lost_reason(self) -> str:
+    def lost_reason(self) -> str:
+        """Why this lock is no longer this run's ("" while it is), read from the file."""
         if not self.lost:
             holder = self._holder()
             if not self._mine(holder):
@@ -225,7 +226,7 @@ class WorkdirLock:
 
     def check(self) -> None:
         """Raise LockLostError unless the lock is still this run's (before every write)."""
-        if self._lost_reason():
+        if self.lost_reason():
             raise LockLostError(self.lost)
 
     def release(self) -> None:

@@ -7,27 +7,11 @@ import optax
 import pytest
 
 from helpers import max_rel_diff
-from lsgd_jax import default_weight_decay_mask, goyal_schedule, goyal_sgd, lars, scale_by_lars
+from lsgd_jax import default_weight_decay_mask, goyal_sgd, lars, scale_by_lars
 
-# Warmup for 5 epochs of 2 steps, then decays at epochs 8, 12, 14: steps 16, 24, 28.
-SCHEDULE = goyal_schedule(batch_size=8192, steps_per_epoch=2, decay_epochs=(8, 12, 14))
-STEPS = 34
-
-
-def _params(key):
-    k1, k2, k3 = jax.random.split(key, 3)
-    return {
-        "conv": {"kernel": jax.random.normal(k1, (3, 3, 2, 4))},
-        "bn": {"scale": jnp.ones((4,)), "bias": jnp.zeros((4,))},
-        "dense": {"kernel": jax.random.normal(k2, (4, 5)), "bias": jax.random.normal(k3, (5,))},
-    }
-
-
-def _random_grads(step, params):
-    key = jax.random.fold_in(jax.random.key(7), step)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    return treedef.unflatten([jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+# The schedule, parameters and gradients of the SGD tests, so the two compare alike.
+from test_optim import SCHEDULE, STEPS, _params  # noqa: E402
+from test_optim import _grads as _random_grads  # noqa: E402
 
 
 def _parallel_grads(step, params):

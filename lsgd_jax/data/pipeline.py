@@ -105,11 +105,15 @@ class TrainIterator:
         epoch, step = self._position.epoch, self._position.step
         ids = self._ids(epoch)[step]
         batch = self.source.get_batch(ids, seed=self.seed, epoch=epoch, train=True)
-        step += 1
+        self._advance()
+        return batch
+
+    def _advance(self) -> None:
+        """The position of the next batch: the next step, or the next epoch's first."""
+        epoch, step = self._position.epoch, self._position.step + 1
         if step == self.steps_per_epoch:
             epoch, step = epoch + 1, 0
         self._position = Position(epoch=epoch, step=step)
-        return batch
 
     def close(self) -> None:
         """Nothing to release here (``workers.WorkerTrainIterator`` stops its workers)."""

@@ -341,7 +341,7 @@ class WorkerTrainIterator(TrainIterator):
             raise DecodeWorkerError("the decode workers were stopped (close() was called)")
         self._dispatch()
         seq = self._seq_out
-        w, slot, epoch, step = self._pending[seq]
+        w, slot, _, _ = self._pending[seq]  # the batch at self._position
         seen, since = int(self._progress[w]), time.monotonic()
         while seq not in self._done:
             self._receive(0.1)
@@ -363,10 +363,7 @@ class WorkerTrainIterator(TrainIterator):
         except BadDataError:
             self.close()
             raise
-        step += 1
-        if step == self.steps_per_epoch:
-            epoch, step = epoch + 1, 0
-        self._position = Position(epoch=epoch, step=step)
+        self._advance()
         return batch
 
     def close(self) -> None:
