@@ -69,6 +69,9 @@ def test_seeds_follow_the_best_rate_of_seed_0_once_its_grid_is_finished(tmp_path
     assert "best peak 18.4 (×1)" in best.label
     _finish(lars[0][1], 0.10)                                   # now × ½ is the best
     assert beyond.best_multiplier(scale, paths, "lars", 512) == 0.5
+    # ... at the edge of the grid: the optimum was not bracketed, and the table says so.
+    best = beyond.define_beyond(scale, paths)[1].rows[1]
+    assert "best peak 9.18 (×0.5, at the grid's edge)" in best.label
 
 
 def _verdicts(paper, lars):
@@ -137,6 +140,15 @@ def test_the_section_runs_grid_then_seeds_and_decides(tmp_path, monkeypatch):
     outcome = {i["claim"]: i["verdict"] for i in claims if i["kind"] == "outcome"}
     assert outcome["At this budget, with equal tuning, LARS moved the largest kn that "
                    "matches the reference"] == "yes"
+    # The paper's recipe and the control were best at × ½, the grid's edge: the outcome
+    # says their tuning was not bracketed; LARS's was (× 1), so it is not named.
+    why = {i["claim"]: i["why"] for i in claims if i["kind"] == "outcome"}
+    lars_why = why["At this budget, with equal tuning, LARS moved the largest kn that "
+                   "matches the reference"]
+    assert "edge of its grid for the paper's recipe at kn=32, the paper's recipe at kn=64" \
+        in lars_why and "LARS + poly" not in lars_why
+    nado_why = next(w for c, w in why.items() if "without LARS" in c)
+    assert "(Nado control) at kn=32" in nado_why and "(Nado control) at kn=64" in nado_why
     line = next(i for i in claims if i["claim"].startswith("LARS beats the paper's recipe "
                                                            "at kn=64"))
     assert line["verdict"] == "reproduces"

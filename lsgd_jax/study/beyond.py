@@ -80,6 +80,12 @@ def best_multiplier(scale: Scale, paths: Paths, arm: str, kn: int) -> float | No
     return min(zip(scores, (abs(math.log(m)) for m in MULTIPLIERS), MULTIPLIERS))[2]
 
 
+def at_edge(multiplier: float) -> bool:
+    """A best rate at the smallest or largest grid point: the optimum was not bracketed,
+    and a wider grid might have done better."""
+    return multiplier in (MULTIPLIERS[0], MULTIPLIERS[-1])
+
+
 def reference_row(scale: Scale, paths: Paths) -> Row:
     return Row(f"kn={scale.reference_kn} (reference)",
                tuple(_run(scale, paths, f"kn{scale.reference_kn}", s, kn=scale.reference_kn)
@@ -98,8 +104,9 @@ def define_beyond(scale: Scale, paths: Paths) -> list[Study]:
                                 (grid_run(scale, paths, arm, kn, m, 0),), "–"))
             chosen = best_multiplier(scale, paths, arm, kn)
             if chosen is not None:
+                edge = ", at the grid's edge" if at_edge(chosen) else ""
                 best.append(Row(f"kn={kn}, {ARM_LABELS[arm]}, best peak {centre * chosen:.3g} "
-                                f"(×{chosen:g})",
+                                f"(×{chosen:g}{edge})",
                                 tuple(grid_run(scale, paths, arm, kn, chosen, s)
                                       for s in (0,) + SEEDS_AFTER), "–"))
     return [Study("beyond_grid", "Beyond the paper's limit: the 3-rate grid of each recipe "
@@ -177,8 +184,15 @@ def beyond_claim_items(studies: list[Study], scale: Scale) -> list[dict]:
                 items.append(dict(claim=claim, kind="pending", verdict="cannot tell yet",
                                   row="not run yet", against="",
                                   why="waits for the 3-rate grid on seed 0"))
+    edges = {(kn, arm): row.label for (kn, arm), row in rows.items()
+             if "at the grid's edge" in row.label}
     for arm, text in (("lars", "LARS"), ("nado", "poly decay + label smoothing, without LARS,")):
         verdict, why = moved(verdicts, arm)
+        unbracketed = [f"{ARM_LABELS[a]} at kn={kn}" for (kn, a) in sorted(edges)
+                       if a in ("paper", arm)]
+        if unbracketed:
+            why += ("; the best rate was at the edge of its grid for "
+                    + ", ".join(unbracketed) + ", so a wider grid might change this")
         items.append(dict(claim=f"At this budget, with equal tuning, {text} moved the largest "
                                 "kn that matches the reference", kind="outcome",
                           verdict=verdict, why=why, row=verdict, against=""))
