@@ -99,6 +99,8 @@ def build_parser(prog: str = "imagenet_resnet50.py") -> argparse.ArgumentParser:
                    help="total number of processes (with --coordinator-address)")
     g.add_argument("--process-id", type=int, default=None,
                    help="this process, 0 .. num_processes-1")
+    g.add_argument("--initialization-timeout", type=int, default=300,
+                   help="seconds to wait for the coordinator and every process at the start")
     g.add_argument("--heartbeat-timeout", type=int, default=100,
                    help="seconds after which a silent process is declared dead and the "
                         "others stop (jax.distributed)")
@@ -121,7 +123,8 @@ def main(argv: list[str] | None = None, prog: str = "imagenet_resnet50.py") -> i
     try:
         # Validate the configuration before any process starts talking to the others.
         config = config_from_args(args)
-        for flag in ("cpu_devices", "heartbeat_timeout", "shutdown_timeout"):
+        for flag in ("cpu_devices", "initialization_timeout", "heartbeat_timeout",
+                     "shutdown_timeout"):
             value = getattr(args, flag)
             if value is not None and value < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, "
@@ -140,6 +143,7 @@ def main(argv: list[str] | None = None, prog: str = "imagenet_resnet50.py") -> i
 
     def run():
         initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
+                               initialization_timeout=args.initialization_timeout,
                                heartbeat_timeout=args.heartbeat_timeout,
                                shutdown_timeout=args.shutdown_timeout)
         train_and_evaluate(config, args.workdir, restart_from_scratch=args.restart_from_scratch)

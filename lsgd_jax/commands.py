@@ -25,6 +25,8 @@ def _parser(prog: str, description: str, *, launch: bool = True) -> argparse.Arg
                        help="host:port of process 0; not needed under SLURM or Open MPI")
         g.add_argument("--num-processes", type=int, default=None, help="total processes")
         g.add_argument("--process-id", type=int, default=None, help="this process")
+        g.add_argument("--initialization-timeout", type=int, default=300,
+                       help="seconds to wait for the coordinator and every process")
         g.add_argument("--cpu-devices", type=int, default=None,
                        help="run on N fake CPU devices per process (testing without GPUs)")
     return p
@@ -61,7 +63,8 @@ def _launched(args, fn: Callable[[], None]) -> int:
         # A reader writes nothing into the workdir: orbax's and asyncio's tracebacks of a
         # damaged checkpoint are dropped; the command's own line says what happened.
         divert_library_noise(os.devnull)
-        initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+        initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
+                               initialization_timeout=args.initialization_timeout)
         fn()
 
     return main_guard(run)

@@ -14,7 +14,10 @@ process then feeds its own share of the global batch, assembled with
 from __future__ import annotations
 
 import collections
+import errno
 import os
+import socket
+import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -103,6 +106,9 @@ def initialize_distributed(
 
     if jax.distributed.is_initialized():
         return True
+    if coordinator_address is not None:
+        check_coordinator(coordinator_address, process_id, num_processes,
+                          timeout=initialization_timeout)
     # Newer JAX releases may drop the option (Gloo being their default).
     if cpu_collectives is not None and "jax_cpu_collectives_implementation" in jax.config.values:
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
@@ -116,6 +122,53 @@ def initialize_distributed(
         shutdown_timeout_seconds=shutdown_timeout,
     )
     return True
+
+
+def check_coordinator(address: str, process_id: int, num_processes: int, *,
+                      timeout: float = 300, retry_every: float = 1.0) -> None:
+    """Raise ``ValueError`` naming ``--coordinator-address`` when a multi-process start
+    cannot work, before ``jax.distributed`` tries: it aborts the whole process (SIGABRT
+    and a C++ stack, no Python exception) when the coordinator is out of reach.
+
+    Process 0 serves the coordinator on ``address``'s port of every interface: that
+    port must be free here. Every other process must reach ``address`` within
+    ``timeout`` seconds (process 0 may start later: it is tried again every
+    ``retry_every`` seconds); the connection is closed at once.
+    """
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--coordinator-address must be HOST:PORT with a port in 1..65535, "
+                         f"got {address!r}")
+    if process_id == 0:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("", int(port)))
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:
+                    raise
+                raise ValueError(
+                    f"--coordinator-address {address}: port {port} is already in use on this "
+                    "host, where process 0 serves the coordinator; pick a free port (the same "
+                    "for every process), or stop what holds it") from None
+        return
+    deadline, last = time.monotonic() + timeout, None
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            socket.create_connection((host, int(port)), timeout=max(0.1, min(5.0, left))).close()
+            return
+        except OSError as e:
+            last = e
+        if left <= 0:
+            why = getattr(last, "strerror", None) or str(last) or type(last).__name__
+            raise ValueError(
+                f"process {process_id} of {num_processes} could not reach the coordinator at "
+                f"--coordinator-address {address} within {timeout:g} s ({why}); start "
+                "process 0 with the same address, and check the host, the port and that no "
+                "firewall is in between")
+        time.sleep(max(0.0, min(retry_every, deadline - time.monotonic())))
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:

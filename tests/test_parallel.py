@@ -99,3 +99,93 @@ def test_cpu_device_env_replaces_an_earlier_device_count():
                                 "--xla_force_host_platform_device_count=2")
     assert env["JAX_PLATFORMS"] == "cpu"
     assert cpu_device_env(4, {})["XLA_FLAGS"] == "--xla_force_host_platform_device_count=4"
+
+
+# --- the coordinator, checked before jax.distributed (which aborts the process) ---
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("address", ["localhost", "localhost:", ":1234", "host:99999",
+                                     "host:http"])
+def test_coordinator_address_must_be_host_port(address):
+    from lsgd_jax.parallel import check_coordinator
+
+    with pytest.raises(ValueError, match=f"--coordinator-address must be HOST:PORT.*{address!r}"):
+        check_coordinator(address, 1, 2, timeout=0.1)
+
+
+def test_process_0_needs_its_coordinator_port_free():
+    import socket
+
+    from lsgd_jax.parallel import check_coordinator
+
+    port = _free_port()
+    check_coordinator(f"127.0.0.1:{port}", 0, 2, timeout=0.1)  # free: nothing to say
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", port))
+        held.listen()
+        with pytest.raises(ValueError, match=f"--coordinator-address 127.0.0.1:{port}: port "
+                                             f"{port} is already in use"):
+            check_coordinator(f"127.0.0.1:{port}", 0, 2, timeout=0.1)
+
+
+def test_other_processes_wait_for_the_coordinator_then_say_who_they_could_not_reach():
+    import socket
+    import threading
+    import time
+
+    from lsgd_jax.parallel import check_coordinator
+
+    port = _free_port()
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=f"process 1 of 2 could not reach the coordinator at "
+                                         f"--coordinator-address 127.0.0.1:{port} within 0.6 s"):
+        check_coordinator(f"127.0.0.1:{port}", 1, 2, timeout=0.6, retry_every=0.1)
+    assert 0.6 <= time.monotonic() - t0 < 5  # tolerance: the 0.6 s deadline, then one try
+    # Process 0 may come up later than the others: they keep trying until it does.
+    server = socket.socket()
+    server.bind(("127.0.0.1", port))
+
+    def listen_late():
+        time.sleep(0.5)
+        server.listen()
+
+    thread = threading.Thread(target=listen_late)
+    thread.start()
+    try:
+        check_coordinator(f"127.0.0.1:{port}", 1, 2, timeout=10, retry_every=0.1)
+    finally:
+        thread.join()
+        server.close()
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_an_unreachable_coordinator_is_one_line_and_status_2(tmp_path, command):
+    """Without the check, JAX aborts (SIGABRT, status 134) with a C++ stack."""
+    import os
+    import subprocess
+    import sys
+
+    from lsgd_jax.parallel import cpu_device_env
+
+    port = _free_port()
+    flags = {"train": ["--data", "fashion_mnist", "--model", "resnet8"], "evaluate": []}
+    env = cpu_device_env(1)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([repo, env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-m", "lsgd_jax", command, "--workdir", str(tmp_path / "w"),
+         *flags[command], "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+         "--process-id", "1", "--initialization-timeout", "1"],
+        env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: process 1 of 2 could not reach the coordinator at "
+                                f"--coordinator-address 127.0.0.1:{port} within 1 s"), lines
+    assert "Check failure" not in proc.stderr
