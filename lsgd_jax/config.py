@@ -66,7 +66,9 @@ class TrainConfig:
     decode_workers: int | None = _field(None, "data", "ImageNet train batches: decoding worker "
                                         "processes per process (shared memory); 0: threads "
                                         "in the training process",
-                                        default_text="cores - 1 with 4 or more cores, else 0")
+                                        default_text="cores - 1 with 4 or more cores, else 0; the "
+                                        "cores this process may run on, shared with the "
+                                        "host's other processes that the launcher announces")
     resizer: str = _field("auto", "data", "ImageNet train crop resize: opencv (faster, "
                           "~2 levels from pil's pixels), pil, auto: opencv if installed",
                           choices=("auto", "opencv", "pil"))

@@ -217,6 +217,33 @@ def test_bad_worker_arguments_and_default():
     assert [default_decode_workers(c) for c in (1, 2, 3, 4, 16)] == [0, 0, 0, 3, 15]
 
 
+@pytest.mark.parametrize("env, processes", [
+    ({}, 1),
+    ({"LOCAL_WORLD_SIZE": "8"}, 8),
+    ({"OMPI_COMM_WORLD_LOCAL_SIZE": "4"}, 4),
+    ({"SLURM_NTASKS_PER_NODE": "2"}, 2),
+    ({"SLURM_TASKS_PER_NODE": "8(x4),4"}, 8),   # the first node's count
+    ({"SLURM_TASKS_PER_NODE": "garbage", "LOCAL_WORLD_SIZE": "0"}, 1),
+])
+def test_the_launcher_says_how_many_processes_share_this_host(env, processes):
+    from lsgd_jax.data.workers import local_process_count
+
+    assert local_process_count(env) == processes
+
+
+def test_default_workers_share_the_allowed_cores_among_the_hosts_processes():
+    """96 cores and 8 processes a host: 12 cores each, 11 workers, not 95 each (760
+    decoders on 96 cores); a cpuset of 16 cores for 1 process: 15."""
+    from lsgd_jax.data.workers import usable_cores
+
+    assert usable_cores({"LOCAL_WORLD_SIZE": "8"}, allowed=96) == 12
+    assert default_decode_workers(usable_cores({"LOCAL_WORLD_SIZE": "8"}, allowed=96)) == 11
+    assert usable_cores({}, allowed=16) == 16
+    assert usable_cores({"LOCAL_WORLD_SIZE": "8"}, allowed=4) == 1  # never 0
+    # This process's own affinity, not the machine's core count.
+    assert usable_cores({}) == len(os.sched_getaffinity(0))
+
+
 def test_train_stream_chooses_and_says_how_it_decodes(data_dir):
     from lsgd_jax.config import TrainConfig
     from lsgd_jax.data import train_stream

@@ -49,11 +49,12 @@ def train_stream(source: Source, config, *, global_batch_size: int, process_inde
     """This process's training batches: decoded by worker processes (``workers.py``) when
     ``config.decode_workers`` (default: ``workers.default_decode_workers()``) is above 0
     and the source supports it, else in this process. Logs the choice; ``close()`` it."""
-    from lsgd_jax.data.workers import WorkerTrainIterator, default_decode_workers
+    from lsgd_jax.data.workers import (WorkerTrainIterator, default_decode_workers,
+                                       local_process_count, usable_cores)
 
     kwargs = dict(global_batch_size=global_batch_size, seed=config.seed,
                   process_index=process_index, process_count=process_count, position=position)
-    workers, cores = config.decode_workers, os.cpu_count() or 1
+    workers, cores = config.decode_workers, usable_cores()
     flag = "default" if workers is None else workers
     if workers is None:
         workers = default_decode_workers(cores)
@@ -62,7 +63,10 @@ def train_stream(source: Source, config, *, global_batch_size: int, process_inde
         return TrainIterator(source, **kwargs)
     resize = getattr(source, "resizer", "?")
     if workers:
-        log(f"input: {workers} decoding worker processes per process ({cores} cores; "
+        share = (f"{cores} cores of this host's {os.cpu_count()} for each of its "
+                 f"{local_process_count()} processes" if local_process_count() > 1
+                 else f"{cores} cores")
+        log(f"input: {workers} decoding worker processes per process ({share}; "
             f"--decode-workers {flag}), resize {resize}")
         return WorkerTrainIterator(source, decode_workers=workers, **kwargs)
     log(f"input: in the training process ({getattr(source, 'decode_threads', '?')} decoding "

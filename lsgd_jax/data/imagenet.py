@@ -138,7 +138,9 @@ class ImageNetSource:
         builder_dir: str | None = None,
     ):
         if decode_threads is None:
-            decode_threads = os.cpu_count() or 1
+            from lsgd_jax.data.workers import usable_cores
+
+            decode_threads = usable_cores()
         if not isinstance(decode_threads, int) or decode_threads < 1:
             raise ValueError(f"decode_threads must be a positive integer, got {decode_threads!r}")
         if not 0.0 <= max_bad_fraction < 1.0:

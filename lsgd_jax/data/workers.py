@@ -61,13 +61,45 @@ class DecodeWorkerError(RuntimeError):
     """A decoding worker process exited, hung or failed."""
 
 
+LOCAL_SIZE_VARIABLES = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE",
+                        "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
+
+
+def local_process_count(env=None) -> int:
+    """Training processes on this host, as the launcher announces them (torchrun-style
+    ``LOCAL_WORLD_SIZE``, Open MPI, SLURM); 1 when none does. SLURM's
+    ``SLURM_TASKS_PER_NODE`` reads like "8(x4),4": the first node's count is taken."""
+    env = os.environ if env is None else env
+    for key in LOCAL_SIZE_VARIABLES:
+        digits = ""
+        for ch in env.get(key, "").strip():
+            if not ch.isdigit():
+                break
+            digits += ch
+        if digits and int(digits) >= 1:
+            return int(digits)
+    return 1
+
+
+def usable_cores(env=None, allowed: int | None = None) -> int:
+    """Cores this process may decode on: the CPUs it is allowed to run on (a cgroup
+    cpuset or ``taskset`` shrinks them), shared evenly with the other training
+    processes of this host (``local_process_count``), at least 1."""
+    if allowed is None:
+        try:
+            allowed = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):  # not on Linux
+            allowed = os.cpu_count() or 1
+    return max(1, allowed // local_process_count(env))
+
+
 def default_decode_workers(cores: int | None = None) -> int:
     """Worker processes for ``cores`` cores: one core is left to the training process.
 
     Below 4 cores, 0 (threads in the training process): their GIL ceiling (thousands
     of images/s) is then far above what the cores can decode.
     """
-    cores = cores or os.cpu_count() or 1
+    cores = cores or usable_cores()
     return cores - 1 if cores >= 4 else 0
 
 
