@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,3 +50,21 @@ def mesh_of(num_devices: int):
 def compilations(jitted) -> int:
     """How many programs a ``jax.jit`` function has compiled (the recompilation guard)."""
     return jitted._cache_size()
+
+
+@contextlib.contextmanager
+def small_tmpfs(where, size: str):
+    """A tmpfs of ``size`` (mount's syntax: "1200k") at ``where``, unmounted after; the
+    test is skipped where it cannot be mounted (mounting needs root)."""
+    import pytest
+
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield where
+    finally:
+        # Lazily: a process of the test may still hold a file open there.
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)

@@ -18,6 +18,7 @@ from lsgd_jax.config import FREE_FIELDS, RESUME_FIELDS, TrainConfig
 from lsgd_jax.metrics import current_records, eval_history, read_metrics
 from lsgd_jax.workdir import LOCK_NAME, LockLostError, WorkdirError, WorkdirLock
 from test_train import ENTRY, TINY, TINY_FLAGS, _env, _run, _wait_for
+from helpers import small_tmpfs
 
 # TINY with a checkpoint every 2 steps and a one-evaluation median (fast).
 BASE = TrainConfig(**TINY | dict(checkpoint_every_steps=2, median_evals=1))
@@ -243,14 +244,8 @@ def test_a_save_that_did_not_complete_is_an_error_and_has_no_record(tmp_path, mo
 @pytest.fixture
 def small_disk(tmp_path):
     """A 3.3 MB tmpfs: room for two checkpoints of the tiny run, not three."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3300k", "tmpfs", str(mount)],
-                          capture_output=True)
-    if done.returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+    with small_tmpfs(tmp_path / "disk", "3300k") as mount:
+        yield mount
 
 
 @pytest.mark.slow

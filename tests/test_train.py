@@ -13,6 +13,8 @@ import pytest
 from lsgd_jax.config import TrainConfig
 from lsgd_jax.metrics import read_metrics
 
+from helpers import small_tmpfs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = os.path.join(ROOT, "experiments", "imagenet_resnet50.py")
 
@@ -724,14 +726,8 @@ def test_a_killed_process_stops_the_other_within_the_heartbeat_timeout(tmp_path)
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 1.2 MB file system (tmpfs), where root may mount one; skipped elsewhere."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mount)],
-                          capture_output=True)
-    if done.returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    yield mount
-    subprocess.run(["umount", str(mount)], capture_output=True)
+    with small_tmpfs(tmp_path / "disk", "1200k") as mount:
+        yield mount
 
 
 def test_a_disk_too_small_for_a_checkpoint_is_one_clear_error_every_time(tiny_disk):
