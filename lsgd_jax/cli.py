@@ -17,7 +17,8 @@ from lsgd_jax.config import TrainConfig
 # The groups of --help, in order; each TrainConfig field names its group.
 GROUPS = {"run": "run", "data": "data", "model": "model",
           "minibatch": "minibatch (kn = k workers × n images)", "schedule": "schedule",
-          "optimizer": "optimizer", "checkpoints and logging": "checkpoints and logging"}
+          "optimizer": "optimizer", "checkpoints and logging": "checkpoints and logging",
+          "speed": "speed (the same results computed another way; see the README)"}
 
 
 def _bool(text: str) -> bool:

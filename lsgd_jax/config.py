@@ -16,6 +16,10 @@ from typing import Any
 
 from lsgd_jax.data.source import SOURCE_NAMES
 from lsgd_jax.models import DTYPES, MODEL_NAMES
+from lsgd_jax.models.grouped_bn import BN_IMPLS, DEFAULT_SPLIT_ROWS
+from lsgd_jax.models.pooling import POOL_IMPLS
+from lsgd_jax.models.resnet import CIFAR_STEM_MODELS
+from lsgd_jax.models.stem import STEM_IMPLS
 from lsgd_jax.optim import MOMENTUM_FORMS
 from lsgd_jax.schedules import SCHEDULE_KINDS, WARMUP_KINDS
 
@@ -92,6 +96,17 @@ class TrainConfig:
                                    "`lsgd-jax export` (fine-tuning: fresh optimizer and "
                                    "schedule; the classifier is re-initialised when the class "
                                    "count differs)")
+    bn_impl: str = _field("plain", "speed", "how per-group BN statistics are reduced in "
+                          "training: plain, split (two stages) or custom_vjp (split, with a "
+                          "hand-written backward); the same results", choices=BN_IMPLS)
+    bn_split_rows: int = _field(DEFAULT_SPLIT_ROWS, "speed", "--bn-impl split/custom_vjp: "
+                                "rows reduced in the first stage (at most)")
+    pool_impl: str = _field("reduce_window", "speed", "the stem's max-pool: reduce_window "
+                            "(nn.max_pool) or masks (an elementwise backward); the same "
+                            "results", choices=POOL_IMPLS)
+    stem_impl: str = _field("conv", "speed", "the stem's convolution: conv, pad4 (input "
+                            "padded to 4 channels) or s2d (space-to-depth; ImageNet stem, "
+                            "even image sizes); the same results", choices=STEM_IMPLS)
     batch_size: int = _field(256, "minibatch", "the global minibatch kn")
     bn_group_size: int = _field(32, "minibatch", "n: images per BatchNorm worker, independent "
                                 "of the per-device batch (the paper: 32)")
@@ -168,9 +183,16 @@ class TrainConfig:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("schedule", self.schedule, SCHEDULE_KINDS)
         _choice("model", self.model, MODEL_NAMES)
+        _choice("bn_impl", self.bn_impl, BN_IMPLS)
+        _choice("pool_impl", self.pool_impl, POOL_IMPLS)
+        _choice("stem_impl", self.stem_impl, STEM_IMPLS)
+        if self.stem_impl == "s2d" and self.model in CIFAR_STEM_MODELS:
+            raise ValueError(f"stem_impl s2d rearranges the ImageNet stem (7x7 stride 2); "
+                             f"model {self.model} has the CIFAR stem (3x3 stride 1): use "
+                             "conv or pad4")
         for name in ("batch_size", "bn_group_size", "grad_accum_steps", "reference_batch_size",
                      "keep_checkpoints", "eval_every_epochs", "median_evals", "log_every_steps", "decode_threads",
-                     "synthetic_examples", "synthetic_eval_examples"):
+                     "bn_split_rows", "synthetic_examples", "synthetic_eval_examples"):
             _positive_int(name, getattr(self, name))
         for name in ("checkpoint_every_steps", "keep_every_epochs", "seed"):
             _non_negative_int(name, getattr(self, name))
@@ -241,6 +263,11 @@ class TrainConfig:
             raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(names)}")
         return cls(**d)
 
+    def levers(self) -> dict[str, Any]:
+        """The model's speed switches (``get_model``'s keywords): how, not what, it computes."""
+        return dict(bn_impl=self.bn_impl, bn_split_rows=self.bn_split_rows,
+                    pool_impl=self.pool_impl, stem_impl=self.stem_impl)
+
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
@@ -294,6 +321,8 @@ FREE_FIELDS = frozenset({
     "eval_batch_size", "epochs", "num_steps", "allreduce", "checkpoint_every_steps",
     "keep_checkpoints", "keep_every_epochs", "eval_every_epochs", "median_evals",
     "log_every_steps", "init_from", "decode_workers",
+    # How the same step is computed (equal within float rounding, the same trees).
+    "bn_impl", "bn_split_rows", "pool_impl", "stem_impl",
 })
 
 

@@ -257,7 +257,8 @@ def restore_run(workdir: str, *, step: int | None = None, mesh: Any = None,
     facts = run_facts(config, num_classes=shapes["classes"], channels=shapes["channels"])
     mesh = make_mesh() if mesh is None else mesh
     model = get_model(config.model, num_classes=facts.num_classes, dtype=config.dtype,
-                      bn_group_size=None, zero_init_residual=config.zero_init_residual)
+                      bn_group_size=None, zero_init_residual=config.zero_init_residual,
+                      **config.levers())
     tx = goyal_sgd(0.0, momentum=config.momentum, nesterov=config.nesterov,
                    weight_decay=config.weight_decay, form=config.momentum_form,
                    momentum_correction=config.momentum_correction)

@@ -151,7 +151,7 @@ def _prepare(config: TrainConfig, workdir: str, log: Callable[[str], None],
     model = get_model(config.model, num_classes=config.num_classes or train_source.num_classes,
                       dtype=config.dtype,
                       bn_group_size=plan.bn_group_size,
-                      zero_init_residual=config.zero_init_residual)
+                      zero_init_residual=config.zero_init_residual, **config.levers())
     schedule, tx = build_recipe(config, plan)  # --schedule and --optimizer
     checked = None
     if config.init_from and (resumable is None or restart_from_scratch):
@@ -281,6 +281,11 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, log: Callable[[str], 
                       sort_keys=True)
     log("config: " + json.dumps(config.to_dict(), sort_keys=True))
     log(plan.describe(config.warmup))
+    defaults = TrainConfig().levers()
+    changed = {k: v for k, v in config.levers().items() if v != defaults[k]}
+    if changed:
+        log("speed switches (the same results, computed another way): "
+            + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items()))
     writer.write("start", step, **{k: v for k, v in plan.to_dict().items()
                                    if not isinstance(v, list)})
     try:

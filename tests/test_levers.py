@@ -263,3 +263,56 @@ def test_resnet_with_lever_equals_default(default_steps, lever, group):
         for (path, leaf_a), leaf_b in zip(jax.tree_util.tree_flatten_with_path(a)[0],
                                           jax.tree.leaves(b)):
             _assert_close(leaf_a, leaf_b, what=f"{lever} {name} {jax.tree_util.keystr(path)}")
+
+
+# --- the trainer's flags for the switches ---
+
+def test_the_switches_are_flags_checked_before_anything_runs():
+    from lsgd_jax.config import FREE_FIELDS, TrainConfig
+
+    with pytest.raises(ValueError, match=r"bn_impl must be one of \('plain', 'split', "
+                                         r"'custom_vjp'\), got 'fused'"):
+        TrainConfig(bn_impl="fused")
+    with pytest.raises(ValueError, match="bn_split_rows must be a positive integer, got 0"):
+        TrainConfig(bn_split_rows=0)
+    with pytest.raises(ValueError, match="model resnet8 has the CIFAR stem"):
+        TrainConfig(model="resnet8", stem_impl="s2d")
+    TrainConfig(model="resnet50", stem_impl="s2d", pool_impl="masks")  # the ImageNet stem
+    # How, not what: a resume may change them (the trees and the results are the same).
+    assert {"bn_impl", "bn_split_rows", "pool_impl", "stem_impl"} <= FREE_FIELDS
+
+
+def test_the_trainer_builds_its_model_with_the_switches_and_gets_the_same_losses(
+        tmp_path, monkeypatch):
+    """Four steps of the tiny run with every switch against the default code: the model
+    gets the flags' values, and the logged losses agree to float32 rounding."""
+    import lsgd_jax.train as train
+    from lsgd_jax.config import TrainConfig
+    from lsgd_jax.metrics import read_metrics
+
+    built = []
+    real = train.get_model
+
+    def recording(*args, **kwargs):
+        built.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "get_model", recording)
+    tiny = dict(data="synthetic", model="resnet8", image_size=32, batch_size=32,
+                bn_group_size=4, synthetic_examples=128, synthetic_eval_examples=32,
+                eval_batch_size=32, dtype="float32", epochs=1, warmup_epochs=0,
+                decay_epochs=(), log_every_steps=1, median_evals=1)
+    levers = dict(bn_impl="custom_vjp", bn_split_rows=8, pool_impl="masks", stem_impl="pad4")
+    lines = []
+    losses = {}
+    for name, extra in (("default", {}), ("levers", levers)):
+        train.train_and_evaluate(TrainConfig(**tiny, **extra), str(tmp_path / name),
+                                 log=lines.append)
+        losses[name] = [r["loss"] for r in read_metrics(str(tmp_path / name), "train")]
+    assert {k: built[1][k] for k in levers} == levers
+    assert "bn_impl" not in built[0] or built[0]["bn_impl"] == "plain"
+    assert len(losses["default"]) == 4
+    _assert_close(losses["levers"], losses["default"], what="losses")
+    assert any(line.startswith("speed switches (the same results, computed another way): "
+                               "--bn-impl custom_vjp, --bn-split-rows 8, --pool-impl masks, "
+                               "--stem-impl pad4") for line in lines)

@@ -250,6 +250,8 @@ _PRESETS = {
 }
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MODEL_NAMES = tuple(_PRESETS)  # the names get_model accepts
+# The presets with the CIFAR stem (3x3 stride 1, no pool), where stem_impl s2d cannot apply.
+CIFAR_STEM_MODELS = tuple(n for n, f in _PRESETS.items() if f.keywords.get("stem") == "cifar")
 DTYPES = tuple(_DTYPES)        # the compute dtypes get_model accepts by name
 
 
