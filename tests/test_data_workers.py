@@ -159,6 +159,38 @@ def test_a_worker_that_dies_or_hangs_is_named_within_seconds(failure, match):
         next(it)
 
 
+def test_a_worker_whose_pipe_closes_before_it_has_ended_is_named_with_its_end():
+    """The race of a loaded machine: a worker's pipe is already closed when the next batch
+    is sent to it, but the process ends only later, and another worker's message is ready
+    at once. The error still says how the worker ended, not only that its pipe closed."""
+    import threading
+
+    it = WorkerTrainIterator(FakeSource(), decode_workers=2, global_batch_size=4, seed=1,
+                             slots=4)
+    try:
+        next(it)
+        victim = it.pids[0]
+
+        class ClosedPipe:
+            def __init__(self, conn):
+                self.conn = conn
+
+            def send(self, obj):
+                raise BrokenPipeError(32, "Broken pipe")
+
+            def __getattr__(self, name):
+                return getattr(self.conn, name)
+
+        it._conns[0] = ClosedPipe(it._conns[0])
+        threading.Timer(0.5, os.kill, (victim, signal.SIGKILL)).start()
+        with pytest.raises(DecodeWorkerError, match=rf"decode worker 0 \(pid {victim}\) was "
+                                                     r"killed by signal 9 \(after \d+ images\)"):
+            for _ in range(10):
+                next(it)
+    finally:
+        it.close()
+
+
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sigkill"])
 def test_stopping_the_training_process_leaves_no_process_behind(how):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
@@ -172,7 +204,15 @@ def test_stopping_the_training_process_leaves_no_process_behind(how):
             os.killpg(child.pid, signal.SIGINT)
         else:
             child.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
-        child.wait(timeout=20)
+        try:
+            child.wait(timeout=20)
+        except subprocess.TimeoutExpired:  # say where it hangs, and what is still there
+            child.send_signal(signal.SIGUSR1)
+            time.sleep(1.0)
+            child.kill()
+            pytest.fail(f"the run did not end within 20 s of {how}; its processes: "
+                        f"{_states(_session(child.pid))}; its stacks:\n"
+                        f"{child.communicate(timeout=10)[1][-6000:]}")
         assert _wait_gone(info["workers"], 10.0), f"workers outlived the run ({how})"
         # Nothing of the session survives (the resource tracker included) and the shared
         # memory is freed.
@@ -182,12 +222,30 @@ def test_stopping_the_training_process_leaves_no_process_behind(how):
             time.sleep(0.1)
         assert not _session(child.pid), f"processes outlived the run: {_session(child.pid)}"
         assert not os.path.exists(f"/dev/shm/{info['shm']}")
+        if how != "ctrl-c":  # (the fake's main shows its KeyboardInterrupt)
+            errors = child.communicate(timeout=10)[1]
+            assert "Traceback" not in errors, f"the workers' ends were not quiet:\n{errors}"
     finally:
         for pid in _session(child.pid):
             os.kill(pid, signal.SIGKILL)
         if child.poll() is None:
             child.kill()
         child.communicate(timeout=10)
+
+
+def _states(pids):
+    """pid, state and command line of each process, for a failure message."""
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace")[:120]
+        except OSError:
+            continue
+        out.append(f"{pid} {state} {command}")
+    return out
 
 
 def _session(sid):

@@ -64,7 +64,12 @@ class FakeSource:
 
 
 def main():
+    import faulthandler
+    import signal
+
     from lsgd_jax.data.workers import WorkerTrainIterator
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks where it hangs
 
     it = WorkerTrainIterator(FakeSource(), decode_workers=2, global_batch_size=4, seed=0)
     next(it)

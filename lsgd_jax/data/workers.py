@@ -199,7 +199,7 @@ def _worker_main(index, opener, options, shm_name, layout, conn, trainer_pid) ->
                 conn.send(("failed", seq, type(e).__name__, traceback.format_exc()))
                 return
             conn.send(("done", seq, list(found), ""))
-    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+    except (EOFError, ConnectionError, KeyboardInterrupt):  # the training process is gone
         return
     finally:
         del progress, slots, images, labels
@@ -330,11 +330,16 @@ class WorkerTrainIterator(TrainIterator):
             if obj in sentinels:  # a worker exited while it was still needed
                 w = sentinels[obj]
                 self._procs[w].join(0.1)
-                code = self._procs[w].exitcode
-                how = (f"was killed by signal {-code}" if code is not None and code < 0
-                       else f"exited with code {code}")
-                self._fail(f"{self._name(w)} {how} (after {self._progress[w]} images); "
-                           "the input pipeline cannot continue")
+                self._ended(w, "ended")
+
+    def _ended(self, w: int, otherwise: str) -> None:
+        """Fail with how worker ``w`` ended: its exit code or signal (``otherwise`` while
+        the process has not ended yet)."""
+        code = self._procs[w].exitcode
+        how = (otherwise if code is None else f"was killed by signal {-code}" if code < 0
+               else f"exited with code {code}")
+        self._fail(f"{self._name(w)} {how} (after {self._progress[w]} images); "
+                   "the input pipeline cannot continue")
 
     def _where(self, seq: int) -> str:
         if seq not in self._pending:
@@ -359,8 +364,10 @@ class WorkerTrainIterator(TrainIterator):
             try:
                 self._conns[w].send((self._seq_in, slot, ids, self.seed, epoch))
             except (OSError, ValueError):
-                self._receive(1.0)  # reports how the worker ended
-                self._fail(f"{self._name(w)} does not take work")
+                # Its end of the pipe is closed: it is exiting. Its exit status says how,
+                # once the process has ended (a loaded machine may take a moment).
+                self._procs[w].join(5.0)
+                self._ended(w, "does not take work (its pipe is closed)")
             self._pending[self._seq_in] = (w, slot, epoch, step)
             self._seq_in += 1
             step += 1
