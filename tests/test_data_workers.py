@@ -191,12 +191,19 @@ def test_a_worker_whose_pipe_closes_before_it_has_ended_is_named_with_its_end():
         it.close()
 
 
+def _as_from_a_terminal():
+    """SIGINT back to its default in the child: a test run started in the background of
+    a non-interactive shell (``cmd &``) inherits it ignored, and Python keeps an ignored
+    SIGINT ignored, so Ctrl-C would never reach the run."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sigkill"])
 def test_stopping_the_training_process_leaves_no_process_behind(how):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
     child = subprocess.Popen([sys.executable, os.path.join(HERE, "workers_fake.py")],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=env, start_new_session=True)
+                             env=env, start_new_session=True, preexec_fn=_as_from_a_terminal)
     try:
         info = json.loads(child.stdout.readline() or "{}")
         assert info.get("workers"), child.stderr.read()
