@@ -18,26 +18,30 @@ def _label(workdir: str) -> str:
 
 
 def schedule_curve(workdir: str) -> tuple[list[float], list[float]] | None:
-    """(epochs, rates) at every step of the run, from ``goyal_schedule`` and the run's
-    ``config.json``; None when the run has no config.json."""
+    """(epochs, rates) at every step of the run, from the run's ``config.json`` and the
+    trainer's own schedule (``lsgd_jax.recipe.build_schedule``: the paper's step decay,
+    or ``--schedule poly``); None when the run has no config.json."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return None
+    import dataclasses
+    import types
+
     import jax
     import numpy as np
 
-    from lsgd_jax.schedules import goyal_schedule
+    from lsgd_jax.config import TrainConfig
+    from lsgd_jax.recipe import build_schedule
 
     with open(path) as f:
         saved = json.load(f)
     # "plan" since the Plan; "derived" in the config.json of earlier runs.
     config, plan = saved["config"], saved.get("plan") or saved["derived"]
     spe, total = plan["steps_per_epoch"], plan["total_steps"]
-    schedule = goyal_schedule(
-        batch_size=config["batch_size"], steps_per_epoch=spe, base_lr=config["base_lr"],
-        reference_batch_size=config["reference_batch_size"],
-        warmup_epochs=config["warmup_epochs"], warmup=config["warmup"],
-        decay_epochs=tuple(config["decay_epochs"]), decay_factor=config["decay_factor"])
+    known = {f.name for f in dataclasses.fields(TrainConfig)}  # older runs: fewer fields
+    run_config = TrainConfig.from_dict({k: v for k, v in config.items() if k in known})
+    schedule = build_schedule(run_config, types.SimpleNamespace(
+        global_batch_size=run_config.batch_size, steps_per_epoch=spe))
     steps = np.arange(total)
     # The rate step t runs with, drawn from t to t + 1 (a step function, as applied).
     rates = np.asarray(jax.vmap(schedule)(steps), np.float64)
@@ -167,13 +171,19 @@ def plot_runs(workdirs: Sequence[str], output: str | None = None, *,
         ax.grid(alpha=0.3)
     axes[3].set_yscale("log")  # the ×0.1 decays as equal steps
     handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 6), fontsize=9,
-               frameon=False)
+    # As many columns as labels of this length fit across the figure, and room below.
+    longest = max((len(n) for n in names), default=1)
+    ncol = max(1, min(len(names), 6, 200 // max(longest, 1)))
+    rows = -(-len(names) // ncol)
+    fig.legend(handles, names, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
     if title is None:
         names = [_label(w) for w in ([reference] if reference else []) + list(workdirs)]
         title = " vs ".join(dict.fromkeys(names))  # each run once, in order
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    legend = 0.2 + 0.2 * rows  # inches: a row of 9-point text, and a margin
+    height = 4.25 + legend       # the panels keep their height whatever the legend's
+    fig.set_size_inches(20, height)
+    fig.tight_layout(rect=(0, legend / height, 1, 1))
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     fig.savefig(output, dpi=110)
     plt.close(fig)

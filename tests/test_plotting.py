@@ -77,6 +77,22 @@ def test_the_rate_is_drawn_from_the_schedule_at_every_step(tmp_path):
     assert schedule_curve(_fake_run(tmp_path / "b", [0.5])) is None  # no config.json
 
 
+def test_a_poly_run_s_rate_is_drawn_from_its_poly_schedule(tmp_path):
+    """--schedule poly: the curve is the run's own schedule, not the paper's steps."""
+    from lsgd_jax.plotting import schedule_curve
+    from lsgd_jax.schedules import poly_schedule
+
+    run = _fake_run(tmp_path / "a", [0.5])
+    _config_json(tmp_path / "a", schedule="poly", epochs=4, poly_power=2, end_lr=1e-3)
+    rates = schedule_curve(run)[1][::2]
+    expected = poly_schedule(batch_size=1024, steps_per_epoch=4, epochs=4, base_lr=0.1,
+                             warmup_epochs=1, power=2, end_lr=1e-3)
+    assert rates == pytest.approx([float(expected(t)) for t in range(16)], rel=1e-6)
+    # tolerance: float32 schedule values; the step decay would hold 0.4 flat to epoch 2
+    assert rates[4] == pytest.approx(0.4, rel=1e-6) and rates[5] < 0.4 * 0.99
+    assert rates[-1] < 0.01
+
+
 def test_the_png_goes_into_the_first_run_and_the_reference_is_drawn_once(tmp_path,
                                                                         monkeypatch):
     from lsgd_jax import plotting
