@@ -38,7 +38,8 @@ def schedule_curve(workdir: str) -> tuple[list[float], list[float]] | None:
     # "plan" since the Plan; "derived" in the config.json of earlier runs.
     config, plan = saved["config"], saved.get("plan") or saved["derived"]
     spe, total = plan["steps_per_epoch"], plan["total_steps"]
-    known = {f.name for f in dataclasses.fields(TrainConfig)}  # older runs: fewer fields
+    # Keys of fields this version no longer has are dropped; missing ones take defaults.
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
     run_config = TrainConfig.from_dict({k: v for k, v in config.items() if k in known})
     schedule = build_schedule(run_config, types.SimpleNamespace(
         global_batch_size=run_config.batch_size, steps_per_epoch=spe))

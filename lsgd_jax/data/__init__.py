@@ -63,9 +63,9 @@ def train_stream(source: Source, config, *, global_batch_size: int, process_inde
         return TrainIterator(source, **kwargs)
     resize = getattr(source, "resizer", "?")
     if workers:
+        processes = local_process_count()
         share = (f"{cores} cores of this host's {os.cpu_count()} for each of its "
-                 f"{local_process_count()} processes" if local_process_count() > 1
-                 else f"{cores} cores")
+                 f"{processes} processes" if processes > 1 else f"{cores} cores")
         log(f"input: {workers} decoding worker processes per process ({share}; "
             f"--decode-workers {flag}), resize {resize}")
         return WorkerTrainIterator(source, decode_workers=workers, **kwargs)
