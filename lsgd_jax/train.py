@@ -29,6 +29,7 @@ from lsgd_jax.checkpoint import (
     list_corrupt,
 )
 from lsgd_jax.config import TrainConfig
+from lsgd_jax.environment import describe_environment
 from lsgd_jax.metrics import (
     MetricsWriter,
     current_records,
@@ -275,10 +276,12 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, log: Callable[[str], 
     if run.restart:
         writer.write("restart", step, reason=run.restart,
                      corrupt=list_corrupt(run.ckpts.directory))
+    # What made this attempt (a rerun is bit-identical only in the same environment).
+    environment = describe_environment(jax.devices()) if is_main else {}
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump({"config": config.to_dict(), "plan": plan.to_dict()}, f, indent=2,
-                      sort_keys=True)
+            json.dump({"config": config.to_dict(), "plan": plan.to_dict(),
+                       "environment": environment}, f, indent=2, sort_keys=True)
     log("config: " + json.dumps(config.to_dict(), sort_keys=True))
     log(plan.describe(config.warmup))
     defaults = TrainConfig().levers()
@@ -286,8 +289,8 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, log: Callable[[str], 
     if changed:
         log("speed switches (the same results, computed another way): "
             + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items()))
-    writer.write("start", step, **{k: v for k, v in plan.to_dict().items()
-                                   if not isinstance(v, list)})
+    writer.write("start", step, environment=environment,
+                 **{k: v for k, v in plan.to_dict().items() if not isinstance(v, list)})
     try:
         step, preempted = _loop(run, writer, step)
         return _result(run, writer, step, preempted)

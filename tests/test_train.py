@@ -2,12 +2,15 @@
 
 import json
 import os
+import platform
 import random
 import signal
 import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
 
 from lsgd_jax.config import TrainConfig
@@ -117,6 +120,16 @@ def test_end_to_end_trains_evaluates_and_checkpoints(tmp_path):
     assert result["median_top1_error"] == summary["median_top1_error"]
     assert result["median_eval_epochs"] == [2.0, 2.25, 2.5, 2.75, 3.0]
     assert os.listdir(tmp_path / "tensorboard")
+    # The records name the environment that made them (a rerun is bit-identical only in it).
+    env = read_metrics(str(tmp_path), "start")[-1]["environment"]
+    assert env == saved["environment"]
+    assert env["packages"]["jax"] == jax.__version__
+    assert env["packages"]["jaxlib"] == jax.lib.__version__
+    assert env["packages"]["numpy"] == np.__version__
+    assert {"flax", "optax", "orbax-checkpoint"} <= set(env["packages"])
+    assert env["python"].startswith(platform.python_version())
+    assert env["cpu"]["model"] and isinstance(env["cpu"]["xla_flags"], list)
+    assert env["git_commit"] is None or len(env["git_commit"].split("+")[0]) == 40
 
 
 def test_gradual_warmup_inside_the_loop_follows_the_schedule(tmp_path):
