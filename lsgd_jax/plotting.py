@@ -189,3 +189,46 @@ def plot_runs(workdirs: Sequence[str], output: str | None = None, *,
     fig.savefig(output, dpi=110)
     plt.close(fig)
     return output
+
+
+def plot_budget(points: Sequence[dict], output: str, *, tolerance: float) -> str:
+    """The critical kn against the iteration budget: for each k, the difference of its top-1
+    error to the reference (points, ± two standard errors) against its number of
+    iterations, one marker per mode of the study (``lsgd_jax.study.report.budget_points``).
+    A k matches where its whole bar lies under ``tolerance``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    markers = {}
+    for k in sorted({p["k"] for p in points}):
+        mine = [p for p in points if p["k"] == k and p["diff"] is not None]
+        if not mine:
+            continue
+        xs = [p["iterations"] for p in mine]
+        line, = ax.plot(xs, [p["diff"] for p in mine], linewidth=1, label=f"k = {k}")
+        for p in mine:
+            marker = markers.setdefault(p["mode"], "osD^v"[len(markers) % 5])
+            ax.errorbar(p["iterations"], p["diff"], yerr=p["two_se"], color=line.get_color(),
+                        marker=marker, markersize=6, capsize=3)
+    ax.axhline(tolerance, color="grey", linestyle="--", linewidth=1,
+               label=f"τ = {tolerance:g} points (matches below)")
+    ax.axhline(0, color="black", linewidth=0.6)
+    for mode, marker in markers.items():
+        epochs = next(p["epochs"] for p in points if p["mode"] == mode)
+        ax.plot([], [], color="grey", marker=marker, linestyle="none",
+                label=f"{mode} mode ({epochs:g} epochs)")
+    ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=1.0)  # ±1 point linear, the breaks (tens) compressed
+    ax.set_xlabel("iterations of the run (log)")
+    ax.set_ylabel("top-1 error − reference's (points, ± 2 SE)")
+    ax.set_title("Where linear scaling + warmup matches, by iteration budget")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+    return output

@@ -46,11 +46,13 @@ def _paths(tmp_path):
     return ss.Paths(out=str(tmp_path / "runs"), results=str(tmp_path / "results"))
 
 
-@pytest.mark.parametrize("scale", [ss.FULL, ss.GPU, ss.QUICK], ids=["cpu", "gpu", "quick"])
+@pytest.mark.parametrize("scale", [ss.FULL, ss.GPU, ss.LONG, ss.QUICK],
+                         ids=["cpu", "gpu", "long", "quick"])
 def test_every_run_is_a_valid_trainer_command(scale, tmp_path):
     paths = _paths(tmp_path)
     studies = ss.define_studies(scale, paths, large_kn=scale.kn_sweep[1])
-    assert [s.key for s in studies] == list(ss.STUDY_KEYS)
+    assert [s.key for s in studies] == (list(ss.STUDY_KEYS) if scale.ablations
+                                        else ["kn_sweep"])
     runs = ss.unique_runs(studies)
     assert len({r.workdir for r in runs}) == len(runs) == len({r.record for r in runs})
     for run in runs:
@@ -67,13 +69,55 @@ def test_every_run_is_a_valid_trainer_command(scale, tmp_path):
             tuple(e * scale.epochs / 90 for e in (30, 60, 80)), rel=1e-5)
         assert (config.num_steps is not None) == (scale is ss.QUICK)
         assert config.median_evals == 5
-    if scale in (ss.FULL, ss.GPU):
+    if scale in (ss.FULL, ss.GPU, ss.LONG):
         # The whole data set, and 3 seeds for every compared row up to k = 32.
         assert all(run.flag("--data-dir") == ss.FMNIST_DIR for run in runs)
         for study in studies:
             for row in study.rows:
                 kn = int(row.runs[0].flag("--batch-size"))
                 assert len(row.runs) >= (3 if kn <= 32 * scale.reference_kn else 1)
+
+
+def test_long_mode_is_the_cpu_sweep_at_30_epochs(tmp_path):
+    """k = 32 gets 3,510 iterations, 195 of warmup; 10 runs; no ablations, ever."""
+    paths = _paths(tmp_path)
+    ss.store_large_kn(paths, 256, "stored by an earlier mode")
+    studies = ss.define_studies(ss.LONG, paths, large_kn=256)
+    assert [s.key for s in studies] == ["kn_sweep"]
+    rows = studies[0].rows
+    assert [(int(r.runs[0].flag("--batch-size")), len(r.runs)) for r in rows] == [
+        (16, 3), (256, 3), (512, 3), (1024, 1)]
+    runs = ss.unique_runs(studies)
+    assert len(runs) == 10
+    cpu_runs = {r.name: r for r in ss.unique_runs(ss.define_studies(ss.FULL, paths))}
+    for run in runs:  # everything but the budget is the CPU mode's
+        changed = {k for k, v in run.flags if cpu_runs[run.name].flag(k) != v}
+        assert changed == {"--epochs", "--warmup-epochs", "--decay-epochs"}
+        assert run.flag("--epochs") == "30" and run.flag("--decay-epochs") == "10,20,26.6667"
+    plan = _plan(rows[2].runs[0], ss.LONG)
+    # 195 warmup iterations; the flag's 6 digits (1.66667 epochs) round that up by one.
+    assert (plan["total_steps"], plan["warmup_steps"]) == (3510, math.ceil(117 * 1.66667))
+    # The reference first, then k = 32: the headline's comparison comes earliest.
+    order = [int(r.flag("--batch-size")) for r in ss.order(runs, ss.LONG)][:4]
+    assert order == [16, 512, 256, 1024]
+
+
+def test_long_mode_stops_after_the_sweep(tmp_path, monkeypatch):
+    out, results = tmp_path / "runs", tmp_path / "results"
+    ran = []
+
+    def fake_execute(run, scale):
+        ran.append(run.name)
+        _fake_metrics(run.workdir, [0.5, 0.1, 0.1, 0.1, 0.1, 0.1])
+        ss.keep_record(run)
+        return ss.status(run)
+
+    monkeypatch.setattr(runner, "execute", fake_execute)
+    assert ss.main(["--mode", "long", "--out", str(out), "--results", str(results)]) == 0
+    assert len(ran) == 10 and not (results / "ablation_kn.json").exists()
+    claims = json.loads((results / "claims.json").read_text())
+    assert claims["label"] == "long mode (30 epochs)"
+    assert [i["kind"] for i in claims["items"]] == ["goal"] + ["compare"] * 3
 
 
 def test_the_sweep_alone_until_the_ablation_kn_is_known(tmp_path):
@@ -202,8 +246,22 @@ def test_the_claims_of_both_modes_side_by_side_in_the_results_readme(tmp_path):
             for run, err in zip(row.runs, errs):
                 _fake_metrics(run.workdir, [0.5, err, err, err, err, err])
         ss.write_reports(studies, scale, paths[mode], plots=False)
+    # A third mode, sweep only, with the longest budget: its column comes last.
+    long = dataclasses.replace(ss.QUICK, name="long", epochs=6, seeds=(0, 1, 2),
+                               ablations=False, label="long mode (6 epochs)")
+    paths["long"] = ss.Paths(out=str(tmp_path / "runs" / "long"),
+                             results=str(tmp_path / "results" / "small_scale_long"))
+    studies = ss.define_studies(long, paths["long"])
+    for row, errs in zip(studies[0].rows, ([0.080, 0.081, 0.082], [0.081, 0.080, 0.082])):
+        for run, err in zip(row.runs, errs):
+            _fake_metrics(run.workdir, [0.5, err, err, err, err, err])
+    ss.write_reports(studies, long, paths["long"], plots=False)
     readme = (tmp_path / "results" / "README.md").read_text()
     assert readme.startswith("intro\n<!-- claims start -->\n| claim | CPU mode (")
+    header = next(l for l in readme.splitlines() if l.startswith("| claim"))
+    assert header.endswith("| GPU mode (2 epochs) | long mode (6 epochs) |")
+    line = next(l for l in readme.splitlines() if l.startswith("| no warmup is worse"))
+    assert line.endswith(" | – |")  # no ablations in the long mode
     assert "old" not in readme and readme.endswith("<!-- claims end -->\nrest\n")
     line = next(l for l in readme.splitlines() if l.startswith("| no warmup is worse"))
     cpu, gpu = line.split(" | ")[1:3]
@@ -335,3 +393,27 @@ def test_a_spent_time_limit_starts_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "start", lambda *a, **k: pytest.fail("a run was started"))
     assert ss.main(["--quick", "--only", "momentum", "--parallel", "2", "--time-limit", "0",
                     "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "r")]) == 0
+
+
+def test_budget_points_and_the_critical_kn_figure(tmp_path):
+    """Each mode's k against its iterations: the difference to that mode's reference."""
+    root = tmp_path / "results"
+    for mode, epochs, ref, k2 in (("cpu", 2, [0.10, 0.11, 0.12], [0.14, 0.15, 0.16]),
+                                  ("long", 6, [0.08, 0.09, 0.10], [0.08, 0.09, 0.10])):
+        scale = dataclasses.replace(ss.QUICK, name=mode, epochs=epochs, seeds=(0, 1, 2),
+                                    ablations=False, num_steps=None)
+        paths = ss.Paths(out=str(tmp_path / "runs" / mode),
+                         results=str(root / f"small_scale_{mode}"))
+        studies = ss.define_studies(scale, paths)
+        for row, errs in zip(studies[0].rows, (ref, k2)):
+            for run, err in zip(row.runs, errs):
+                _fake_metrics(run.workdir, [0.5, err, err, err, err, err])
+        written = ss.write_reports(studies, scale, paths)
+    points = [p for p in ss.budget_points(str(root)) if p["k"] == 2]
+    spe = ss.QUICK.train_examples // 32
+    assert [(p["mode"], p["iterations"]) for p in points] == [("cpu", 2 * spe), ("long", 6 * spe)]
+    assert points[0]["diff"] == pytest.approx(4.0) and points[1]["diff"] == pytest.approx(0.0)
+    se = math.sqrt(1 / 3 + 1 / 3)  # both rows: sample std 1 point over 3 seeds
+    assert points[0]["two_se"] == pytest.approx(2 * se)
+    assert str(root / "critical_kn.png") in written
+    assert (root / "critical_kn.png").read_bytes()[:4] == b"\x89PNG"

@@ -12,6 +12,7 @@ from lsgd_jax.study.definitions import (
     FMNIST_DIR,
     FULL,
     GPU,
+    LONG,
     MODES,
     QUICK,
     STUDY_KEYS,
@@ -29,6 +30,7 @@ from lsgd_jax.study.definitions import (
     write_subset,
 )
 from lsgd_jax.study.report import (
+    budget_points,
     claim_items,
     claims,
     claims_across_modes,
@@ -52,8 +54,8 @@ from lsgd_jax.study.runner import (
 )
 
 __all__ = [
-    "FMNIST_DIR", "FULL", "GPU", "MODES", "QUICK", "STUDY_KEYS", "Paths", "Pool", "Row", "Run",
-    "Scale", "Study", "choose_large_kn", "claim_items", "claims", "claims_across_modes",
+    "FMNIST_DIR", "FULL", "GPU", "LONG", "MODES", "QUICK", "STUDY_KEYS", "Paths", "Pool", "Row", "Run",
+    "Scale", "Study", "budget_points", "choose_large_kn", "claim_items", "claims", "claims_across_modes",
     "command", "define_studies", "execute", "finish", "git_commit", "keep_record", "main",
     "mark_diverged", "metrics_dir", "order",
     "run_error", "run_seconds", "start", "status", "store_large_kn", "stored_large_kn",

@@ -61,7 +61,9 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter)
     p.add_argument("--mode", choices=tuple(MODES), default="cpu",
                    help="cpu: the study on this machine's CPU; gpu: twice the epochs on one "
-                        "GPU, 6 runs at once; quick: tiny runs of every study (CI)")
+                        "GPU, 6 runs at once; long: the CPU mode's sweep at 30 epochs (is the "
+                        "break at k = 32 the iteration budget?); quick: tiny runs of every "
+                        "study (CI)")
     p.add_argument("--quick", action="store_true", help="the same as --mode quick")
     p.add_argument("--out", default=None,
                    help="workdirs (default runs/small_scale[_MODE])")
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for run in unique_runs(selected(studies)):
             print(f"[{status(run)}] python " + " ".join(command(run)))
-        if len(studies) == 1:
+        if len(studies) == 1 and scale.ablations:
             print("(the ablations are defined once the sweep's seeded rows are finished)")
         return 0
     t_start = time.time()
@@ -147,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{', '.join(pool.running)} ===", flush=True)
             pool.stop()
         if not todo and not pool.running:
-            if out_of_time or len(studies) > 1 or (args.only and "kn_sweep" not in args.only):
+            if (out_of_time or len(studies) > 1 or not scale.ablations
+                    or (args.only and "kn_sweep" not in args.only)):
                 break
             chosen = choose_large_kn(studies[0], scale)
             if chosen is None:

@@ -18,7 +18,13 @@ from lsgd_jax.study.definitions import (
 )
 from lsgd_jax.study.definitions import stored_large_kn
 from lsgd_jax.study.runner import metrics_dir, run_error, run_seconds, status
-from lsgd_jax.verdicts import aggregate, format_cell, verdict_matches, verdict_worse
+from lsgd_jax.verdicts import (
+    aggregate,
+    difference,
+    format_cell,
+    verdict_matches,
+    verdict_worse,
+)
 
 def study_table(study: Study, scale: Scale) -> tuple[str, dict]:
     """Markdown table and JSON record of one study from the runs finished so far."""
@@ -85,6 +91,8 @@ def claim_items(studies: list[Study], scale: Scale) -> list[dict]:
         "momentum": [(1, 3, "eq. (10) without the correction is worse than eq. (9) (sec. 2.2)")],
     }
     for key, pairs in checks.items():
+        if not scale.ablations:  # a sweep-only mode (long) makes no ablation claims
+            break
         if key not in by_key:
             items.append(dict(claim=key, kind="pending", verdict="cannot tell yet",
                               row="not run yet", against="",
@@ -128,12 +136,13 @@ def claims_across_modes(root: str) -> str:
         if os.path.exists(path):
             with open(path) as f:
                 modes.append(json.load(f))
-    modes.sort(key=lambda m: (m["mode"] != "cpu", m["mode"]))
+    # The modes by budget: CPU (5 epochs), GPU (10), long (30).
+    modes.sort(key=lambda m: (m["epochs"], m["mode"]))
     if not modes:
         return ""
     claims_in_order = list(dict.fromkeys(i["claim"] for m in modes for i in m["items"]))
-    lines = ["| claim | " + " | ".join(f"{m['mode'].upper()} mode ({m['epochs']:g} epochs)"
-                                      for m in modes) + " |",
+    lines = ["| claim | " + " | ".join(m.get("label") or f"{m['mode'].upper()} mode "
+                                      f"({m['epochs']:g} epochs)" for m in modes) + " |",
              "|---|" + "---|" * len(modes)]
     for claim in claims_in_order:
         cells = []
@@ -143,6 +152,31 @@ def claims_across_modes(root: str) -> str:
                          + (f"; {item['why']}" if item["kind"] == "compare" else ""))
         lines.append(f"| {claim} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def budget_points(root: str) -> list[dict]:
+    """Every mode's sweep rows against the iteration budget: for each k > 1 of each mode
+    whose ``kn_sweep.json`` is under ``root``, the iterations, the difference to that
+    mode's reference and its two standard errors (None while seeds are missing)."""
+    points = []
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        path = os.path.join(root, name, "kn_sweep.json")
+        claims = os.path.join(root, name, "claims.json")
+        if not (os.path.exists(path) and os.path.exists(claims)):
+            continue
+        with open(path) as f:
+            rows = json.load(f)["rows"]
+        with open(claims) as f:
+            mode = json.load(f)
+        ref = rows[0]
+        for row in rows[1:]:
+            d = difference(row, ref)
+            points.append({"mode": mode["mode"], "epochs": mode["epochs"],
+                           "k": row["kn"] // ref["kn"], "kn": row["kn"],
+                           "iterations": row["iterations"], "finished": row["finished"],
+                           "diff": None if d is None else d["diff"],
+                           "two_se": None if d is None else 2 * d["se"]})
+    return sorted(points, key=lambda p: (p["k"], p["iterations"]))
 
 
 def header(scale: Scale, paths: Paths, studies: list[Study]) -> str:
@@ -202,12 +236,17 @@ def write_reports(studies: list[Study], scale: Scale, paths: Paths,
     with open(os.path.join(results, "claims.md"), "w") as f:
         f.write(text + lines + "\n")
     with open(os.path.join(results, "claims.json"), "w") as f:
-        json.dump({"mode": scale.name, "epochs": scale.epochs, "items": items}, f, indent=1,
-                  ensure_ascii=False)
+        json.dump({"mode": scale.name, "epochs": scale.epochs, "label": scale.label,
+                   "items": items}, f, indent=1, ensure_ascii=False)
         f.write("\n")
     written += [os.path.join(results, name) for name in ("summary.md", "claims.md", "claims.json")]
     root = os.path.dirname(os.path.abspath(results))
     readme = os.path.join(root, "README.md")
+    if plots and any(p["diff"] is not None for p in budget_points(root)):
+        from lsgd_jax.plotting import plot_budget
+
+        written.append(plot_budget(budget_points(root), os.path.join(root, "critical_kn.png"),
+                                   tolerance=scale.tolerance))
     updated = {update_readme(readme, "snapshot" if scale.name == "cpu"
                              else f"snapshot {scale.name}",
                              text + "#### Claims\n\n" + lines + "\n\n" + "\n".join(tables)),
