@@ -147,6 +147,20 @@ def test_the_values_that_once_got_through_are_refused(command, flags, text, tmp_
     assert err.startswith("error: ") and text in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("changes, text", [
+    (dict(batch_size=64.0), "--batch-size must be an integer in [1, 1048576], got 64.0"),
+    (dict(seed=True), "--seed must be an integer in [0, 4294967295], got True"),
+    (dict(momentum=None), "--momentum must be a number in [0, 1), got None"),
+    (dict(base_lr="0.1"), "--base-lr must be a number in (0, 1000], got '0.1'"),
+    (dict(decay_epochs=(30, "60")), "each of --decay-epochs must be a number in [0, 100000]"),
+])
+def test_the_python_api_is_held_to_the_same_ranges(changes, text):
+    """TrainConfig (and a checkpoint's config.json) gets values argparse would not give."""
+    with pytest.raises(ValueError) as e:
+        TrainConfig(**changes)
+    assert text in str(e.value)
+
+
 def test_a_larger_image_needs_the_flag_that_allows_it():
     assert TrainConfig(image_size=2048, max_image_size=2048).image_size == 2048
     with pytest.raises(ValueError, match="raise --max-image-size"):
@@ -193,9 +207,11 @@ def test_a_refusal_comes_before_any_device_or_process(tmp_path, monkeypatch, cap
     monkeypatch.setattr(lsgd_jax.parallel, "use_cpu_devices", lambda n: started.append(n))
     monkeypatch.setattr(lsgd_jax.parallel, "initialize_distributed",
                         lambda *a, **k: started.append(a))
-    for command, bad in (("train", "--seed"), ("evaluate", "--step"), ("export", "--step")):
+    for command, bad in (("train", "--seed"), ("evaluate", "--step"), ("export", "--step"),
+                         ("predict", "--batch-size")):
+        devices = ["--cpu-devices", "4"] if command != "predict" else []
         with pytest.raises(SystemExit) as e:
-            main([command, *_required(command, tmp_path), "--cpu-devices", "4", bad, "-1"])
+            main([command, *_required(command, tmp_path), *devices, bad, "-1"])
         assert e.value.code == 2 and bad in capsys.readouterr().err
     assert started == [] and not (tmp_path / "w").exists()
 
