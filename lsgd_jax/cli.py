@@ -12,7 +12,16 @@ import errno
 import sys
 from typing import Any, Callable
 
-from lsgd_jax.config import TrainConfig
+from lsgd_jax.config import MAX_THREADS, Range, TrainConfig, flag_of
+
+# Bounds of the launch flags: a typo past them would reach JAX's C++ as an overflow or
+# make devices without bound.
+MAX_PROCESSES = 65_536
+MAX_TIMEOUT = 86_400  # seconds: a day
+PROCESSES = Range(1, MAX_PROCESSES, integer=True)
+PROCESS_ID = Range(0, MAX_PROCESSES - 1, integer=True)
+TIMEOUT = Range(1, MAX_TIMEOUT, integer=True)
+CPU_DEVICES = Range(1, MAX_THREADS, integer=True)
 
 # The groups of --help, in order; each TrainConfig field names its group.
 GROUPS = {"run": "run", "data": "data", "model": "model",
@@ -36,7 +45,9 @@ def _epochs_list(text: str) -> tuple[float, ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated epochs such as 30,60,80, got {text!r}") from None
-    return tuple(int(v) if v.is_integer() else v for v in values)
+    # Whole epochs read as ints (30, not 30.0); a huge one stays a float, so that the
+    # range error shows 1e+30 rather than its 31 digits.
+    return tuple(int(v) if v.is_integer() and abs(v) < 2**53 else v for v in values)
 
 
 # A field's annotation (a string under ``from __future__ import annotations``) -> parser.
@@ -46,7 +57,53 @@ _PARSERS = {"int": int, "float": float, "str": str, "bool": _bool,
 
 def config_flag(field: dataclasses.Field) -> str:
     """The command-line flag of a TrainConfig field."""
-    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+    return flag_of(field)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, whose refusals (an unknown flag, a bad choice, a value that is not a
+    number) are one line and a pointer to ``--help`` rather than the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def numeric(group, flag: str, valid: Range, **kwargs) -> argparse.Action:
+    """Add a numeric flag that is not a TrainConfig field; :func:`check_flags` holds its
+    value to ``valid``."""
+    action = group.add_argument(flag, type=int if valid.integer else float, **kwargs)
+    action.valid = valid
+    return action
+
+
+def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Hold the parsed numeric flags to their ranges (TrainConfig checks its own fields).
+
+    Raises ValueError naming the first flag out of range; it depends on the flags alone,
+    so every process of a launch raises the same one.
+    """
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if getattr(action, "valid", None) is not None and value is not None:
+            action.valid.check(action.option_strings[0], value)
+    processes, pid = getattr(args, "num_processes", None), getattr(args, "process_id", None)
+    if processes is not None and pid is not None and pid >= processes:
+        raise ValueError(f"--process-id must be an integer in [0, {processes - 1}] (below "
+                         f"--num-processes {processes}), got {pid}")
+
+
+def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None,
+                then: Callable[[argparse.Namespace], Any] = lambda args: None) -> tuple:
+    """Parse ``argv`` and check every flag, then ``then(args)`` (which may raise
+    ValueError too); returns ``(args, then's result)``. A refusal is one line on stderr
+    and SystemExit(2), before anything is started, compiled or written."""
+    args = parser.parse_args(argv)
+    try:
+        check_flags(parser, args)
+        return args, then(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -64,7 +121,7 @@ def build_parser(prog: str = "imagenet_resnet50.py") -> argparse.ArgumentParser:
     """One flag per TrainConfig field (its help, type, choices and default), then the
     launch flags that are not part of a run's configuration. ``prog``: the command's
     name in the usage and in argparse's errors (``lsgd-jax train`` gives its own)."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=prog,
         description="Large-minibatch synchronous SGD (Goyal et al. 2017): train ResNet-50 on "
                     "ImageNet, or a small model on synthetic data or Fashion-MNIST, with the "
@@ -96,19 +153,19 @@ def build_parser(prog: str = "imagenet_resnet50.py") -> argparse.ArgumentParser:
     g = p.add_argument_group("processes (multi-host)")
     g.add_argument("--coordinator-address", default=None,
                    help="host:port of process 0; not needed under SLURM or Open MPI")
-    g.add_argument("--num-processes", type=int, default=None,
-                   help="total number of processes (with --coordinator-address)")
-    g.add_argument("--process-id", type=int, default=None,
-                   help="this process, 0 .. num_processes-1")
-    g.add_argument("--initialization-timeout", type=int, default=300,
-                   help="seconds to wait for the coordinator and every process at the start")
-    g.add_argument("--heartbeat-timeout", type=int, default=100,
-                   help="seconds after which a silent process is declared dead and the "
-                        "others stop (jax.distributed)")
-    g.add_argument("--shutdown-timeout", type=int, default=300,
-                   help="seconds to wait for every process at exit (jax.distributed)")
-    g.add_argument("--cpu-devices", type=int, default=None,
-                   help="run on N fake CPU devices per process (testing without GPUs)")
+    numeric(g, "--num-processes", PROCESSES, default=None,
+            help="total number of processes (with --coordinator-address)")
+    numeric(g, "--process-id", PROCESS_ID, default=None,
+            help="this process, 0 .. num_processes-1")
+    numeric(g, "--initialization-timeout", TIMEOUT, default=300,
+            help="seconds to wait for the coordinator and every process at the start")
+    numeric(g, "--heartbeat-timeout", TIMEOUT, default=100,
+            help="seconds after which a silent process is declared dead and the others stop "
+                 "(jax.distributed)")
+    numeric(g, "--shutdown-timeout", TIMEOUT, default=300,
+            help="seconds to wait for every process at exit (jax.distributed)")
+    numeric(g, "--cpu-devices", CPU_DEVICES, default=None,
+            help="run on N fake CPU devices per process (testing without GPUs)")
     return p
 
 
@@ -118,22 +175,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                           if hasattr(args, f.name)})
 
 
+def train_flags(argv: list[str] | None = None,
+                prog: str = "imagenet_resnet50.py") -> tuple[argparse.Namespace, TrainConfig]:
+    """The parsed flags of a training run and its TrainConfig, every value checked; a
+    refusal is one line and SystemExit(2) (see :func:`parse_flags`)."""
+    return parse_flags(build_parser(prog), argv, config_from_args)
+
+
 def main(argv: list[str] | None = None, prog: str = "imagenet_resnet50.py") -> int:
-    parser = build_parser(prog)
-    args = parser.parse_args(argv)
-    try:
-        # Validate the configuration before any process starts talking to the others.
-        config = config_from_args(args)
-        for flag in ("cpu_devices", "initialization_timeout", "heartbeat_timeout",
-                     "shutdown_timeout"):
-            value = getattr(args, flag)
-            if value is not None and value < 1:
-                raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, "
-                                 f"got {value}")
-    except ValueError as e:
-        # One line, like every other error of the run (the usage is in --help).
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+    # Every flag is checked before a process talks to the others or makes a device.
+    args, config = train_flags(argv, prog)
     if args.cpu_devices is not None:
         from lsgd_jax.parallel import use_cpu_devices
 
@@ -143,10 +194,14 @@ def main(argv: list[str] | None = None, prog: str = "imagenet_resnet50.py") -> i
     from lsgd_jax.train import train_and_evaluate
 
     def run():
+        import jax
+
         initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
                                initialization_timeout=args.initialization_timeout,
                                heartbeat_timeout=args.heartbeat_timeout,
                                shutdown_timeout=args.shutdown_timeout)
+        for line in config.warnings() if jax.process_index() == 0 else ():
+            print(line, flush=True)
         train_and_evaluate(config, args.workdir, restart_from_scratch=args.restart_from_scratch)
 
     return main_guard(run, workdir=args.workdir)

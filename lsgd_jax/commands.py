@@ -14,41 +14,41 @@ import os
 import sys
 from typing import Callable
 
-from lsgd_jax.cli import main_guard
+from lsgd_jax.cli import (CPU_DEVICES, PROCESS_ID, PROCESSES, TIMEOUT, Parser, main_guard,
+                          numeric, parse_flags)
+from lsgd_jax.config import MAX_BATCH, MAX_STEPS, Range
+
+BATCH = Range(1, MAX_BATCH, integer=True)
 
 
 def _parser(prog: str, description: str, *, launch: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    p = Parser(prog=prog, description=description)
     if launch:
         g = p.add_argument_group("processes (multi-host, as for training)")
         g.add_argument("--coordinator-address", default=None,
                        help="host:port of process 0; not needed under SLURM or Open MPI")
-        g.add_argument("--num-processes", type=int, default=None, help="total processes")
-        g.add_argument("--process-id", type=int, default=None, help="this process")
-        g.add_argument("--initialization-timeout", type=int, default=300,
-                       help="seconds to wait for the coordinator and every process")
-        g.add_argument("--cpu-devices", type=int, default=None,
-                       help="run on N fake CPU devices per process (testing without GPUs)")
+        numeric(g, "--num-processes", PROCESSES, default=None, help="total processes")
+        numeric(g, "--process-id", PROCESS_ID, default=None, help="this process")
+        numeric(g, "--initialization-timeout", TIMEOUT, default=300,
+                help="seconds to wait for the coordinator and every process")
+        numeric(g, "--cpu-devices", CPU_DEVICES, default=None,
+                help="run on N fake CPU devices per process (testing without GPUs)")
     return p
 
 
 def _workdir_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", required=True, help="the training run's --workdir (read only)")
-    p.add_argument("--step", type=int, default=None,
-                   help="the checkpoint to read (default: the newest that verifies)")
+    numeric(p, "--step", Range(0, MAX_STEPS, integer=True), default=None,
+            help="the checkpoint to read (default: the newest that verifies)")
 
 
-def _start(args, positive: dict[str, int | None]) -> str:
-    """Checks flags that must be positive, then sets up fake CPU devices; returns an
-    error line or "". The processes start in :func:`_launched`."""
-    for flag, value in positive.items():
-        if value is not None and value < 1:
-            return f"{flag} must be a positive integer, got {value}"
+def _start(args) -> None:
+    """Sets up fake CPU devices (the flags are checked); the processes start in
+    :func:`_launched`."""
     if getattr(args, "cpu_devices", None) is not None:
         from lsgd_jax.parallel import use_cpu_devices
 
         use_cpu_devices(args.cpu_devices)  # before JAX starts its backends
-    return ""
 
 
 def _launched(args, fn: Callable[[], None]) -> int:
@@ -89,8 +89,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
                 "number of devices). Reads the workdir without changing it or taking its lock; "
                 "appends an `eval` record with source \"evaluate\" to its metrics.jsonl.")
     _workdir_flags(p)
-    p.add_argument("--eval-batch-size", type=int, default=None,
-                   help="global batch of the pass (default: the run's)")
+    numeric(p, "--eval-batch-size", BATCH, default=None,
+            help="global batch of the pass (default: the run's)")
     p.add_argument("--data-dir", default=None, help="where the data lies on this host "
                    "(default: the run's --data-dir)")
     p.add_argument("--no-record", action="store_true",
@@ -99,11 +99,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:
-    args = evaluate_parser().parse_args(argv)
-    error = _start(args, {"--eval-batch-size": args.eval_batch_size,
-                          "--cpu-devices": args.cpu_devices})
-    if error:
-        return _fail(error)
+    args, _ = parse_flags(evaluate_parser(), argv)  # a bad value: one line, SystemExit(2)
+    _start(args)
 
     def run():
         import jax
@@ -144,14 +141,12 @@ def export_parser() -> argparse.ArgumentParser:
 
 
 def export_main(argv: list[str] | None = None) -> int:
-    args = export_parser().parse_args(argv)
+    args, _ = parse_flags(export_parser(), argv)  # a bad value: one line, SystemExit(2)
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         return _fail(f"--out {args.out}: the folder {out_dir} does not exist; create it or "
                      "choose another path")
-    error = _start(args, {"--cpu-devices": args.cpu_devices})
-    if error:
-        return _fail(error)
+    _start(args)
 
     def run():
         from lsgd_jax.model_file import export_model, sidecar_path
@@ -176,15 +171,13 @@ def predict_parser() -> argparse.ArgumentParser:
                 "Exit status 1 when some files could not be read as images (each is named).",
                 launch=False)
     p.add_argument("--model", required=True, help="a file written by `lsgd-jax export`")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    numeric(p, "--batch-size", BATCH, default=32, help="images per forward pass")
     p.add_argument("images", nargs="+", help="image files")
     return p
 
 
 def predict_main(argv: list[str] | None = None) -> int:
-    args = predict_parser().parse_args(argv)
-    if args.batch_size < 1:
-        return _fail(f"--batch-size must be a positive integer, got {args.batch_size}")
+    args, _ = parse_flags(predict_parser(), argv)  # a bad value: one line, SystemExit(2)
     status = [0]
 
     def run():

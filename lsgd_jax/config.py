@@ -11,7 +11,6 @@ same error before anything is compiled.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 from lsgd_jax.data.source import SOURCE_NAMES
@@ -35,17 +34,91 @@ def _allreduce_names() -> tuple[str, ...]:
     return ALLREDUCE_NAMES
 
 
+# Bounds of the numeric flags. Past them a value is a typo that would overflow a counter,
+# allocate without bound or fail deep inside JAX; each is refused before anything starts.
+MAX_STEPS = 2**31 - 1         # the step counter and the schedule's boundaries are int32
+MAX_EPOCHS = 100_000
+MAX_BATCH = 2**20             # kn, n, K, the eval batch and predict's batch
+MAX_EXAMPLES = 100_000_000    # a synthetic data set (an index array of its size per epoch)
+MAX_CLASSES = 1_000_000
+MAX_SEED = 2**32 - 1
+MAX_RATE = 1000               # base and end rates, trust coefficient, poly power
+MAX_THREADS = 1024            # decoding threads and workers, fake CPU devices
+MAX_IMAGE_SIZE = 65_536       # the ceiling of --max-image-size itself
+PAPER_EPOCHS = 90  # the paper's budget; the median's evaluations are 90ths of a run
+
+
+def _number_text(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric flag: finite, from ``low`` to ``high`` (an open end
+    leaves its bound out), integers when ``integer``. A value above ``warn_above`` is
+    valid but implausible: it gets a one-line warning. ``note`` is added to the error."""
+
+    low: float
+    high: float
+    integer: bool = False
+    open_low: bool = False
+    open_high: bool = False
+    warn_above: float | None = None
+    note: str = ""
+
+    def describe(self) -> str:
+        """E.g. "an integer in [1, 1048576]", "a number in (0, 1000]"."""
+        return (("an integer" if self.integer else "a number") + " in "
+                + ("(" if self.open_low else "[") + _number_text(self.low) + ", "
+                + _number_text(self.high) + (")" if self.open_high else "]"))
+
+    def contains(self, value: Any) -> bool:
+        kinds = int if self.integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            return False
+        # The bounds are finite, so inf is outside; nan fails every comparison.
+        return ((value > self.low if self.open_low else value >= self.low)
+                and (value < self.high if self.open_high else value <= self.high))
+
+    def check(self, flag: str, value: Any) -> None:
+        """Raise ValueError naming ``flag``, the range and ``value`` when it is outside."""
+        if not self.contains(value):
+            note = f" ({self.note})" if self.note else ""
+            raise ValueError(f"{flag} must be {self.describe()}{note}, got {value!r}")
+
+    def warning(self, flag: str, value: Any) -> str:
+        """One line when a valid ``value`` is above the plausible range, else ""."""
+        if self.warn_above is None or value is None or value <= self.warn_above:
+            return ""
+        return (f"warning: {flag} {_number_text(value)} is above the usual range (at most "
+                f"{_number_text(self.warn_above)}); the run goes on with it")
+
+
+# Why color_jitter and lighting stop below 1: the strengths of the recipe they come from.
+_FB_AUGMENT = "fb.resnet.torch: color_jitter 0.4, lighting 0.1"
+
+
+def _ints(low: int, high: int) -> Range:
+    return Range(low, high, integer=True)
+
+
 def _field(default: Any, group: str, help: str, *, choices: Any = None, flag: str | None = None,
-           default_text: str | None = None) -> Any:
+           default_text: str | None = None, valid: Range | None = None) -> Any:
     """A config field with its command-line help: ``lsgd_jax.cli`` makes one flag of each.
 
     ``choices``: the valid values (a tuple, or a function returning the owner's tuple);
     ``flag``: the flag's name when it is not ``--field-name``; ``default_text``: what the
-    help says for a default that depends on other values.
+    help says for a default that depends on other values; ``valid``: a numeric field's
+    range, which :meth:`TrainConfig.validate` holds it to.
     """
     return dataclasses.field(default=default, metadata={
         "group": group, "help": help, "choices": choices, "flag": flag,
-        "default_text": default_text})
+        "default_text": default_text, "valid": valid})
+
+
+def flag_of(field: dataclasses.Field) -> str:
+    """The command-line flag of a TrainConfig field; errors name it."""
+    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,7 +129,7 @@ class TrainConfig:
     the ``--help`` of its flag, which ``lsgd_jax.cli`` generates from these fields.
     """
 
-    seed: int = _field(0, "run", "initialization, shuffles, augmentation")
+    seed: int = _field(0, "run", "initialization, shuffles, augmentation", valid=_ints(0, MAX_SEED))
     data: str = _field("synthetic", "data", "synthetic is deterministic in (seed, step) and "
                        "needs no files", choices=SOURCE_NAMES)
     data_dir: str | None = _field(None, "data", "tfds data dir (imagenet) or folder of the "
@@ -64,26 +137,36 @@ class TrainConfig:
     tfds_name: str = _field("imagenet2012", "data", "tfds builder read by --data imagenet (any "
                             "data set with imagenet2012's image/label features)")
     image_size: int | None = _field(None, "data", "input side in pixels",
-                                    default_text="the data set's, 224 for ImageNet")
+                                    default_text="the data set's, 224 for ImageNet",
+                                    valid=Range(1, MAX_IMAGE_SIZE, integer=True,
+                                                note="and at most --max-image-size"))
+    max_image_size: int = _field(1024, "data", "the largest --image-size accepted (larger "
+                                 "is most likely a typo; raise this to train on such images)",
+                                 valid=_ints(1, MAX_IMAGE_SIZE))
     decode_threads: int = _field(8, "data", "image-decoding threads per process (ImageNet; "
-                                 "the train batches' when --decode-workers is 0, and eval's)")
+                                 "the train batches' when --decode-workers is 0, and eval's)",
+                                 valid=_ints(1, MAX_THREADS))
     decode_workers: int | None = _field(None, "data", "ImageNet train batches: decoding worker "
                                         "processes per process (shared memory); 0: threads "
                                         "in the training process",
                                         default_text="cores - 1 with 4 or more cores, else 0; the "
                                         "cores this process may run on, shared with the "
-                                        "host's other processes that the launcher announces")
+                                        "host's other processes that the launcher announces",
+                                        valid=_ints(0, MAX_THREADS))
     resizer: str = _field("auto", "data", "ImageNet train crop resize: opencv (faster, "
                           "~2 levels from pil's pixels), pil, auto: opencv if installed",
                           choices=("auto", "opencv", "pil"))
     max_bad_fraction: float = _field(1e-3, "data", "fail when more than this fraction of "
-                                     "images cannot be decoded")
+                                     "images cannot be decoded", valid=Range(0, 1, open_high=True))
     color_jitter: float = _field(0.0, "data", "ImageNet: brightness/contrast/saturation jitter "
-                                 "strength (fb.resnet.torch: 0.4; the paper names none)")
+                                 "strength (fb.resnet.torch: 0.4; the paper names none)",
+                                 valid=Range(0, 1, open_high=True, note=_FB_AUGMENT))
     lighting: float = _field(0.0, "data", "ImageNet: PCA lighting noise std (fb.resnet.torch: "
-                             "0.1)")
-    synthetic_examples: int = _field(1_281_167, "data", "size of the synthetic training set")
-    synthetic_eval_examples: int = _field(50_000, "data", "size of the synthetic validation set")
+                             "0.1)", valid=Range(0, 1, open_high=True, note=_FB_AUGMENT))
+    synthetic_examples: int = _field(1_281_167, "data", "size of the synthetic training set",
+                                     valid=_ints(1, MAX_EXAMPLES))
+    synthetic_eval_examples: int = _field(50_000, "data", "size of the synthetic validation set",
+                                          valid=_ints(1, MAX_EXAMPLES))
     model: str | None = _field(None, "model", "the ResNet", choices=MODEL_NAMES,
                                default_text="resnet50, or resnet20 for --data fashion_mnist")
     dtype: str = _field("bfloat16", "model", "compute dtype; parameters and optimizer state "
@@ -91,7 +174,8 @@ class TrainConfig:
     zero_init_residual: bool = _field(True, "model", "γ=0 on the last BN of every residual "
                                       "block (zero-γ, section 5.1)", flag="--zero-gamma")
     num_classes: int | None = _field(None, "model", "classifier outputs; synthetic data draws "
-                                     "its labels among them", default_text="the data set's")
+                                     "its labels among them", default_text="the data set's",
+                                     valid=_ints(1, MAX_CLASSES))
     init_from: str | None = _field(None, "model", "start from the weights of a file written by "
                                    "`lsgd-jax export` (fine-tuning: fresh optimizer and "
                                    "schedule; the classifier is re-initialised when the class "
@@ -100,72 +184,85 @@ class TrainConfig:
                           "training: plain, split (two stages) or custom_vjp (split, with a "
                           "hand-written backward); the same results", choices=BN_IMPLS)
     bn_split_rows: int = _field(DEFAULT_SPLIT_ROWS, "speed", "--bn-impl split/custom_vjp: "
-                                "rows reduced in the first stage (at most)")
+                                "rows reduced in the first stage (at most)",
+                                valid=_ints(1, MAX_STEPS))
     pool_impl: str = _field("reduce_window", "speed", "the stem's max-pool: reduce_window "
                             "(nn.max_pool) or masks (an elementwise backward); the same "
                             "results", choices=POOL_IMPLS)
     stem_impl: str = _field("conv", "speed", "the stem's convolution: conv, pad4 (input "
                             "padded to 4 channels) or s2d (space-to-depth; ImageNet stem, "
                             "even image sizes); the same results", choices=STEM_IMPLS)
-    batch_size: int = _field(256, "minibatch", "the global minibatch kn")
+    batch_size: int = _field(256, "minibatch", "the global minibatch kn", valid=_ints(1, MAX_BATCH))
     bn_group_size: int = _field(32, "minibatch", "n: images per BatchNorm worker, independent "
-                                "of the per-device batch (the paper: 32)")
+                                "of the per-device batch (the paper: 32)",
+                                valid=_ints(1, MAX_BATCH))
     grad_accum_steps: int = _field(1, "minibatch", "microbatches per device per step (BN per "
-                                   "microbatch; footnote 5)")
+                                   "microbatch; footnote 5)", valid=_ints(1, MAX_BATCH))
     eval_batch_size: int | None = _field(None, "minibatch", "global batch of the validation "
-                                         "pass", default_text="--batch-size")
-    epochs: float = _field(90, "schedule", "training length in epochs (the paper: 90)")
+                                         "pass", default_text="--batch-size",
+                                         valid=_ints(1, MAX_BATCH))
+    epochs: float = _field(90, "schedule", "training length in epochs (the paper: 90)",
+                           valid=Range(0, MAX_EPOCHS, open_low=True))
     num_steps: int | None = _field(None, "schedule", "stop after this many steps in all "
-                                   "(smoke runs)", default_text="all the epochs' steps")
+                                   "(smoke runs)", default_text="all the epochs' steps",
+                                   valid=_ints(1, MAX_STEPS))
     base_lr: float = _field(0.1, "schedule", "η per --reference-batch-size (the paper: 0.1 "
-                            "per 256)")
+                            "per 256)", valid=Range(0, MAX_RATE, open_low=True, warn_above=10))
     reference_batch_size: int = _field(256, "schedule", "the minibatch --base-lr is for; the "
-                                       "rate is base_lr · kn / this (eq. 5)")
+                                       "rate is base_lr · kn / this (eq. 5)",
+                                       valid=_ints(1, MAX_BATCH))
     warmup: str = _field("gradual", "schedule", "gradual: from base_lr to the scaled rate by "
                          "equal steps; constant: base_lr, then a jump; none",
                          choices=WARMUP_KINDS)
     warmup_epochs: float = _field(5, "schedule", "warmup length (none when kn <= the "
-                                  "reference batch)")
+                                  "reference batch)", valid=Range(0, MAX_EPOCHS))
     decay_epochs: tuple[float, ...] = _field((30, 60, 80), "schedule", "epochs of the ×"
-                                             "decay_factor steps, comma-separated, e.g. 30,60,80")
-    decay_factor: float = _field(0.1, "schedule", "rate multiplier at each decay epoch")
+                                             "decay_factor steps, comma-separated, e.g. 30,60,80",
+                                             valid=Range(0, MAX_EPOCHS))
+    decay_factor: float = _field(0.1, "schedule", "rate multiplier at each decay epoch",
+                                 valid=Range(0, 1, open_low=True))
     schedule: str = _field("steps", "schedule", "after the warmup, steps: ×decay_factor at "
                            "--decay-epochs (the paper); poly: end_lr + (peak − end_lr)·"
                            "(1 − progress)^power to the last epoch", choices=SCHEDULE_KINDS)
     poly_power: float = _field(2.0, "schedule", "--schedule poly: the power (MLPerf's "
-                               "large-batch recipes: 2)")
+                               "large-batch recipes: 2)",
+                               valid=Range(0, MAX_RATE, open_low=True, warn_above=10))
     end_lr: float = _field(1e-4, "schedule", "--schedule poly: the rate at the last step, "
-                           "at most the peak rate")
+                           "at most the peak rate", valid=Range(0, MAX_RATE, warn_above=10))
     optimizer: str = _field("sgd", "optimizer", "sgd: the paper's momentum SGD; lars: the "
                             "same with a per-tensor trust ratio on the kernels (You et al. "
                             "2017)", choices=OPTIMIZERS)
     trust_coefficient: float = _field(0.001, "optimizer", "--optimizer lars: η_tc of the "
-                                      "trust ratio η_tc·‖w‖ / (‖g‖ + λ‖w‖)")
+                                      "trust ratio η_tc·‖w‖ / (‖g‖ + λ‖w‖)",
+                                      valid=Range(0, MAX_RATE, open_low=True, warn_above=1))
     label_smoothing: float = _field(0.0, "optimizer", "α in [0, 1): cross-entropy against "
-                                    "(1 − α)·onehot + α/classes (the paper: 0)")
-    momentum: float = _field(0.9, "optimizer", "m, in [0, 1)")
+                                    "(1 − α)·onehot + α/classes (the paper: 0)",
+                                    valid=Range(0, 1, open_high=True))
+    momentum: float = _field(0.9, "optimizer", "m, in [0, 1)", valid=Range(0, 1, open_high=True))
     nesterov: bool = _field(True, "optimizer", "Nesterov momentum (true/false)")
     momentum_form: str = _field("eq9", "optimizer", "eq9: buffer without the rate; eq10: "
                                 "buffer holds the rate", choices=MOMENTUM_FORMS)
     momentum_correction: bool = _field(True, "optimizer", "eq10 only: rescale the buffer "
                                        "when the rate changes (eq. 10's correction)")
-    weight_decay: float = _field(1e-4, "optimizer", "λ of the L2 term, not on BN γ/β")
+    weight_decay: float = _field(1e-4, "optimizer", "λ of the L2 term, not on BN γ/β",
+                                 valid=Range(0, 1, warn_above=0.1))
     allreduce: str = _field("psum", "optimizer", "psum (XLA's, the production choice) or one "
                             "of the paper's section-4 algorithms in lsgd_jax.collectives",
                             choices=_allreduce_names)
     checkpoint_every_steps: int = _field(0, "checkpoints and logging", "0: at the end of "
-                                         "every epoch only")
+                                         "every epoch only", valid=_ints(0, MAX_STEPS))
     keep_checkpoints: int = _field(3, "checkpoints and logging", "how many of the latest "
-                                   "checkpoints to keep")
+                                   "checkpoints to keep", valid=_ints(1, MAX_STEPS))
     keep_every_epochs: int = _field(10, "checkpoints and logging", "also keep one checkpoint "
-                                    "every this many epochs (0: none)")
+                                    "every this many epochs (0: none)", valid=_ints(0, MAX_EPOCHS))
     eval_every_epochs: int = _field(1, "checkpoints and logging", "full validation cadence; "
-                                    "the last step is always evaluated")
+                                    "the last step is always evaluated", valid=_ints(1, MAX_EPOCHS))
     median_evals: int = _field(5, "checkpoints and logging", "the result is the median top-1 "
                                "error of this many evaluations, one every 90th of the run at "
-                               "its end (the paper: the last 5 of 90 epochs)")
+                               "its end (the paper: the last 5 of 90 epochs)",
+                               valid=_ints(1, PAPER_EPOCHS))
     log_every_steps: int = _field(50, "checkpoints and logging", "console, metrics.jsonl and "
-                                  "TensorBoard cadence")
+                                  "TensorBoard cadence", valid=_ints(1, MAX_STEPS))
 
     def __post_init__(self):
         object.__setattr__(self, "decay_epochs", tuple(self.decay_epochs))
@@ -190,26 +287,12 @@ class TrainConfig:
             raise ValueError(f"stem_impl s2d rearranges the ImageNet stem (7x7 stride 2); "
                              f"model {self.model} has the CIFAR stem (3x3 stride 1): use "
                              "conv or pad4")
-        for name in ("batch_size", "bn_group_size", "grad_accum_steps", "reference_batch_size",
-                     "keep_checkpoints", "eval_every_epochs", "median_evals", "log_every_steps", "decode_threads",
-                     "bn_split_rows", "synthetic_examples", "synthetic_eval_examples"):
-            _positive_int(name, getattr(self, name))
-        for name in ("checkpoint_every_steps", "keep_every_epochs", "seed"):
-            _non_negative_int(name, getattr(self, name))
         _choice("resizer", self.resizer, ("auto", "opencv", "pil"))
-        if self.decode_workers is not None:
-            _non_negative_int("decode_workers", self.decode_workers)
-        for name in ("image_size", "num_steps", "eval_batch_size", "num_classes"):
-            if getattr(self, name) is not None:
-                _positive_int(name, getattr(self, name))
-        _positive_float("epochs", self.epochs)
-        _positive_float("base_lr", self.base_lr)
-        _positive_float("decay_factor", self.decay_factor)
-        _non_negative_float("warmup_epochs", self.warmup_epochs)
-        _non_negative_float("weight_decay", self.weight_decay)
-        _positive_float("trust_coefficient", self.trust_coefficient)
-        _positive_float("poly_power", self.poly_power)
-        _non_negative_float("end_lr", self.end_lr)
+        self._check_ranges()
+        if self.image_size is not None and self.image_size > self.max_image_size:
+            raise ValueError(f"--image-size {self.image_size} is larger than --max-image-size "
+                             f"{self.max_image_size}; raise --max-image-size to train on images "
+                             "this large")
         peak = self.base_lr * self.batch_size / self.reference_batch_size
         if self.schedule == "poly" and self.end_lr > peak:
             raise ValueError(f"end_lr must be in [0, {peak:g}] (0 to the peak rate base_lr · "
@@ -220,21 +303,7 @@ class TrainConfig:
             raise ValueError(f"--schedule poly decays after the warmup: warmup_epochs "
                              f"({self.warmup_epochs:g}) must be shorter than epochs "
                              f"({self.epochs:g})")
-        if isinstance(self.label_smoothing, bool) or not (
-                isinstance(self.label_smoothing, (int, float)) and 0 <= self.label_smoothing < 1):
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
-        if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
-        for name in ("color_jitter", "lighting"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 <= value < 1):
-                raise ValueError(f"{name} must be in [0, 1) (fb.resnet.torch: color_jitter 0.4, "
-                                 f"lighting 0.1), got {value!r}")
-        if not (isinstance(self.max_bad_fraction, (int, float)) and 0 <= self.max_bad_fraction < 1):
-            raise ValueError(f"max_bad_fraction must be in [0, 1), got {self.max_bad_fraction!r}")
-        if list(self.decay_epochs) != sorted(self.decay_epochs) or any(
-            not isinstance(e, (int, float)) or e < 0 for e in self.decay_epochs
-        ):
+        if list(self.decay_epochs) != sorted(self.decay_epochs):
             raise ValueError(
                 f"decay_epochs must be non-negative and increasing, got {self.decay_epochs!r}"
             )
@@ -245,6 +314,26 @@ class TrainConfig:
         if not isinstance(self.tfds_name, str) or not self.tfds_name:
             raise ValueError(f"tfds_name must be a non-empty name, got {self.tfds_name!r}")
         _choice("allreduce", self.allreduce, _allreduce_names())
+
+    def _check_ranges(self) -> None:
+        """Hold every numeric field to the range declared with it (each of a list's values;
+        None, where it is the default, means "derived")."""
+        for f in dataclasses.fields(self):
+            valid, value = f.metadata["valid"], getattr(self, f.name)
+            if valid is None or (value is None and f.default is None):
+                continue
+            if isinstance(value, tuple):
+                if not all(valid.contains(v) for v in value):
+                    raise ValueError(f"each of {flag_of(f)} must be {valid.describe()}, got "
+                                     f"{value!r}")
+            else:
+                valid.check(flag_of(f), value)
+
+    def warnings(self) -> list[str]:
+        """One line for each value that is valid but above its plausible range."""
+        lines = (f.metadata["valid"].warning(flag_of(f), getattr(self, f.name))
+                 for f in dataclasses.fields(self) if f.metadata["valid"] is not None)
+        return [line for line in lines if line]
 
     # ------------------------------------------------------------ conversion
     def to_dict(self) -> dict[str, Any]:
@@ -283,8 +372,6 @@ class TrainConfig:
         return f"recipe: {opt}, {self.momentum_form}, {self.warmup} warmup, {sched}{smooth}"
 
 
-PAPER_EPOCHS = 90  # the paper's budget; the median's evaluations are 90ths of a run
-
 
 def evaluation_steps(*, total_steps: int, steps_per_epoch: int, eval_every_epochs: int,
                      median_evals: int) -> list[int]:
@@ -320,7 +407,7 @@ FREE_FIELDS = frozenset({
     "data_dir", "decode_threads", "max_bad_fraction", "synthetic_eval_examples",
     "eval_batch_size", "epochs", "num_steps", "allreduce", "checkpoint_every_steps",
     "keep_checkpoints", "keep_every_epochs", "eval_every_epochs", "median_evals",
-    "log_every_steps", "init_from", "decode_workers",
+    "log_every_steps", "init_from", "decode_workers", "max_image_size",
     # How the same step is computed (equal within float rounding, the same trees).
     "bn_impl", "bn_split_rows", "pool_impl", "stem_impl",
 })
@@ -341,31 +428,3 @@ RESUME_FIELDS = resume_fields()
 def _choice(name, value, valid) -> None:
     if value not in valid:
         raise ValueError(f"{name} must be one of {tuple(valid)}, got {value!r}")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _positive_int(name, value) -> None:
-    if not _is_int(value) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _non_negative_int(name, value) -> None:
-    if not _is_int(value) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-
-
-def _positive_float(name, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-        math.isfinite(value) and value > 0
-    ):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-
-
-def _non_negative_float(name, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-        math.isfinite(value) and value >= 0
-    ):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

@@ -18,7 +18,7 @@ import dataclasses
 import math
 from typing import Any
 
-from lsgd_jax.config import TrainConfig, evaluation_steps
+from lsgd_jax.config import MAX_STEPS, TrainConfig, evaluation_steps
 from lsgd_jax.layout import BatchLayout
 from lsgd_jax.schedules import scaled_learning_rate, warmup_steps
 
@@ -109,20 +109,37 @@ def make_plan(config: TrainConfig, *, num_train_examples: int, num_devices: int,
                          f"({num_train_examples} examples); use at most {num_train_examples}")
     planned = math.ceil(config.epochs * spe)
     total = planned if config.num_steps is None else min(config.num_steps, planned)
+    warm = warmup_steps(batch_size=kn, steps_per_epoch=spe,
+                        reference_batch_size=config.reference_batch_size,
+                        warmup_epochs=config.warmup_epochs, warmup=config.warmup)
+    decays = (tuple(math.ceil(e * spe) for e in config.decay_epochs)
+              if config.schedule == "steps" else ())
+    _check_step_counts(config, spe, planned=planned, warm=warm, decays=decays)
     return Plan(
         global_batch_size=kn, bn_group_size=n, num_bn_workers=kn // n, grad_accum_steps=K,
         num_devices=num_devices, num_processes=num_processes, per_device_batch=kn // num_devices,
         per_process_batch=kn // num_processes, microbatch=micro,
         num_train_examples=num_train_examples, examples_left_out_per_epoch=num_train_examples % kn,
         steps_per_epoch=spe, planned_steps=planned, total_steps=total,
-        warmup_steps=warmup_steps(batch_size=kn, steps_per_epoch=spe,
-                                  reference_batch_size=config.reference_batch_size,
-                                  warmup_epochs=config.warmup_epochs, warmup=config.warmup),
-        decay_steps=(tuple(math.ceil(e * spe) for e in config.decay_epochs)
-                     if config.schedule == "steps" else ()),
+        warmup_steps=warm, decay_steps=decays,
         peak_lr=scaled_learning_rate(config.base_lr, kn, config.reference_batch_size),
         rate_multiplier=kn / config.reference_batch_size,
         eval_steps=tuple(evaluation_steps(total_steps=total, steps_per_epoch=spe,
                                           eval_every_epochs=config.eval_every_epochs,
                                           median_evals=config.median_evals)),
         eval_batch_size=eval_batch, recipe=config.recipe())
+
+
+def _check_step_counts(config: TrainConfig, spe: int, *, planned: int, warm: int,
+                       decays: tuple[int, ...]) -> None:
+    """Every length in steps fits the int32 step counter and schedule boundaries (the
+    flags' own bounds cannot know the steps per epoch)."""
+    for flag, epochs, steps in (("--epochs", config.epochs, planned),
+                                ("--warmup-epochs", config.warmup_epochs, warm),
+                                ("--decay-epochs", max(config.decay_epochs, default=0),
+                                 max(decays, default=0))):
+        if steps > MAX_STEPS:
+            raise ValueError(
+                f"{flag} {epochs:g} is {steps} steps at {spe} steps per epoch (--batch-size "
+                f"{config.batch_size}); a run counts at most {MAX_STEPS} steps: use fewer "
+                "epochs or a larger --batch-size")

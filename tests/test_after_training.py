@@ -562,7 +562,7 @@ def test_num_classes_for_synthetic_data_and_too_few_for_a_data_set():
     with pytest.raises(ValueError, match="--num-classes 5 is fewer than the 10 classes of "
                                          "fashion_mnist; use at least 10"):
         open_source(TrainConfig(data="fashion_mnist", num_classes=5), "validation")
-    with pytest.raises(ValueError, match="num_classes must be a positive integer"):
+    with pytest.raises(ValueError, match=r"--num-classes must be an integer in \[1, 1000000\]"):
         TrainConfig(num_classes=0)
 
 

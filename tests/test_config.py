@@ -95,8 +95,8 @@ def test_eval_history_keeps_every_evaluation_of_a_fractional_epoch(tmp_path):
 
 
 @pytest.mark.parametrize("changes, text", [
-    (dict(median_evals=0), "median_evals must be a positive integer, got 0"),
-    (dict(eval_every_epochs=0), "eval_every_epochs must be a positive integer, got 0"),
+    (dict(median_evals=0), r"--median-evals must be an integer in \[1, 90\], got 0"),
+    (dict(eval_every_epochs=0), r"--eval-every-epochs must be an integer in \[1, 100000\], got 0"),
 ])
 def test_evaluation_settings_are_checked(changes, text):
     with pytest.raises(ValueError, match=text):
@@ -188,10 +188,10 @@ def test_help_gives_real_defaults_and_no_empty_ones():
 @pytest.mark.parametrize("changes, text", [
     (dict(optimizer="adam"), r"optimizer must be one of \('sgd', 'lars'\), got 'adam'"),
     (dict(schedule="cosine"), r"schedule must be one of \('steps', 'poly'\), got 'cosine'"),
-    (dict(trust_coefficient=0.0), r"trust_coefficient must be a positive finite number, got 0.0"),
-    (dict(poly_power=-2.0), r"poly_power must be a positive finite number, got -2.0"),
-    (dict(label_smoothing=1.0), r"label_smoothing must be in \[0, 1\), got 1.0"),
-    (dict(end_lr=-1.0), r"end_lr must be a finite number >= 0, got -1.0"),
+    (dict(trust_coefficient=0.0), r"--trust-coefficient must be a number in \(0, 1000\], got 0.0"),
+    (dict(poly_power=-2.0), r"--poly-power must be a number in \(0, 1000\], got -2.0"),
+    (dict(label_smoothing=1.0), r"--label-smoothing must be a number in \[0, 1\), got 1.0"),
+    (dict(end_lr=-1.0), r"--end-lr must be a number in \[0, 1000\], got -1.0"),
     (dict(schedule="poly", batch_size=512, end_lr=0.5), r"end_lr must be in \[0, 0.2\]"),
     (dict(schedule="poly", batch_size=512, epochs=5), r"warmup_epochs \(5\) must be shorter "
                                                       r"than epochs \(5\)"),

@@ -324,7 +324,7 @@ def test_train_stream_chooses_and_says_how_it_decodes(data_dir):
     assert "--decode-workers 2), resize opencv" in lines[0]
     assert lines[1] == ("input: in the training process (2 decoding threads, resize opencv; "
                         "--decode-workers 0)")
-    with pytest.raises(ValueError, match="decode_workers must be an integer >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"--decode-workers must be an integer in \[0, 1024\], got -1"):
         TrainConfig(decode_workers=-1)
 
 

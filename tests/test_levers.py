@@ -273,7 +273,7 @@ def test_the_switches_are_flags_checked_before_anything_runs():
     with pytest.raises(ValueError, match=r"bn_impl must be one of \('plain', 'split', "
                                          r"'custom_vjp'\), got 'fused'"):
         TrainConfig(bn_impl="fused")
-    with pytest.raises(ValueError, match="bn_split_rows must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match=r"--bn-split-rows must be an integer in \[1, 2147483647\], got 0"):
         TrainConfig(bn_split_rows=0)
     with pytest.raises(ValueError, match="model resnet8 has the CIFAR stem"):
         TrainConfig(model="resnet8", stem_impl="s2d")

@@ -172,11 +172,11 @@ def test_long_evaluations_on_cpu_devices_finish(tmp_path):
 
 def test_config_errors_name_the_value():
     for changes, text in [
-        (dict(batch_size=0), "batch_size must be a positive integer, got 0"),
+        (dict(batch_size=0), "--batch-size must be an integer in [1, 1048576], got 0"),
         (dict(warmup="linear"), "warmup must be one of"),
         (dict(model="vgg16"), "model must be one of"),
         (dict(decay_epochs=(60, 30)), "decay_epochs"),
-        (dict(momentum=1.0), "momentum must be in [0, 1), got 1.0"),
+        (dict(momentum=1.0), "--momentum must be a number in [0, 1), got 1.0"),
         (dict(data="cifar"), "data must be one of"),
         (dict(allreduce="tree"), "allreduce must be one of ('psum', 'ring'"),
     ]:
@@ -284,7 +284,7 @@ def test_sigterm_or_ctrl_c_checkpoints_exits_0_and_resumes_bit_identical(tmp_pat
 
 # ---------------------------------------------------------------- bad input
 @pytest.mark.parametrize("flags,text", [
-    (["--batch-size", "0"], "batch_size must be a positive integer, got 0"),
+    (["--batch-size", "0"], "--batch-size must be an integer in [1, 1048576], got 0"),
     (["--warmup", "linear"], "invalid choice: 'linear'"),
     (["--decay-epochs", "30,x"], "expected comma-separated epochs"),
     (["--batch-size", "36"], "--batch-size 36 does not split over"),
@@ -675,7 +675,7 @@ def test_rerunning_a_finished_run_changes_nothing(tmp_path):
 def test_a_bad_value_is_one_line_without_the_usage(tmp_path):
     result = _run(["--workdir", str(tmp_path / "w"), "--base-lr", "-1"], timeout=60)
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: base_lr must be a positive finite number, got -1.0"
+    assert result.stderr.strip() == "error: --base-lr must be a number in (0, 1000], got -1.0"
     assert not (tmp_path / "w").exists()
 
 
