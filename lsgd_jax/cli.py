@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None, prog: str = "imagenet_resnet50.py") -> i
 
         use_cpu_devices(args.cpu_devices)  # before JAX starts its backends
 
+    from lsgd_jax.failures import watch_peers
     from lsgd_jax.parallel import initialize_distributed
     from lsgd_jax.train import train_and_evaluate
 
@@ -200,6 +201,7 @@ def main(argv: list[str] | None = None, prog: str = "imagenet_resnet50.py") -> i
                                initialization_timeout=args.initialization_timeout,
                                heartbeat_timeout=args.heartbeat_timeout,
                                shutdown_timeout=args.shutdown_timeout)
+        watch_peers()  # a peer's failure stops this process too, with the peer's message
         for line in config.warnings() if jax.process_index() == 0 else ():
             print(line, flush=True)
         train_and_evaluate(config, args.workdir, restart_from_scratch=args.restart_from_scratch)
@@ -210,6 +212,31 @@ def main(argv: list[str] | None = None, prog: str = "imagenet_resnet50.py") -> i
 def main_guard(fn: Callable[[], Any], workdir: str | None = None) -> int:
     """Run ``fn``; turn configuration and data errors into one line and an exit status:
     2 (bad input, no room), 3 (a non-finite step), 130 (a second Ctrl-C)."""
+    from lsgd_jax.failures import stop_watching
+
+    try:
+        status = _guarded(fn, workdir)
+    finally:
+        stop_watching()
+    return status
+
+
+def _fail(text: str, status: int) -> int:
+    """Print this process's one-line error (naming the process when there are several),
+    tell the other processes, and return its exit status (exits when there are peers)."""
+    import jax
+
+    from lsgd_jax.failures import fail_and_exit, yield_to_peer
+
+    yield_to_peer()
+    many = jax.distributed.is_initialized() and jax.process_count() > 1
+    prefix = f"process {jax.process_index()}: " if many else ""
+    print(f"error: {prefix}{text}", file=sys.stderr, flush=True)
+    fail_and_exit(text, status)
+    return status
+
+
+def _guarded(fn: Callable[[], Any], workdir: str | None) -> int:
     from lsgd_jax.checkpoint import CheckpointError
     from lsgd_jax.train import NonFiniteError
 
@@ -223,21 +250,45 @@ def main_guard(fn: Callable[[], Any], workdir: str | None = None) -> int:
             text = ("no space left on the device while saving a checkpoint "
                     f"({text.splitlines()[0][:300]}); free some space and rerun the same "
                     "command: it resumes from the latest complete checkpoint")
-        print(f"error: {text}", file=sys.stderr, flush=True)
-        return 2 if not isinstance(e, NonFiniteError) else 3
+        return _fail(text, 2 if not isinstance(e, NonFiniteError) else 3)
     except KeyboardInterrupt:
         print("aborted by a second Ctrl-C; rerun the same command to resume from the latest "
               "complete checkpoint", file=sys.stderr, flush=True)
+        from lsgd_jax.failures import fail_and_exit
+
+        fail_and_exit("aborted by a second Ctrl-C", 130)
         return 130
     except OSError as e:
         if e.errno != errno.ENOSPC and "No space left" not in str(e):
+            _unexpected(e)
             raise
         where = e.filename or workdir or "the workdir"
-        print(f"error: no space left on the device of {where}; free some space and rerun the "
-              "same command: it resumes from the latest complete checkpoint",
-              file=sys.stderr, flush=True)
-        return 2
+        return _fail(f"no space left on the device of {where}; free some space and rerun "
+                     "the same command: it resumes from the latest complete checkpoint", 2)
+    except Exception as e:
+        _unexpected(e)
+        raise
     return 0
+
+
+def _unexpected(error: BaseException) -> None:
+    """An error with no one-line form: its traceback, then, when there are other processes,
+    its last line to them and the exit (status 1) without the at-exit clean-up that would
+    wait for them."""
+    import traceback
+
+    from lsgd_jax.failures import fail_and_exit, yield_to_peer
+
+    yield_to_peer()
+    traceback.print_exc()
+    import jax
+
+    text = str(error).strip()
+    last = f"{type(error).__name__}: {text.splitlines()[-1][:300]}" if text else (
+        type(error).__name__)
+    if jax.distributed.is_initialized() and jax.process_count() > 1:
+        print(f"error: process {jax.process_index()}: {last}", file=sys.stderr, flush=True)
+    fail_and_exit(last, 1)
 
 
 if __name__ == "__main__":

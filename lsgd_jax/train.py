@@ -396,15 +396,25 @@ def _loop(run: _Run, writer: MetricsWriter, step: int) -> tuple[int, bool]:
                 break
         if pending is not None:
             window.add(*pending)
+    except BaseException:
+        # This process fails alone: its peers are inside the step's collectives (or on
+        # their way), so its clean-up must not enter another one (see lsgd_jax.failures).
+        alone = jax.process_count() > 1
+        raise
+    else:
+        alone = False
     finally:
         prefetch.close()
         iterator.close()
         preemption.close()
-        try:
-            saver.record_committed(wait=True)  # waits for the last asynchronous save
-        finally:
-            run.ckpts.close()
+        if alone:
             writer.flush()
+        else:
+            try:
+                saver.record_committed(wait=True)  # waits for the last asynchronous save
+            finally:
+                run.ckpts.close()
+                writer.flush()
     return step, preempted
 
 

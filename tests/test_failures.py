@@ -1,0 +1,177 @@
+"""One process's failure stops every process of the run with that failure's message.
+
+Processes on 127.0.0.1 with Gloo. Without lsgd_jax.failures, the peer waiting in a
+collective ends in a Gloo error or abort that hides the cause (or hangs under NCCL).
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lsgd_jax.parallel import cpu_device_env
+
+HERE = Path(__file__).parent
+REPO = HERE.parent
+TIMEOUT_S = 240
+ABORTS = ("Terminating process", "EnforceNotMet", "Check failure stack trace")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int = 1) -> dict:
+    env = cpu_device_env(devices)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(HERE), env.get("PYTHONPATH", "")])
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
+
+
+def test_a_single_process_publishes_nothing():
+    from lsgd_jax import failures
+
+    assert failures.publish("x", 2) is False and not failures.failed()
+    failures.fail_and_exit("x", 2)  # returns: no peers to tell, the caller exits itself
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failing", [1, 0])
+def test_an_error_on_one_process_ends_both_with_its_message(tmp_path, failing):
+    """Process ``failing`` runs out of memory while its peer is inside an all-reduce."""
+    port = _free_port()
+    procs, logs = [], []
+    try:
+        for i in range(2):
+            logs.append(open(tmp_path / f"p{i}.log", "w"))
+            procs.append(subprocess.Popen(
+                [sys.executable, str(HERE / "failing_peer.py"), f"127.0.0.1:{port}", str(i),
+                 str(failing)], env=_env(), stdout=logs[-1], stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + TIMEOUT_S
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for log in logs:
+            log.close()
+    texts = [(tmp_path / f"p{i}.log").read_text() for i in range(2)]
+    peer = 1 - failing
+    for i, text in enumerate(texts):
+        assert procs[i].returncode == 1, f"process {i}: {procs[i].returncode}\n{text[-3000:]}"
+        assert not any(a in text for a in ABORTS), text[-3000:]
+    assert f"error: process {failing}: RuntimeError: RESOURCE_EXHAUSTED" in texts[failing]
+    lines = [line for line in texts[peer].splitlines() if line.startswith("error:")]
+    assert lines == [f"error: process {failing} failed: RuntimeError: RESOURCE_EXHAUSTED: Out "
+                     "of memory while trying to allocate 123456789 bytes (a stand-in for XLA's "
+                     f"report) (process {peer} stops too)"]
+
+
+@pytest.fixture(scope="module")
+def tiny_tfds(tmp_path_factory):
+    pytest.importorskip("tensorflow_datasets")
+    from tiny_imagenet import build
+
+    return build(tmp_path_factory.mktemp("tfds"))
+
+
+def _local(tmp_path, data_dir, *flags, during=None):
+    """``launch/local.sh 2 1`` on the tiny tfds set; ``during(proc)`` runs once training has
+    begun. Returns (status, output)."""
+    from tiny_imagenet import BUILDER
+
+    cmd = ["bash", str(REPO / "launch" / "local.sh"), "2", "1", "--workdir",
+           str(tmp_path / "w"), "--data", "imagenet", "--tfds-name", BUILDER, "--data-dir",
+           data_dir, "--model", "resnet8", "--image-size", "16", "--batch-size", "8",
+           "--bn-group-size", "4", "--eval-batch-size", "8", "--dtype", "float32",
+           "--epochs", "30", "--log-every-steps", "1", "--decode-threads", "1", *flags]
+    env = dict(_env(), PYTHON=sys.executable)
+    log = tmp_path / "out.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            if during is not None:
+                deadline = time.monotonic() + TIMEOUT_S
+                while "first step done" not in log.read_text() and proc.poll() is None:
+                    assert time.monotonic() < deadline, log.read_text()[-3000:]
+                    time.sleep(0.5)
+                during(proc)
+            proc.wait(timeout=TIMEOUT_S)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return proc.returncode, log.read_text()
+
+
+@pytest.mark.slow
+def test_bad_data_on_one_process_ends_the_run_with_its_message(tiny_tfds, tmp_path):
+    """One undecodable JPEG, --max-bad-fraction 0: the process that meets it names it, and
+    its peer (waiting in the step's all-reduce) prints that error too, not a Gloo abort."""
+    status, out = _local(tmp_path, tiny_tfds, "--max-bad-fraction", "0")
+    assert status not in (0, 134), out[-3000:]
+    assert not any(a in out for a in ABORTS), out[-3000:]
+    own = [line for line in out.splitlines() if line.startswith("error: process ")
+           and "failed:" not in line and "undecodable" in line]
+    assert len(own) == 1, out[-3000:]
+    failing = own[0].split(":")[1].split()[-1]
+    assert f"error: process {failing} failed: " in out and "(process" in out
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return kids
+
+
+def _descendants(pid: int) -> list[int]:
+    out = []
+    for kid in _children(pid):
+        out += [kid] + _descendants(kid)
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@pytest.mark.slow
+def test_a_killed_decode_worker_on_one_process_ends_the_run_with_its_message(tiny_tfds,
+                                                                           tmp_path):
+    def kill_a_worker_of_process_1(proc):
+        trainers = [p for p in _descendants(proc.pid) if "--process-id 1" in _cmdline(p)]
+        assert trainers, "process 1 not found"
+        # The decoding workers are the children of process 1's forkserver.
+        servers = [p for p in _children(trainers[0]) if "forkserver" in _cmdline(p)]
+        workers = [w for server in servers for w in _children(server)]
+        assert workers, "no decode worker found under process 1"
+        os.kill(workers[-1], signal.SIGKILL)
+
+    status, out = _local(tmp_path, tiny_tfds, "--max-bad-fraction", "0.5",
+                         "--decode-workers", "1", during=kill_a_worker_of_process_1)
+    assert status not in (0, 134), out[-3000:]
+    assert not any(a in out for a in ABORTS), out[-3000:]
+    assert "error: process 1: " in out and "decode worker" in out, out[-3000:]
+    assert "error: process 1 failed: " in out and "(process 0 stops too)" in out, out[-3000:]
