@@ -191,6 +191,37 @@ def check_resumable(directory: str, config: dict) -> int | None:
     return None
 
 
+def check_data(directory: str, data: dict, data_dir: str | None = None) -> None:
+    """Refuse to resume a checkpoint trained on other data than ``data`` (each split's
+    identity, ``Source.identity``). Checkpoints from before identities were recorded
+    are not checked. A moved copy of the same data has the same identity.
+
+    Raises:
+      CheckpointMismatchError: naming the split, the saved and the new count and
+        fingerprint.
+    """
+    directory = os.path.abspath(directory)
+    for step in _step_dirs(directory):
+        try:
+            saved = _read_json_item(directory, step, "meta").get("data") or {}
+        except (OSError, CorruptCheckpointError):
+            continue
+        for split, new in data.items():
+            old = saved.get(split)
+            if old is None or (old["examples"], old["fingerprint"]) == (
+                    new["examples"], new["fingerprint"]):
+                continue
+            where = f" (--data-dir {data_dir})" if data_dir else ""
+            raise CheckpointMismatchError(
+                f"cannot resume from {os.path.join(directory, str(step))}: it was trained on "
+                f"other data. Its {split} split had {old['examples']:,} examples, fingerprint "
+                f"{old['fingerprint']}; this run's{where} has {new['examples']:,}, "
+                f"fingerprint {new['fingerprint']} ({new['what']}). A moved copy of the same "
+                "data resumes; for other data, give a new --workdir. Nothing was changed on "
+                "disk.")
+        return
+
+
 def _compare(where: str, saved: dict, config: dict) -> None:
     diffs = [
         f"{name}: checkpoint has {saved.get(name)!r}, this run has {config.get(name)!r}"

@@ -92,7 +92,8 @@ class Saver:
         # record that one now, before this save's retention policy may delete it.
         self.record_committed(wait=True)
         self.run.ckpts.save(step, state, position={"position": position.to_dict()},
-                            meta={"config": self.run.config.to_dict(), "state_sha256": digest})
+                            meta={"config": self.run.config.to_dict(), "state_sha256": digest,
+                                  "data": self.run.data})
         self.pending.append((step, digest))
 
     def record_committed(self, wait: bool = False) -> None:

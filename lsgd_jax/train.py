@@ -25,10 +25,11 @@ import jax.numpy as jnp
 from lsgd_jax.checkpoint import (
     Checkpoints,
     NoUsableCheckpointError,
+    check_data,
     check_resumable,
     list_corrupt,
 )
-from lsgd_jax.config import TrainConfig
+from lsgd_jax.config import TrainConfig, flag_of
 from lsgd_jax.environment import describe_environment
 from lsgd_jax.metrics import (
     MetricsWriter,
@@ -38,7 +39,7 @@ from lsgd_jax.metrics import (
     plural,
 )
 from lsgd_jax.models import get_model
-from lsgd_jax.parallel import InFlight, data_sharding, make_mesh
+from lsgd_jax.parallel import InFlight, data_sharding, exchange, make_mesh
 from lsgd_jax.plan import Plan, make_plan
 from lsgd_jax.recipe import build as build_recipe
 from lsgd_jax.step import create_train_state, make_eval_step, make_train_step
@@ -120,6 +121,7 @@ class _Run:
     position: dict | None = None
     finished: dict | None = None  # the result record, when the run had finished
     restart: str = ""  # why this attempt starts over, recorded in metrics.jsonl
+    data: dict | None = None  # each split's identity, recorded with every checkpoint
 
     def check_lock(self) -> None:
         """Stop every process, writing nothing, when process 0 lost the workdir's lock."""
@@ -140,8 +142,13 @@ def _prepare(config: TrainConfig, workdir: str, log: Callable[[str], None],
     from lsgd_jax.data import open_source
 
     mesh = make_mesh()
+    _agree("recipe", {k: v for k, v in config.to_dict().items() if k not in PER_PROCESS})
     resumable = check_resumable(os.path.join(workdir, "checkpoints"), config.to_dict())
     train_source, eval_source = open_source(config, "train"), open_source(config, "validation")
+    data = {s.identity["split"]: s.identity for s in (train_source, eval_source)
+            if getattr(s, "identity", None)}
+    _agree("data", data)
+    check_data(os.path.join(workdir, "checkpoints"), data, config.data_dir)
     plan = make_plan(config, num_train_examples=train_source.num_examples,
                      num_devices=mesh.devices.size, num_processes=jax.process_count())
     if plan.warmup_steps > plan.planned_steps:
@@ -173,7 +180,7 @@ def _prepare(config: TrainConfig, workdir: str, log: Callable[[str], None],
                         keep_period=config.keep_every_epochs * plan.steps_per_epoch)
     run = _Run(config=config, workdir=workdir, log=log, plan=plan, mesh=mesh,
                train_source=train_source, eval_source=eval_source, model=model,
-               schedule=schedule, tx=tx, state=state, ckpts=ckpts, lock=lock)
+               schedule=schedule, tx=tx, state=state, ckpts=ckpts, lock=lock, data=data)
     had_steps = ckpts.latest_step() is not None
     try:
         restored = ckpts.restore_latest(state, config=config.to_dict(), log=log)
@@ -201,6 +208,37 @@ def _prepare(config: TrainConfig, workdir: str, log: Callable[[str], None],
         run.state = start_from_model(run.state, config.init_from, model_name=config.model,
                                      log=log, checked=checked)
     return run
+
+
+# Fields that may differ between the processes of one run: where each reads its data,
+# and how many threads or processes decode it.
+PER_PROCESS = frozenset({"data_dir", "decode_threads", "decode_workers", "init_from"})
+
+
+def _agree(what: str, mine: dict) -> None:
+    """Every process compares its ``mine`` with process 0's; on a difference all of them
+    raise the same error, naming the first process and field that differ and both values,
+    before anything is compiled or written."""
+    values = exchange(what, mine)
+    for index, theirs in enumerate(values[1:], start=1):
+        for key in sorted(set(values[0]) | set(theirs)):
+            a, b = values[0].get(key), theirs.get(key)
+            if a == b:
+                continue
+            if what == "recipe":
+                name = {f.name: flag_of(f) for f in dataclasses.fields(TrainConfig)}[key]
+                raise ValueError(
+                    f"process {index} was started with {name} {b!r}, process 0 with {a!r}: "
+                    "every process of a run must be given the same flags (only "
+                    f"{', '.join('--' + f.replace('_', '-') for f in sorted(PER_PROCESS))} "
+                    "may differ); nothing was written")
+            raise ValueError(
+                f"process {index} reads other {key} data than process 0: "
+                + (f"{b['examples']:,} examples, fingerprint {b['fingerprint']}, against "
+                   f"{a['examples']:,}, fingerprint {a['fingerprint']}" if a and b else
+                   f"{b!r} against {a!r}")
+                + f" ({(a or b)['what']}). Give every process the same data (a copy of it "
+                "is fine); nothing was written")
 
 
 def _start_without_checkpoint(run: _Run, had_steps: bool, restart_from_scratch: bool) -> None:

@@ -39,7 +39,7 @@ from lsgd_jax.data.augment import (
     example_uniforms,
     resolve_resizer,
 )
-from lsgd_jax.data.source import BadDataError
+from lsgd_jax.data.source import BadDataError, identity
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,14 @@ class ImageNetSource:
         )
         self.num_examples = len(self._records)
         self.num_classes = builder.info.features["label"].num_classes
+        # What tfds recorded when it prepared the split; a moved copy keeps it.
+        info = builder.info.splits[split]
+        self.identity = identity(
+            split, self.num_examples, "tfds's record of the prepared split: name, version, "
+            "shard lengths and bytes", {
+                "name": builder.info.name, "version": str(builder.info.version),
+                "shard_lengths": [int(n) for n in info.shard_lengths],
+                "num_bytes": int(info.num_bytes)})
         self.image_shape = (image_size, image_size, 3)
         self.max_bad_fraction = max_bad_fraction
         self._eval_resize = eval_resize

@@ -16,6 +16,21 @@ import numpy as np
 SOURCE_NAMES = ("imagenet", "fashion_mnist", "synthetic")
 
 
+def identity(split: str, examples: int, what: str, content: object) -> dict:
+    """A split's identity, as a checkpoint records it and the processes compare it.
+
+    ``content`` is what identifies the data (JSON-serialisable, or bytes of a digest);
+    ``what`` says in words what the fingerprint covers, for the error that names it.
+    """
+    import hashlib
+    import json
+
+    if not isinstance(content, (bytes, bytearray)):
+        content = json.dumps(content, sort_keys=True).encode()
+    return {"split": split, "examples": int(examples), "what": what,
+            "fingerprint": hashlib.sha256(content).hexdigest()[:16]}
+
+
 class BadDataError(RuntimeError):
     """More undecodable examples than a source's ``max_bad_fraction`` allows."""
 
@@ -30,6 +45,8 @@ class Source(Protocol):
       image_shape: ``(H, W, C)`` of a preprocessed image.
       pixel_mean, pixel_std: per-channel statistics in the units of the uint8 images
         (0-255); the train/eval steps normalize on device with them.
+      identity: the split's example count and fingerprint (:func:`identity`): a
+        checkpoint records it, and a resume or a process with other data is refused.
     """
 
     num_examples: int
@@ -37,6 +54,7 @@ class Source(Protocol):
     image_shape: tuple[int, int, int]
     pixel_mean: tuple[float, ...]
     pixel_std: tuple[float, ...]
+    identity: dict
 
     def get_batch(
         self, ids: np.ndarray, *, seed: int, epoch: int, train: bool

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from lsgd_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from lsgd_jax.data.source import identity
 
 _SPLIT_SIZES = {"train": 1_281_167, "validation": 50_000}
 _SPLIT_STREAM = {"train": 0, "validation": 1}
@@ -48,6 +49,10 @@ class SyntheticSource:
         self.num_classes = num_classes
         self.image_shape = (image_size, image_size, channels)
         self._seed = seed
+        # Generated from these alone: they are its identity.
+        self.identity = identity(split, num_examples, "the synthetic set's parameters", {
+            "examples": num_examples, "classes": num_classes, "shape": self.image_shape,
+            "seed": seed})
         if channels == 3:
             self.pixel_mean, self.pixel_std = IMAGENET_MEAN, IMAGENET_STD
         else:
