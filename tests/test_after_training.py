@@ -244,6 +244,28 @@ def test_evaluate_reads_a_workdir_in_use_without_its_lock_or_disturbing_it(run_d
     assert [r for r in read_metrics(work, "eval") if r.get("source") == "evaluate"]
 
 
+def test_a_lars_run_is_read_back_with_the_lars_state(tmp_path):
+    """evaluate and export restore onto the run's own optimizer's state (--optimizer):
+    LARS's tree differs from goyal_sgd's, so a goyal_sgd target cannot stand in."""
+    from lsgd_jax.commands import export_main
+    from lsgd_jax.lars import lars
+    from lsgd_jax.optim import goyal_sgd
+    from lsgd_jax.readback import evaluate_run, restore_run
+    from lsgd_jax.train import train_and_evaluate
+
+    workdir = str(tmp_path / "lars")
+    train_and_evaluate(TrainConfig(**TINY | dict(optimizer="lars", epochs=1, decay_epochs=())),
+                       workdir, log=lambda msg: None)
+    restored = restore_run(workdir, log=lambda msg: None)
+    assert restored.step == 4 and restored.config.optimizer == "lars"
+    want = jax.tree.structure(lars(0.0).init(restored.state.params))
+    assert jax.tree.structure(restored.state.opt_state) == want
+    assert want != jax.tree.structure(goyal_sgd(0.0).init(restored.state.params))
+    result = evaluate_run(restored)
+    assert result["top1_error"] == eval_history(workdir)[4]["top1_error"]
+    assert export_main(["--workdir", workdir, "--out", str(tmp_path / "lars.msgpack")]) == 0
+
+
 # ---------------------------------------------------------------- export, load, predict
 def test_export_writes_the_weights_and_their_description(run_dir, model_path):
     from lsgd_jax.model_file import load_model
