@@ -20,6 +20,8 @@ from PIL import Image
 from lsgd_jax.config import TrainConfig
 from lsgd_jax.metrics import eval_history, read_metrics
 
+from helpers import small_tmpfs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(data="synthetic", model="resnet8", image_size=32, batch_size=32, bn_group_size=4,
             synthetic_examples=128, synthetic_eval_examples=40, eval_batch_size=16,
@@ -286,6 +288,82 @@ def test_export_writes_the_weights_and_their_description(run_dir, model_path):
         for a, b in zip(jax.tree.leaves(jax.device_get(tree)), jax.tree.leaves(variables[name])):
             np.testing.assert_array_equal(a, b)  # bit for bit
     assert loaded_meta == meta
+
+
+def _model_files(folder):
+    return sorted(n for n in os.listdir(folder) if n.startswith("model."))
+
+
+def _leave_free(folder, free):
+    """Fill ``folder``'s file system until ``free`` bytes are left (tmpfs counts pages)."""
+    filler = os.path.join(folder, "filler")
+    if os.path.exists(filler):
+        os.remove(filler)
+    stat = os.statvfs(folder)
+    with open(filler, "wb") as f:
+        f.write(b"x" * (stat.f_bavail * stat.f_frsize - free))
+
+
+def test_export_onto_a_full_disk_is_one_line_and_leaves_no_half_pair(run_dir, model_path,
+                                                                      tmp_path, capsys):
+    """A 1.2 MB tmpfs filled until the weights do not fit, then until they fit but their
+    description does not, then over an older pair: status 2, one line naming the output
+    folder and the room, no temporary file, no lone or mixed file; the older pair intact."""
+    from lsgd_jax.commands import export_main
+    from lsgd_jax.model_file import load_model
+
+    with small_tmpfs(tmp_path / "disk", "1200k") as disk:
+        out = str(disk / "model.msgpack")
+        weights = -(-os.path.getsize(model_path) // 4096) * 4096  # its pages
+        for free, older in ((weights - 8 * 4096, False), (weights, False), (weights, True)):
+            if older:  # an older pair (step 8) at the destination
+                _leave_free(disk, 2**20)
+                assert export_main(["--workdir", run_dir, "--step", "8", "--out", out]) == 0
+                before = {n: (disk / n).read_bytes() for n in _model_files(disk)}
+            _leave_free(disk, free)
+            capsys.readouterr()
+            assert export_main(["--workdir", run_dir, "--out", out]) == 2
+            line = _error_line(capsys.readouterr().err)
+            assert line.startswith(f"error: --out {out}: no room in the output folder {disk}: "
+                                   "model.msgpack and model.json need "), line
+            assert f"KiB, {free // 1024} KiB are free" in line
+            assert "resum" not in line and "workdir" not in line
+            if older:
+                assert {n: (disk / n).read_bytes() for n in _model_files(disk)} == before
+                assert load_model(out)[2]["step"] == 8
+            else:
+                assert _model_files(disk) == []
+            assert sorted(os.listdir(disk)) == ["filler", *_model_files(disk)]
+        os.remove(disk / "filler")
+        assert export_main(["--workdir", run_dir, "--out", out]) == 0
+        assert _model_files(disk) == ["model.json", "model.msgpack"]
+        assert (disk / "model.msgpack").read_bytes() == open(model_path, "rb").read()
+
+
+@pytest.mark.parametrize("older", [False, True], ids=["new", "over_an_older_pair"])
+def test_a_failed_rename_of_the_description_undoes_the_weights(model_path, tmp_path,
+                                                                monkeypatch, older):
+    """The weights are renamed into place first: when the description's rename fails, the
+    older weights come back (or the new ones go), and no temporary file is left."""
+    import lsgd_jax.model_file as model_file
+
+    out = str(tmp_path / "model.msgpack")
+    if older:
+        shutil.copy(model_path, out)
+        shutil.copy(model_file.sidecar_path(model_path), model_file.sidecar_path(out))
+    before = {n: (tmp_path / n).read_bytes() for n in _model_files(tmp_path)}
+    replace = os.replace
+
+    def failing(src, dst):
+        if dst.endswith(".json"):
+            raise OSError(5, "Input/output error", dst)
+        replace(src, dst)
+
+    monkeypatch.setattr(model_file.os, "replace", failing)
+    with pytest.raises(model_file.ExportError, match=r"cannot write model.msgpack and "
+                                                     r"model.json in the output folder"):
+        model_file.write_pair(out, b"new weights", b"{}")
+    assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)} == before
 
 
 def test_predict_agrees_with_evaluation_on_the_same_images(run_dir, model_path, tmp_path):
