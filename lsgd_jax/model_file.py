@@ -200,8 +200,8 @@ def load_model(path: str, *, dtype: Any = None) -> tuple[Any, dict, dict]:
 
     Raises:
       ModelFileError (a ValueError): a missing file or description, a damaged file,
-        another format version, or arrays that do not fit the named model (the message
-        names the first layer that differs).
+        another format version, arrays that do not fit the named model (the message
+        names the first layer that differs), or a NaN or Inf in a layer (named).
     """
     from flax import serialization
 
@@ -253,7 +253,24 @@ def load_model(path: str, *, dtype: Any = None) -> tuple[Any, dict, dict]:
                                                  train=False))
     variables = content["variables"]
     check_tree(expected, variables, where=path)
-    return model, {k: variables[k] for k in expected}, meta
+    variables = {k: variables[k] for k in expected}
+    check_finite(variables, where=path)
+    return model, variables, meta
+
+
+def check_finite(variables: Any, *, where: str) -> None:
+    """Raise ModelFileError naming the first layer (tree order) that holds a NaN or an
+    Inf, with how many: such weights only give NaN, in training and in prediction."""
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+        array = np.asarray(leaf)
+        if array.dtype.kind not in "fc":
+            continue
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise ModelFileError(
+                f"model file {where}: layer {jax.tree_util.keystr(key_path)} holds {bad} "
+                f"non-finite value{'s' if bad != 1 else ''} (NaN or Inf) of {array.size}; "
+                "its weights cannot be used: export a checkpoint whose weights are finite")
 
 
 def check_tree(expected: Any, actual: Any, *, where: str, skip: tuple[str, ...] = ()) -> None:

@@ -7,6 +7,7 @@ every test; tests that damage files work on copies of its workdir.
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -483,6 +484,59 @@ def test_a_model_file_whose_arrays_do_not_fit_names_the_layer(model_path, tmp_pa
         load_model(bad)
 
 
+def _non_finite(model_path, tmp_path):
+    """A copy of the model file whose stem kernel holds 3 NaN and 1 Inf, its SHA-256
+    recorded: a file that is whole, but whose weights are not finite."""
+    from flax import serialization
+
+    content = serialization.msgpack_restore(open(model_path, "rb").read())
+    kernel = np.array(content["variables"]["params"]["stem_conv"]["kernel"])
+    kernel.flat[[0, 7, 9]] = np.nan
+    kernel.flat[20] = -np.inf
+    content["variables"]["params"]["stem_conv"]["kernel"] = kernel
+    payload = serialization.msgpack_serialize(content)
+
+    def rewrite(data):
+        data[:] = payload
+
+    return _tamper(model_path, tmp_path, edit_bytes=rewrite, edit_meta=lambda m: m.update(
+        file_sha256=hashlib.sha256(payload).hexdigest()))
+
+
+NON_FINITE = (r"layer \['params'\]\['stem_conv'\]\['kernel'\] holds 4 non-finite values "
+              r"\(NaN or Inf\) of 432")
+
+
+def test_a_model_file_with_non_finite_weights_is_refused_naming_the_layer(
+        model_path, tmp_path, monkeypatch, capsys):
+    """load_model refuses it, so predict exits 2 before anything is compiled (and
+    --init-from too: test_a_bad_init_from_file_is_refused_before_anything_is_compiled);
+    the training command says so in one line."""
+    import lsgd_jax.predict as predict
+    from lsgd_jax.commands import predict_main
+    from lsgd_jax.model_file import ModelFileError, load_model
+
+    bad = _non_finite(model_path, tmp_path)
+    with pytest.raises(ModelFileError, match=NON_FINITE):
+        load_model(bad)
+
+    def classify(*args, **kwargs):
+        raise AssertionError("compiled the prediction of a non-finite model")
+
+    monkeypatch.setattr(predict, "classify", classify)
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    assert predict_main(["--model", bad, str(image)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and re.search(NON_FINITE, _error_line(captured.err))
+    result = _script("imagenet_resnet50.py", "--workdir", str(tmp_path / "cli"), *TINY_FLAGS,
+                     "--init-from", bad, "--cpu-devices", "8")
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = _error_line(result.stderr)
+    assert line.startswith(f"error: --init-from {bad}: ") and re.search(NON_FINITE, line)
+    assert "compiling" not in result.stdout
+
+
 # ---------------------------------------------------------------- --init-from
 def _prepared(tmp_path, name, **changes):
     from lsgd_jax.train import _prepare
@@ -579,6 +633,7 @@ def test_a_bad_init_from_file_is_refused_before_anything_is_compiled(model_path,
             channels=1, file_sha256=hashlib.sha256(gray).hexdigest())), {},
          r"layer \['params'\]\['stem_conv'\]\['kernel'\] has shape \(3, 3, 1, 16\), the "
          r"model needs \(3, 3, 3, 16\)"),
+        (lambda: _non_finite(model_path, tmp_path), {}, NON_FINITE),
     ]
     for make, changes, message in cases:
         path = make()
