@@ -44,7 +44,12 @@ def sidecar_path(path: str) -> str:
 
 def export_model(run, out: str) -> dict:
     """Write ``run``'s (a :class:`lsgd_jax.readback.RestoredRun`) parameters and BN averages
-    to ``out`` and its description to ``sidecar_path(out)``; returns the description."""
+    to ``out`` and its description to ``sidecar_path(out)`` (:func:`write_pair`); returns
+    the description.
+
+    Raises:
+      ExportError (a ValueError): the pair could not be written; every process raises it.
+    """
     from flax import serialization
 
     from lsgd_jax import __version__
