@@ -16,9 +16,11 @@ JAX program on any number of devices can apply the model.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -42,11 +44,17 @@ def sidecar_path(path: str) -> str:
 
 def export_model(run, out: str) -> dict:
     """Write ``run``'s (a :class:`lsgd_jax.readback.RestoredRun`) parameters and BN averages
-    to ``out`` and its description to ``sidecar_path(out)``; returns the description."""
+    to ``out`` and its description to ``sidecar_path(out)`` (:func:`write_pair`); returns
+    the description.
+
+    Raises:
+      ExportError (a ValueError): the pair could not be written; every process raises it.
+    """
     from flax import serialization
 
     from lsgd_jax import __version__
     from lsgd_jax.metrics import eval_history, read_metrics
+    from lsgd_jax.preemption import same_on_every_process
 
     host = jax.tree.map(lambda x: np.asarray(jax.device_get(
         x.addressable_data(0) if isinstance(x, jax.Array) else x)),
@@ -73,17 +81,118 @@ def export_model(run, out: str) -> dict:
         "workdir": run.workdir,
         "file_sha256": hashlib.sha256(payload).hexdigest(),
     }
+    error = ""
     if jax.process_index() == 0:  # one writer; every process holds the same arrays
-        _write_atomically(out, payload)
-        _write_atomically(sidecar_path(out), (json.dumps(meta, indent=2) + "\n").encode())
+        try:
+            write_pair(out, payload, (json.dumps(meta, indent=2) + "\n").encode())
+        except ExportError as e:
+            error = str(e)
+    error = same_on_every_process(error)  # every process exits with the writer's verdict
+    if error:
+        raise ExportError(error)
     return meta
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+class ExportError(ValueError):
+    """The model file and its description could not be written (no room, not writable);
+    nothing at the destination was changed."""
+
+
+def write_pair(out: str, payload: bytes, description: bytes) -> None:
+    """Put ``payload`` at ``out`` and ``description`` at ``sidecar_path(out)``, as a pair.
+
+    Both are written to temporary names and synced first, then renamed into place,
+    the weights first; a failure removes the temporary files and puts back what was
+    at ``out`` before (or removes the new weights), so the destination holds either
+    the old pair or the new one, never one of each.
+
+    Raises:
+      ExportError (a ValueError): one line naming the output folder and the cause
+        (with the space needed and free when the disk is full).
+    """
+    pair = [(out, payload), (sidecar_path(out), description)]
+    temps: list[str] = []
+    try:
+        for path, data in pair:
+            temps.append(f"{path}.tmp-{os.getpid()}")
+            with open(temps[-1], "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        _rename_pair(out, temps)
+    except OSError as e:
+        for tmp in temps:
+            _remove_quietly(tmp)
+        raise ExportError(_write_failure(out, e, (len(payload), len(description)))) from None
+    _sync_folder(os.path.dirname(os.path.abspath(out)))
+
+
+def _rename_pair(out: str, temps: list[str]) -> None:
+    """Rename the synced ``temps`` (weights, description) onto ``out`` and its sidecar;
+    when the second rename fails, ``out`` gets back its earlier content (or goes)."""
+    kept = f"{out}.old-{os.getpid()}"
+    had_old = os.path.exists(out)
+    if had_old:
+        try:
+            os.link(out, kept)  # a second name for the old weights: no data copied
+        except OSError:  # a file system without hard links
+            shutil.copyfile(out, kept)
+    try:
+        os.replace(temps[0], out)
+        try:
+            os.replace(temps[1], sidecar_path(out))
+        except OSError:
+            if had_old:
+                os.replace(kept, out)
+            else:
+                _remove_quietly(out)
+            raise
+    finally:
+        if had_old:
+            _remove_quietly(kept)
+
+
+def _write_failure(out: str, error: OSError, sizes: tuple[int, ...]) -> str:
+    folder = os.path.dirname(os.path.abspath(out))
+    names = f"{os.path.basename(out)} and {os.path.basename(sidecar_path(out))}"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:  # whole blocks of the file system, as it counts them
+            fs = os.statvfs(folder)
+            block = fs.f_frsize or 4096
+            need = sum(-(-size // block) * block for size in sizes)
+            room = f"need {_kib(need)}, {_kib(fs.f_bavail * fs.f_frsize)} are free"
+        except OSError:
+            room = f"need {_kib(sum(sizes))}"
+        return (f"--out {out}: no room in the output folder {folder}: {names} {room}; free "
+                "some space there or give --out in another folder (nothing there was changed)")
+    return (f"--out {out}: cannot write {names} in the output folder {folder} "
+            f"({error.strerror or type(error).__name__}); give --out in a writable folder "
+            "(nothing there was changed)")
+
+
+def _kib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB" if size >= 10 * 2**20 else f"{-(-size // 1024)} KiB"
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _sync_folder(folder: str) -> None:
+    """Make the renames durable (best effort: some file systems refuse a folder's fsync)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_model(path: str, *, dtype: Any = None) -> tuple[Any, dict, dict]:
@@ -96,8 +205,8 @@ def load_model(path: str, *, dtype: Any = None) -> tuple[Any, dict, dict]:
 
     Raises:
       ModelFileError (a ValueError): a missing file or description, a damaged file,
-        another format version, or arrays that do not fit the named model (the message
-        names the first layer that differs).
+        another format version, arrays that do not fit the named model (the message
+        names the first layer that differs), or a NaN or Inf in a layer (named).
     """
     from flax import serialization
 
@@ -149,7 +258,24 @@ def load_model(path: str, *, dtype: Any = None) -> tuple[Any, dict, dict]:
                                                  train=False))
     variables = content["variables"]
     check_tree(expected, variables, where=path)
-    return model, {k: variables[k] for k in expected}, meta
+    variables = {k: variables[k] for k in expected}
+    check_finite(variables, where=path)
+    return model, variables, meta
+
+
+def check_finite(variables: Any, *, where: str) -> None:
+    """Raise ModelFileError naming the first layer (tree order) that holds a NaN or an
+    Inf, with how many: such weights only give NaN, in training and in prediction."""
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+        array = np.asarray(leaf)
+        if array.dtype.kind not in "fc":
+            continue
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise ModelFileError(
+                f"model file {where}: layer {jax.tree_util.keystr(key_path)} holds {bad} "
+                f"non-finite value{'s' if bad != 1 else ''} (NaN or Inf) of {array.size}; "
+                "its weights cannot be used: export a checkpoint whose weights are finite")
 
 
 def check_tree(expected: Any, actual: Any, *, where: str, skip: tuple[str, ...] = ()) -> None:

@@ -35,6 +35,7 @@ from lsgd_jax.checkpoint import (
     state_sha256,
 )
 from lsgd_jax.config import TrainConfig
+from lsgd_jax.recipe import build_optimizer
 
 # The side of a preprocessed image when --image-size is not given (the sources' defaults).
 DEFAULT_IMAGE_SIZE = {"imagenet": 224, "synthetic": 224, "fashion_mnist": 28}
@@ -235,7 +236,6 @@ def restore_run(workdir: str, *, step: int | None = None, mesh: Any = None,
         missing or damaged, or none that verifies; the message names the path.
     """
     from lsgd_jax.models import get_model
-    from lsgd_jax.optim import goyal_sgd
     from lsgd_jax.parallel import make_mesh, replicated_sharding
     from lsgd_jax.step import create_train_state
 
@@ -259,9 +259,8 @@ def restore_run(workdir: str, *, step: int | None = None, mesh: Any = None,
     model = get_model(config.model, num_classes=facts.num_classes, dtype=config.dtype,
                       bn_group_size=None, zero_init_residual=config.zero_init_residual,
                       **config.levers())
-    tx = goyal_sgd(0.0, momentum=config.momentum, nesterov=config.nesterov,
-                   weight_decay=config.weight_decay, form=config.momentum_form,
-                   momentum_correction=config.momentum_correction)
+    # The run's own optimizer (--optimizer) fixes the state's tree; the rate does not.
+    tx = build_optimizer(config, 0.0)
     shape = (1, facts.image_size, facts.image_size, facts.channels)
     abstract = jax.eval_shape(lambda: create_train_state(
         model, tx, rng=jax.random.key(0), input_shape=shape, mesh=mesh))

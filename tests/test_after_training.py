@@ -7,6 +7,7 @@ every test; tests that damage files work on copies of its workdir.
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,8 @@ from PIL import Image
 
 from lsgd_jax.config import TrainConfig
 from lsgd_jax.metrics import eval_history, read_metrics
+
+from helpers import small_tmpfs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(data="synthetic", model="resnet8", image_size=32, batch_size=32, bn_group_size=4,
@@ -244,6 +247,28 @@ def test_evaluate_reads_a_workdir_in_use_without_its_lock_or_disturbing_it(run_d
     assert [r for r in read_metrics(work, "eval") if r.get("source") == "evaluate"]
 
 
+def test_a_lars_run_is_read_back_with_the_lars_state(tmp_path):
+    """evaluate and export restore onto the run's own optimizer's state (--optimizer):
+    LARS's tree differs from goyal_sgd's, so a goyal_sgd target cannot stand in."""
+    from lsgd_jax.commands import export_main
+    from lsgd_jax.lars import lars
+    from lsgd_jax.optim import goyal_sgd
+    from lsgd_jax.readback import evaluate_run, restore_run
+    from lsgd_jax.train import train_and_evaluate
+
+    workdir = str(tmp_path / "lars")
+    train_and_evaluate(TrainConfig(**TINY | dict(optimizer="lars", epochs=1, decay_epochs=())),
+                       workdir, log=lambda msg: None)
+    restored = restore_run(workdir, log=lambda msg: None)
+    assert restored.step == 4 and restored.config.optimizer == "lars"
+    want = jax.tree.structure(lars(0.0).init(restored.state.params))
+    assert jax.tree.structure(restored.state.opt_state) == want
+    assert want != jax.tree.structure(goyal_sgd(0.0).init(restored.state.params))
+    result = evaluate_run(restored)
+    assert result["top1_error"] == eval_history(workdir)[4]["top1_error"]
+    assert export_main(["--workdir", workdir, "--out", str(tmp_path / "lars.msgpack")]) == 0
+
+
 # ---------------------------------------------------------------- export, load, predict
 def test_export_writes_the_weights_and_their_description(run_dir, model_path):
     from lsgd_jax.model_file import load_model
@@ -264,6 +289,82 @@ def test_export_writes_the_weights_and_their_description(run_dir, model_path):
         for a, b in zip(jax.tree.leaves(jax.device_get(tree)), jax.tree.leaves(variables[name])):
             np.testing.assert_array_equal(a, b)  # bit for bit
     assert loaded_meta == meta
+
+
+def _model_files(folder):
+    return sorted(n for n in os.listdir(folder) if n.startswith("model."))
+
+
+def _leave_free(folder, free):
+    """Fill ``folder``'s file system until ``free`` bytes are left (tmpfs counts pages)."""
+    filler = os.path.join(folder, "filler")
+    if os.path.exists(filler):
+        os.remove(filler)
+    stat = os.statvfs(folder)
+    with open(filler, "wb") as f:
+        f.write(b"x" * (stat.f_bavail * stat.f_frsize - free))
+
+
+def test_export_onto_a_full_disk_is_one_line_and_leaves_no_half_pair(run_dir, model_path,
+                                                                      tmp_path, capsys):
+    """A 1.2 MB tmpfs filled until the weights do not fit, then until they fit but their
+    description does not, then over an older pair: status 2, one line naming the output
+    folder and the room, no temporary file, no lone or mixed file; the older pair intact."""
+    from lsgd_jax.commands import export_main
+    from lsgd_jax.model_file import load_model
+
+    with small_tmpfs(tmp_path / "disk", "1200k") as disk:
+        out = str(disk / "model.msgpack")
+        weights = -(-os.path.getsize(model_path) // 4096) * 4096  # its pages
+        for free, older in ((weights - 8 * 4096, False), (weights, False), (weights, True)):
+            if older:  # an older pair (step 8) at the destination
+                _leave_free(disk, 2**20)
+                assert export_main(["--workdir", run_dir, "--step", "8", "--out", out]) == 0
+                before = {n: (disk / n).read_bytes() for n in _model_files(disk)}
+            _leave_free(disk, free)
+            capsys.readouterr()
+            assert export_main(["--workdir", run_dir, "--out", out]) == 2
+            line = _error_line(capsys.readouterr().err)
+            assert line.startswith(f"error: --out {out}: no room in the output folder {disk}: "
+                                   "model.msgpack and model.json need "), line
+            assert f"KiB, {free // 1024} KiB are free" in line
+            assert "resum" not in line and "workdir" not in line
+            if older:
+                assert {n: (disk / n).read_bytes() for n in _model_files(disk)} == before
+                assert load_model(out)[2]["step"] == 8
+            else:
+                assert _model_files(disk) == []
+            assert sorted(os.listdir(disk)) == ["filler", *_model_files(disk)]
+        os.remove(disk / "filler")
+        assert export_main(["--workdir", run_dir, "--out", out]) == 0
+        assert _model_files(disk) == ["model.json", "model.msgpack"]
+        assert (disk / "model.msgpack").read_bytes() == open(model_path, "rb").read()
+
+
+@pytest.mark.parametrize("older", [False, True], ids=["new", "over_an_older_pair"])
+def test_a_failed_rename_of_the_description_undoes_the_weights(model_path, tmp_path,
+                                                                monkeypatch, older):
+    """The weights are renamed into place first: when the description's rename fails, the
+    older weights come back (or the new ones go), and no temporary file is left."""
+    import lsgd_jax.model_file as model_file
+
+    out = str(tmp_path / "model.msgpack")
+    if older:
+        shutil.copy(model_path, out)
+        shutil.copy(model_file.sidecar_path(model_path), model_file.sidecar_path(out))
+    before = {n: (tmp_path / n).read_bytes() for n in _model_files(tmp_path)}
+    replace = os.replace
+
+    def failing(src, dst):
+        if dst.endswith(".json"):
+            raise OSError(5, "Input/output error", dst)
+        replace(src, dst)
+
+    monkeypatch.setattr(model_file.os, "replace", failing)
+    with pytest.raises(model_file.ExportError, match=r"cannot write model.msgpack and "
+                                                     r"model.json in the output folder"):
+        model_file.write_pair(out, b"new weights", b"{}")
+    assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)} == before
 
 
 def test_predict_agrees_with_evaluation_on_the_same_images(run_dir, model_path, tmp_path):
@@ -383,6 +484,59 @@ def test_a_model_file_whose_arrays_do_not_fit_names_the_layer(model_path, tmp_pa
         load_model(bad)
 
 
+def _non_finite(model_path, tmp_path):
+    """A copy of the model file whose stem kernel holds 3 NaN and 1 Inf, its SHA-256
+    recorded: a file that is whole, but whose weights are not finite."""
+    from flax import serialization
+
+    content = serialization.msgpack_restore(open(model_path, "rb").read())
+    kernel = np.array(content["variables"]["params"]["stem_conv"]["kernel"])
+    kernel.flat[[0, 7, 9]] = np.nan
+    kernel.flat[20] = -np.inf
+    content["variables"]["params"]["stem_conv"]["kernel"] = kernel
+    payload = serialization.msgpack_serialize(content)
+
+    def rewrite(data):
+        data[:] = payload
+
+    return _tamper(model_path, tmp_path, edit_bytes=rewrite, edit_meta=lambda m: m.update(
+        file_sha256=hashlib.sha256(payload).hexdigest()))
+
+
+NON_FINITE = (r"layer \['params'\]\['stem_conv'\]\['kernel'\] holds 4 non-finite values "
+              r"\(NaN or Inf\) of 432")
+
+
+def test_a_model_file_with_non_finite_weights_is_refused_naming_the_layer(
+        model_path, tmp_path, monkeypatch, capsys):
+    """load_model refuses it, so predict exits 2 before anything is compiled (and
+    --init-from too: test_a_bad_init_from_file_is_refused_before_anything_is_compiled);
+    the training command says so in one line."""
+    import lsgd_jax.predict as predict
+    from lsgd_jax.commands import predict_main
+    from lsgd_jax.model_file import ModelFileError, load_model
+
+    bad = _non_finite(model_path, tmp_path)
+    with pytest.raises(ModelFileError, match=NON_FINITE):
+        load_model(bad)
+
+    def classify(*args, **kwargs):
+        raise AssertionError("compiled the prediction of a non-finite model")
+
+    monkeypatch.setattr(predict, "classify", classify)
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    assert predict_main(["--model", bad, str(image)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and re.search(NON_FINITE, _error_line(captured.err))
+    result = _script("imagenet_resnet50.py", "--workdir", str(tmp_path / "cli"), *TINY_FLAGS,
+                     "--init-from", bad, "--cpu-devices", "8")
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = _error_line(result.stderr)
+    assert line.startswith(f"error: --init-from {bad}: ") and re.search(NON_FINITE, line)
+    assert "compiling" not in result.stdout
+
+
 # ---------------------------------------------------------------- --init-from
 def _prepared(tmp_path, name, **changes):
     from lsgd_jax.train import _prepare
@@ -479,6 +633,7 @@ def test_a_bad_init_from_file_is_refused_before_anything_is_compiled(model_path,
             channels=1, file_sha256=hashlib.sha256(gray).hexdigest())), {},
          r"layer \['params'\]\['stem_conv'\]\['kernel'\] has shape \(3, 3, 1, 16\), the "
          r"model needs \(3, 3, 3, 16\)"),
+        (lambda: _non_finite(model_path, tmp_path), {}, NON_FINITE),
     ]
     for make, changes, message in cases:
         path = make()

@@ -1,5 +1,6 @@
 """The trainer with --optimizer lars --schedule poly --label-smoothing: the rates it logs,
-the recipe it names, the default recipe left as it was."""
+the recipe it names, the default recipe left as it was; a LARS run and a poly run
+resumed after kill -9 end bit-identical to uninterrupted ones."""
 
 import json
 import os
@@ -9,6 +10,16 @@ import sys
 import pytest
 
 from lsgd_jax.metrics import read_metrics
+
+from test_train import (
+    TINY_FLAGS,
+    TOTAL_STEPS,
+    _complete_checkpoints,
+    _final_sha,
+    _run,
+    _start,
+    _wait_for,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = os.path.join(ROOT, "experiments", "imagenet_resnet50.py")
@@ -39,3 +50,40 @@ def test_a_lars_poly_smoothed_run_follows_its_schedule_and_names_its_recipe(tmp_
     logged = {r["step"]: r["lr"] for r in read_metrics(str(tmp_path), "train")}
     assert [logged[s] for s in range(1, 9)] == pytest.approx(expected, rel=1e-6)
     assert read_metrics(str(tmp_path), "result")
+
+
+# The kill -9 test's run (test_train.py) with another optimizer or schedule.
+RECIPES = {"lars": ["--optimizer", "lars", "--trust-coefficient", "0.02"],
+           "poly": ["--schedule", "poly", "--poly-power", "2", "--end-lr", "0.001"]}
+
+
+def _losses(workdir):
+    """The loss logged at each step; a step run again after a resume counts once, as rerun."""
+    return {r["step"]: r["loss"] for r in read_metrics(workdir, "train")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_a_lars_or_poly_run_killed_mid_run_resumes_bit_identical(tmp_path, recipe):
+    """Resuming restores the run's own optimizer state (its momentum, its last rate) and
+    schedule: the final state's SHA-256 and every logged loss equal an uninterrupted run's."""
+    flags = [*TINY_FLAGS, *RECIPES[recipe]]
+    reference = str(tmp_path / "reference")
+    result = _run(["--workdir", reference, *flags])
+    assert result.returncode == 0, result.stderr[-3000:]
+    workdir = str(tmp_path / "killed")
+    proc = _start(["--workdir", workdir, *flags])
+    try:  # past step 5, with a checkpoint to resume from (one every 2 steps)
+        _wait_for(workdir, proc, lambda r: r["kind"] == "train" and r["step"] >= 5
+                  and _complete_checkpoints(workdir))
+    finally:
+        proc.kill()  # SIGKILL
+        proc.wait(timeout=30)
+    complete = _complete_checkpoints(workdir)
+    assert complete and complete[-1] < TOTAL_STEPS
+    result = _run(["--workdir", workdir, *flags])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from {os.path.join(workdir, 'checkpoints', str(complete[-1]))}" in (
+        result.stdout)
+    assert _final_sha(workdir) == _final_sha(reference)
+    assert _losses(workdir) == _losses(reference) and len(_losses(reference)) == TOTAL_STEPS
