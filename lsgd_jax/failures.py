@@ -126,11 +126,15 @@ def wait_for_peers(timeout: float = ACK_SECONDS) -> None:
         return
     import jax
 
-    me, others = jax.process_index(), jax.process_count() - 1
+    me, count = jax.process_index(), jax.process_count()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if len(client.key_value_dir_get(f"{ACK}{me}/")) >= others:
+            # A peer took note, or failed itself (the same error on every process).
+            done = {int(k.rstrip("/").rsplit("/", 1)[-1])
+                    for prefix in (f"{ACK}{me}/", FAILED)
+                    for k, _ in client.key_value_dir_get(prefix)}
+            if len(done - {me}) >= count - 1:
                 return
         except Exception:  # noqa: BLE001
             return
