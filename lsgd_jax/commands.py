@@ -57,6 +57,7 @@ def _launched(args, fn: Callable[[], None]) -> int:
     def run():
         import os
 
+        from lsgd_jax.failures import watch_peers
         from lsgd_jax.parallel import initialize_distributed
         from lsgd_jax.quiet import divert_library_noise
 
@@ -65,6 +66,7 @@ def _launched(args, fn: Callable[[], None]) -> int:
         divert_library_noise(os.devnull)
         initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
                                initialization_timeout=args.initialization_timeout)
+        watch_peers()  # a peer's failure ends this process too, with the peer's message
         fn()
 
     return main_guard(run)

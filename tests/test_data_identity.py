@@ -138,3 +138,19 @@ def test_processes_with_other_flags_or_data_stop_before_anything_is_written(tmp_
     run = tmp_path / "run"
     assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
     assert not (run / "config.json").exists()
+
+
+def test_a_tfds_split_is_identified_by_its_prepared_record(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    from tiny_imagenet import BUILDER, build
+
+    root = build(tmp_path / "tfds")
+    moved = shutil.copytree(root, tmp_path / "moved")
+    opts = dict(builder_name=BUILDER, image_size=16, eval_resize=20, decode_threads=1)
+    ids = []
+    for data_dir in (root, moved):
+        with get_source("imagenet", split="train", data_dir=data_dir, **opts) as src:
+            ids.append(src.identity)
+    assert ids[0] == ids[1] and ids[0]["examples"] == 40 and ids[0]["split"] == "train"
+    with get_source("imagenet", split="validation", data_dir=root, **opts) as src:
+        assert src.identity["split"] == "validation"
