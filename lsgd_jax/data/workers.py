@@ -14,8 +14,10 @@ per second whatever its cores; a GPU needs more. ``WorkerTrainIterator`` is a
   (seed, epoch, id) (``augment.example_uniforms``) and a worker runs the source's own
   ``decode_into``, so the batches are bit for bit those of ``TrainIterator``, for any
   number of workers and of processes; ``position`` resumes exactly as it does.
-* Undecodable images: a worker replaces them as the source does and reports them;
-  the training process logs and counts them (``max_bad_fraction``) in batch order.
+* Bad examples (undecodable images, unreadable records): a worker replaces them as the
+  source does and reports them; the training process logs and counts them
+  (``max_bad_fraction``) in batch order. A worker's ``BadDataError`` reaches the
+  training process as its one-line message.
 * Failures never hang: a worker that exits is reported at once, one that has not
   finished an image for ``stall_timeout`` seconds is reported as hung, by index and
   pid; the workers are then stopped and the error raised by ``next()``.
@@ -33,7 +35,7 @@ The server holds only the idle thread pools that NumPy and OpenCV start at impor
 
 A source supports workers when it has ``worker_opener()`` (returning a callable and
 its kwargs that open the same split in a worker), ``decode_into(...)`` and
-``note_bad(i, name, error)`` (see ``imagenet.ImageNetSource``).
+``note_bad(i, name, error, shard)`` (see ``imagenet.ImageNetSource``).
 """
 
 from __future__ import annotations
@@ -170,7 +172,7 @@ def _worker_main(index, opener, options, shm_name, layout, conn, trainer_pid) ->
         return
     found: list = []
     images = labels = None
-    source._on_bad = lambda i, name, error: found.append((i, name, error))
+    source._on_bad = lambda i, name, error, shard=None: found.append((i, name, error, shard))
 
     def serial_map(fn, *iterables):
         for args in zip(*iterables):
@@ -196,7 +198,10 @@ def _worker_main(index, opener, options, shm_name, layout, conn, trainer_pid) ->
                                    images=images[:len(ids)], labels=labels[:len(ids)],
                                    map_fn=serial_map)
             except BaseException as e:  # noqa: BLE001
-                conn.send(("failed", seq, type(e).__name__, traceback.format_exc()))
+                if isinstance(e, BadDataError):  # the data's fault, said in one line
+                    conn.send(("failed", seq, "BadDataError", str(e)))
+                else:
+                    conn.send(("failed", seq, type(e).__name__, traceback.format_exc()))
                 return
             conn.send(("done", seq, list(found), ""))
     except (EOFError, ConnectionError, KeyboardInterrupt):  # the training process is gone
@@ -319,9 +324,10 @@ class WorkerTrainIterator(TrainIterator):
             except (EOFError, OSError):
                 continue  # it exited: its sentinel says how
             if kind == "failed":
+                if a == "BadDataError":
+                    self._fail(b, BadDataError)
                 where = "" if seq is None else " on " + self._where(seq)
-                error = BadDataError if a == "BadDataError" else DecodeWorkerError
-                self._fail(f"{self._name(w)} failed{where}:\n{b}", error)
+                self._fail(f"{self._name(w)} failed{where}:\n{b}")
             if kind == "ready":
                 self._ready.add(w)
             else:
@@ -397,8 +403,8 @@ class WorkerTrainIterator(TrainIterator):
         self._free.append(slot)
         self._seq_out += 1
         try:
-            for i, name, error in found:
-                self.source.note_bad(i, name, error)
+            for i, name, error, shard in found:
+                self.source.note_bad(i, name, error, shard)
         except BadDataError:
             self.close()
             raise
