@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import errno
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -129,6 +130,55 @@ class _Layout:
             labels = np.ndarray((self.batch,), np.int32, buf, at + _align(self.image_bytes))
             slots.append((images, labels))
         return progress, slots
+
+
+def size_text(n: int) -> str:
+    """``n`` bytes for a message: KiB below 1 MiB, so that a small size never reads "0 MiB"."""
+    if n < 2**10:
+        return f"{n} bytes"
+    if n < 2**20:
+        return f"{n / 2**10:.0f} KiB"
+    return f"{n / 2**20:.{1 if n < 10 * 2**20 else 0}f} MiB"
+
+
+def _no_room(layout: _Layout) -> str:
+    """The one-line refusal of a ring that /dev/shm cannot hold."""
+    processes = local_process_count()
+    free = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else 0
+    need = (f"each of this host's {processes} training processes needs "
+            if processes > 1 else "this process needs ")
+    need += (f"{size_text(layout.size)} ({layout.slots} slots of {layout.batch} images for "
+             f"{layout.workers} --decode-workers)")
+    if processes > 1:
+        need += f", {size_text(processes * layout.size)} in all"
+    return (f"/dev/shm has too little room for the decode workers' batch slots: "
+            f"{size_text(free)} free, and {need}; use fewer --decode-workers (0: decode in the "
+            "training process, no shared memory) or a smaller --batch-size, or enlarge "
+            "/dev/shm (Docker: --shm-size)")
+
+
+def _create_ring(layout: _Layout) -> shared_memory.SharedMemory:
+    """The shared block, its pages allocated now: tmpfs counts a page only once touched, so
+    a /dev/shm too small for all the processes of a host would otherwise show much later,
+    as a worker killed by SIGBUS. Each process reserves its own; the one that finds no
+    room raises ``ValueError`` and leaves nothing behind."""
+    try:
+        shm = shared_memory.SharedMemory(create=True, size=layout.size)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.ENOMEM):  # not even an inode left
+            raise ValueError(_no_room(layout)) from None
+        raise
+    if not hasattr(os, "posix_fallocate"):  # not Linux: pages come as they are touched
+        return shm
+    try:
+        os.posix_fallocate(shm._fd, 0, layout.size)
+    except OSError as e:
+        shm.close()
+        shm.unlink()
+        if e.errno in (errno.ENOSPC, errno.ENOMEM):
+            raise ValueError(_no_room(layout)) from None
+        raise
+    return shm
 
 
 def _alive(pid: int) -> bool:
@@ -267,15 +317,8 @@ class WorkerTrainIterator(TrainIterator):
                              "(it has no worker_opener); use decode_workers=0")
         opener, options = source.worker_opener()
         self._layout = _Layout(decode_workers, slots, self.local_batch_size, source.image_shape)
-        free = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else None
-        if free is not None and free < self._layout.size:
-            raise ValueError(
-                f"{decode_workers} decode workers need {self._layout.size / 2**20:.0f} MiB of "
-                f"shared memory ({slots} batch slots of {self.local_batch_size} images) but "
-                f"/dev/shm has {free / 2**20:.0f} MiB free: enlarge it (docker --shm-size), "
-                "use fewer --decode-workers, or 0 (threads)")
         self.stall_timeout, self.start_timeout = float(stall_timeout), float(start_timeout)
-        self._shm = shared_memory.SharedMemory(create=True, size=self._layout.size)
+        self._shm = _create_ring(self._layout)
         self._progress, self._slots = self._layout.views(self._shm.buf)
         self._progress[:] = 0
         ctx = _context()
@@ -344,8 +387,12 @@ class WorkerTrainIterator(TrainIterator):
         code = self._procs[w].exitcode
         how = (otherwise if code is None else f"was killed by signal {-code}" if code < 0
                else f"exited with code {code}")
-        self._fail(f"{self._name(w)} {how} (after {self._progress[w]} images); "
-                   "the input pipeline cannot continue")
+        after = f"(after {self._progress[w]} images)"
+        if code == -signal.SIGBUS:  # what touching a page of a full tmpfs gets
+            self._fail(f"{self._name(w)} {how} (SIGBUS): /dev/shm is probably full {after}; "
+                       "free it or enlarge it (Docker: --shm-size), or use fewer "
+                       "--decode-workers")
+        self._fail(f"{self._name(w)} {how} {after}; the input pipeline cannot continue")
 
     def _where(self, seq: int) -> str:
         if seq not in self._pending:
