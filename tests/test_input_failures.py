@@ -17,7 +17,15 @@ from helpers import in_small_dev_shm, run_bounded
 from lsgd_jax.parallel import cpu_device_env
 
 pytest.importorskip("tensorflow_datasets")
-from tiny_imagenet import BUILDER, NUM, build, damaged_copy, unreadable_ids  # noqa: E402
+from tiny_imagenet import (  # noqa: E402
+    BUILDER,
+    CORRUPT,
+    NUM,
+    TRUNCATED,
+    build,
+    damaged_copy,
+    unreadable_ids,
+)
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,13 +71,32 @@ def test_a_damaged_block_is_counted_and_the_run_completes(data_dir, tmp_path, wo
     assert logged == set(lost)  # an epoch reads every id: each damaged record met, named
 
 
+def seed_meeting_an_undecodable_image_first(data_dir, lost):
+    """A --seed whose shuffle puts an undecodable image before every unreadable record."""
+    from lsgd_jax.data import get_source, shard_indices
+
+    with get_source("imagenet", split="train", data_dir=data_dir, builder_name=BUILDER,
+                    decode_threads=1) as src:
+        names = [src._records[i]["file_name"].decode() for i in range(NUM)]
+    images = {i for i, n in enumerate(names) if n in (f"n0000_{CORRUPT}.JPEG",
+                                                      f"n0000_{TRUNCATED}.JPEG")} - set(lost)
+    for seed in range(200):
+        (order,) = shard_indices(NUM, global_batch_size=NUM, seed=seed, epoch=0,
+                                 process_index=0, process_count=1)
+        if next(i for i in order if i in images or i in lost) in images:
+            return seed
+    raise AssertionError("no such seed in 200")
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_unreadable_records_over_the_limit_end_the_run_in_one_line(data_dir, tmp_path, workers):
-    """One batch of the whole split: its unreadable records are counted as read, before any
-    image is decoded, so the first bad example is one of them."""
+    """One batch of the whole split, shuffled so that an undecodable image comes first:
+    its unreadable records are counted as they are read, before any image is decoded, so
+    the line names the damaged shard."""
     copy, shard = damaged_copy(data_dir, tmp_path / "tfds", "block")
+    seed = seed_meeting_an_undecodable_image_first(data_dir, unreadable_ids(shard))
     done = train(tmp_path / "run", copy, "--max-bad-fraction", "0", "--batch-size", str(NUM),
-                 "--decode-workers", str(workers))
+                 "--seed", str(seed), "--decode-workers", str(workers))
     assert done.returncode == 2, done.stderr[-3000:]
     (line,) = error_lines(done)
     assert line.startswith(f"error: 1 of {NUM} examples of {BUILDER}/train (2.5 %) are bad, "
