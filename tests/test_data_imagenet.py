@@ -205,7 +205,7 @@ def test_a_shard_that_cannot_be_opened_is_named_when_the_split_is_opened(data_di
     from lsgd_jax.data.imagenet import DamagedShardError
 
     copy, shard = damaged_copy(data_dir, tmp_path / "tfds", "truncate")
-    hint = (f"; the file is damaged or truncated. Prepare the data set again: delete "
+    hint = (f"). If it is damaged or truncated, prepare the data set again: delete "
             f"{os.path.dirname(shard)} and run `python experiments/prepare_imagenet.py "
             f"--manual-dir MANUAL_DIR --data-dir {copy} --builder {BUILDER}`")
     opening = f"{shard}: shard 1 of 1 of {BUILDER}/train cannot be opened ("

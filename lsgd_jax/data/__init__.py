@@ -85,9 +85,8 @@ def _started_everywhere(start, process_count: int):
     except ValueError as e:
         error = str(e)
     if process_count > 1:
-        from jax.experimental import multihost_utils
-
         import numpy as np
+        from jax.experimental import multihost_utils
 
         buf = np.zeros(2048, np.uint8)
         raw = error.encode()[:2048]

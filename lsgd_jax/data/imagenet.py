@@ -288,9 +288,9 @@ class ImageNetSource:
         root = os.path.dirname(os.path.dirname(self._data_dir))  # tfds: ROOT/name/version
         builder = "" if self.builder_name == "imagenet2012" else f" --builder {self.builder_name}"
         return (f"{self._shards[k][0]}: shard {k + 1} of {len(self._shards)} of "
-                f"{self.builder_name}/{self.split} cannot be opened ({problem}); the file is "
-                f"damaged or truncated. Prepare the data set again: delete {self._data_dir} and "
-                f"run `python experiments/prepare_imagenet.py --manual-dir MANUAL_DIR "
+                f"{self.builder_name}/{self.split} cannot be opened ({problem}). If it is damaged "
+                f"or truncated, prepare the data set again: delete {self._data_dir} and run "
+                f"`python experiments/prepare_imagenet.py --manual-dir MANUAL_DIR "
                 f"--data-dir {root}{builder}` (or put back an intact copy of the file)")
 
     def _check_shards(self) -> None:
