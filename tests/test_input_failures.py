@@ -59,16 +59,23 @@ def error_lines(done) -> list[str]:
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_a_damaged_block_is_counted_and_the_run_completes(data_dir, tmp_path, workers):
+def test_a_damaged_block_is_counted_and_the_run_and_its_resume_get_past_it(data_dir, tmp_path,
+                                                                            workers):
+    """2 of the epoch's 5 steps, then a resume to its end: the damaged records (in most
+    batches) are counted and named each time and neither run stops at them."""
     copy, shard = damaged_copy(data_dir, tmp_path / "tfds", "block")
     lost = unreadable_ids(shard)
-    done = train(tmp_path / "run", copy, "--max-bad-fraction", "0.4",
-                 "--decode-workers", str(workers))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "done: 5 steps" in done.stdout
-    logged = {int(i) for i in re.findall(rf"unreadable record id=(\d+) in shard {re.escape(shard)} "
-                                         r"\(RuntimeError: Corrupted Riegeli", done.stderr)}
-    assert logged == set(lost)  # an epoch reads every id: each damaged record met, named
+    flags = ["--max-bad-fraction", "0.4", "--decode-workers", str(workers)]
+    first = train(tmp_path / "run", copy, *flags, "--num-steps", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = train(tmp_path / "run", copy, *flags)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from" in second.stdout and "done: 5 steps" in second.stdout
+    logged = [{int(i) for i in re.findall(rf"unreadable record id=(\d+) in shard "
+                                          rf"{re.escape(shard)} \(RuntimeError: Corrupted Riegeli",
+                                          done.stderr)} for done in (first, second)]
+    assert logged[0] and logged[1]
+    assert logged[0] | logged[1] == set(lost)  # the epoch reads every id: each one named
 
 
 def seed_meeting_an_undecodable_image_first(data_dir, lost):
