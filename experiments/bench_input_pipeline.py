@@ -263,7 +263,7 @@ class MemoryJpegSource:
         self.decode_into(ids, seed=seed, epoch=epoch, train=train, images=images, labels=labels)
         return {"image": images, "label": labels}
 
-    def note_bad(self, i, name, error):
+    def note_bad(self, i, name, error, shard=None):
         raise RuntimeError(f"generated image {i} undecodable: {error}")
 
     def close(self):

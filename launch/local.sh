@@ -4,6 +4,8 @@
 #
 #   launch/local.sh 2 2 --workdir /tmp/run --data synthetic --model resnet20 ...
 #
+# Each process is told that N processes share this host (LOCAL_WORLD_SIZE, as torchrun
+# does), which --decode-workers and the /dev/shm check read.
 # SIGTERM/SIGINT are forwarded to every process (they checkpoint and exit 0).
 # On one machine a dead process is noticed after 10 s, not JAX's default 100 s; set
 # LSGD_HEARTBEAT_TIMEOUT and LSGD_SHUTDOWN_TIMEOUT (seconds) to change them.
@@ -22,7 +24,7 @@ pids=()
 stop() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; done; }
 trap 'stop' TERM INT
 for ((i = 0; i < n; i++)); do
-  "$python" "$here/../experiments/imagenet_resnet50.py" "$@" \
+  LOCAL_WORLD_SIZE="$n" "$python" "$here/../experiments/imagenet_resnet50.py" "$@" \
     --coordinator-address "127.0.0.1:$port" --num-processes "$n" --process-id "$i" \
     --cpu-devices "$devices" --heartbeat-timeout "${LSGD_HEARTBEAT_TIMEOUT:-10}" \
     --shutdown-timeout "${LSGD_SHUTDOWN_TIMEOUT:-30}" &

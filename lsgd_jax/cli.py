@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None, prog: str = "imagenet_resnet50.py") -> i
 
 def main_guard(fn: Callable[[], Any], workdir: str | None = None) -> int:
     """Run ``fn``; turn configuration and data errors into one line and an exit status:
-    2 (bad input, no room), 3 (a non-finite step), 130 (a second Ctrl-C)."""
+    2 (bad input, damaged data, no room), 3 (a non-finite step), 130 (a second Ctrl-C)."""
     from lsgd_jax.failures import stop_watching
 
     try:
@@ -238,11 +238,12 @@ def _fail(text: str, status: int) -> int:
 
 def _guarded(fn: Callable[[], Any], workdir: str | None) -> int:
     from lsgd_jax.checkpoint import CheckpointError
+    from lsgd_jax.data.source import BadDataError
     from lsgd_jax.train import NonFiniteError
 
     try:
         fn()
-    except (ValueError, FileNotFoundError, NonFiniteError, CheckpointError) as e:
+    except (ValueError, FileNotFoundError, NonFiniteError, CheckpointError, BadDataError) as e:
         text = str(e)
         if not isinstance(e, CheckpointError) and (
                 "No space left on device" in text or "RESOURCE_EXHAUSTED" in text):

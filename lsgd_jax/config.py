@@ -157,7 +157,8 @@ class TrainConfig:
                           "~2 levels from pil's pixels), pil, auto: opencv if installed",
                           choices=("auto", "opencv", "pil"))
     max_bad_fraction: float = _field(1e-3, "data", "fail when more than this fraction of "
-                                     "images cannot be decoded", valid=Range(0, 1, open_high=True))
+                                     "images cannot be read or decoded",
+                                     valid=Range(0, 1, open_high=True))
     color_jitter: float = _field(0.0, "data", "ImageNet: brightness/contrast/saturation jitter "
                                  "strength (fb.resnet.torch: 0.4; the paper names none)",
                                  valid=Range(0, 1, open_high=True, note=_FB_AUGMENT))

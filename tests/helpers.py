@@ -68,3 +68,38 @@ def small_tmpfs(where, size: str):
     finally:
         # Lazily: a process of the test may still hold a file open there.
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def in_small_dev_shm(size: str) -> list[str]:
+    """A command prefix: what follows runs in a mount namespace of its own whose /dev/shm is
+    a tmpfs of ``size`` (mount's syntax); then the shell prints what is left there as a last
+    line "left in /dev/shm: [...]" and exits with the command's status. The test is skipped
+    where such a namespace cannot be made (it needs root)."""
+    import pytest
+
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                            "mount -t tmpfs -o size=4k tmpfs /dev/shm"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("cannot mount a tmpfs on /dev/shm in a mount namespace here (needs root)")
+    script = (f'mount -t tmpfs -o size={size} tmpfs /dev/shm || exit 99; "$@"; rc=$?; '
+              'echo "left in /dev/shm: [$(ls -A /dev/shm)]"; exit $rc')
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh"]
+
+
+def run_bounded(command: list[str], *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run`` in a session of its own, text output captured; past ``timeout``
+    seconds the whole session (launchers, their children) is killed and the test fails."""
+    import os
+    import signal
+
+    import pytest
+
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{command[:8]} ran past {timeout:g} s; its end:\n{(out + err)[-3000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)

@@ -7,6 +7,8 @@ number, so a decoded crop tells which example it came from.
 """
 
 import logging
+import os
+import re
 
 import numpy as np
 import pytest
@@ -19,6 +21,8 @@ from tiny_imagenet import (  # noqa: E402
     TRUNCATED,
     build,
     color,
+    damaged_copy,
+    unreadable_ids,
 )
 
 from lsgd_jax.data import Position, TrainIterator, eval_batches, get_source  # noqa: E402
@@ -151,3 +155,64 @@ def test_bad_reader_arguments(data_dir):
         open_source(data_dir, decode_threads=0)
     with pytest.raises(ValueError, match="max_bad_fraction"):
         open_source(data_dir, max_bad_fraction=1.5)
+
+
+def test_a_damaged_block_costs_only_its_records(data_dir, tmp_path, caplog):
+    """4 KiB overwritten inside a shard: the records stored there are bad like undecodable
+    images (counted, logged with the shard's file, replaced by the next good example); every
+    other example reads and decodes as from the intact file."""
+    copy, shard = damaged_copy(data_dir, tmp_path / "tfds", "block")
+    lost = unreadable_ids(shard)
+    assert 1 <= len(lost) <= 12, "the damage should hit a few records, not the whole shard"
+    ids = np.arange(NUM)
+    with open_source(data_dir) as intact:
+        reference = intact.get_batch(ids, seed=3, epoch=1, train=True)
+        numbers = file_numbers(intact, ids)
+    with open_source(copy, max_bad_fraction=0.5) as src, \
+            caplog.at_level(logging.WARNING, logger="lsgd_jax.data.imagenet"):
+        batch = src.get_batch(ids, seed=3, epoch=1, train=True)
+        bad = src.bad_examples
+    assert sorted(i for i, name in bad.items() if name == shard) == lost
+    assert set(bad) == set(lost) | {numbers.index(CORRUPT), numbers.index(TRUNCATED)}
+    for i in lost:
+        assert f"unreadable record id={i} in shard {shard} (RuntimeError: " in caplog.text
+    for i in ids:
+        if i not in bad:
+            np.testing.assert_array_equal(batch["image"][i], reference["image"][i])
+            continue
+        j = next(j % NUM for j in range(i + 1, i + NUM) if j % NUM not in bad)
+        assert example_of(batch["image"][i]) == numbers[j]
+        assert batch["label"][i] == numbers[j] % 4
+
+
+def test_unreadable_records_over_the_limit_name_the_shard_in_one_line(data_dir, tmp_path):
+    from lsgd_jax.data import BadDataError
+
+    copy, shard = damaged_copy(data_dir, tmp_path / "tfds", "block")
+    lost = unreadable_ids(shard)
+    with open_source(copy, max_bad_fraction=0.0) as src:
+        with pytest.raises(BadDataError) as info:
+            src.get_batch(np.array(lost[:1]), seed=0, epoch=0, train=True)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(
+        f"1 of 40 examples of {BUILDER}/train (2.5 %) are bad, more than max_bad_fraction=0.0 "
+        f"allows: 1 unreadable record(s) in the damaged shard file(s) {shard}. Prepare the data "
+        f"set again (delete {os.path.dirname(shard)} and re-run experiments/prepare_imagenet.py)")
+
+
+def test_a_shard_that_cannot_be_opened_is_named_when_the_split_is_opened(data_dir, tmp_path):
+    from lsgd_jax.data.imagenet import DamagedShardError
+
+    copy, shard = damaged_copy(data_dir, tmp_path / "tfds", "truncate")
+    hint = (f"). If it is damaged or truncated, prepare the data set again: delete "
+            f"{os.path.dirname(shard)} and run `python experiments/prepare_imagenet.py "
+            f"--manual-dir MANUAL_DIR --data-dir {copy} --builder {BUILDER}`")
+    opening = f"{shard}: shard 1 of 1 of {BUILDER}/train cannot be opened ("
+    with pytest.raises(DamagedShardError, match=re.escape(opening) + ".*" + re.escape(hint)):
+        open_source(copy)
+    os.remove(shard)
+    with pytest.raises(DamagedShardError, match=re.escape(opening + "the file is missing)")):
+        open_source(copy)
+    with open_source(copy, split="validation") as src:  # the other split's files are intact
+        assert src.num_examples == NUM

@@ -359,13 +359,100 @@ def test_a_worker_that_cannot_open_the_data_fails_before_any_batch():
                             global_batch_size=4, seed=0)
 
 
-def test_too_little_shared_memory_is_reported_before_starting(monkeypatch):
-    import shutil
-    from collections import namedtuple
+RING_SCRIPT = """
+import json, os
+from workers_fake import FakeSource
+from lsgd_jax.data.workers import WorkerTrainIterator
 
-    usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(64 << 20, 64 << 20, 100))
-    with pytest.raises(ValueError, match=r"need \d+ MiB of shared memory \(4 batch slots of "
-                                         r"4 images\) but /dev/shm has 0 MiB free"):
-        WorkerTrainIterator(FakeSource(), decode_workers=2, global_batch_size=4, seed=0,
-                            slots=4)
+kw = dict(decode_workers=1, slots=2, global_batch_size=1000, seed=0)
+first = WorkerTrainIterator(FakeSource(num_examples=4000), **kw)
+try:
+    WorkerTrainIterator(FakeSource(num_examples=4000), **kw)
+    refused = ""
+except ValueError as e:
+    refused = str(e)
+out = {"refused": refused, "left": os.listdir("/dev/shm"), "first": first._shm.name}
+out["batch"] = len(next(first)["label"])  # the reserved slots work
+first.close()
+print(json.dumps(out), flush=True)
+"""
+
+
+def test_each_ring_reserves_its_shared_memory_and_the_one_without_room_is_refused():
+    """A 48 KiB /dev/shm and two rings of 31 KiB (as two processes of a host would make):
+    the first reserves its pages, the second is refused at once naming /dev/shm, what it
+    needs per process and in all, what is free and what to change; it leaves nothing."""
+    from helpers import in_small_dev_shm, run_bounded
+
+    env = dict(os.environ, LOCAL_WORLD_SIZE="2",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
+    done = run_bounded([*in_small_dev_shm("48k"), sys.executable, "-c", RING_SCRIPT],
+                       timeout=60, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result, left = done.stdout.splitlines()[-2:]
+    result = json.loads(result)
+    assert result["refused"] == (
+        "/dev/shm has too little room for the decode workers' batch slots: 16 KiB free, and "
+        "each of this host's 2 training processes needs 31 KiB (2 slots of 1000 images for 1 "
+        "--decode-workers), 63 KiB in all; use fewer --decode-workers (0: decode in the "
+        "training process, no shared memory) or a smaller --batch-size, or enlarge /dev/shm "
+        "(Docker: --shm-size)")
+    assert result["left"] == [result["first"]] and result["batch"] == 1000
+    assert left == "left in /dev/shm: []"
+
+
+def test_sizes_below_a_mebibyte_are_not_zero():
+    from lsgd_jax.data.workers import size_text
+
+    assert [size_text(n) for n in (100, 64 << 10, 300 << 10, (1 << 20) - 1, 3 << 19,
+                                   1200 << 20)] == [
+        "100 bytes", "64 KiB", "300 KiB", "1024 KiB", "1.5 MiB", "1200 MiB"]
+
+
+def test_a_worker_killed_by_sigbus_is_reported_as_a_full_dev_shm():
+    it = WorkerTrainIterator(FakeSource(), decode_workers=2, global_batch_size=4, seed=1)
+    try:
+        next(it)
+        victim = it.pids[0]
+        os.kill(victim, signal.SIGBUS)
+        with pytest.raises(DecodeWorkerError, match=rf"decode worker 0 \(pid {victim}\) was "
+                                                     r"killed by signal 7 \(SIGBUS\): /dev/shm "
+                                                     r"is probably full \(after \d+ images\); "
+                                                     r"free it or enlarge it"):
+            for _ in range(10):
+                next(it)
+    finally:
+        it.close()
+
+
+def test_workers_count_a_damaged_block_as_in_process_decoding(data_dir, tmp_path):
+    from tiny_imagenet import damaged_copy, unreadable_ids
+
+    copy, shard = damaged_copy(data_dir, tmp_path / "tfds", "block")
+    kw = dict(global_batch_size=8, seed=5)
+    with open_imagenet(copy, max_bad_fraction=0.4) as src:
+        reference = stream([TrainIterator(src, **kw)], 5)
+        bad = src.bad_examples
+    assert {i for i, name in bad.items() if name == shard} == set(unreadable_ids(shard))
+    with open_imagenet(copy, max_bad_fraction=0.4) as src:
+        with _closing(WorkerTrainIterator(src, decode_workers=2, **kw)) as it:
+            assert_same(stream([it], 5), reference)
+        assert src.bad_examples == bad
+
+
+def test_a_shard_that_stops_opening_is_named_in_one_line_by_a_worker(data_dir, tmp_path):
+    """Truncated after the training process opened the split: the worker that meets it
+    names the file; no worker traceback reaches the error."""
+    from tiny_imagenet import damaged_copy
+
+    copy, shard = damaged_copy(data_dir, tmp_path / "tfds", "block")
+    with open_imagenet(copy) as src:
+        os.truncate(shard, os.path.getsize(shard) // 2)
+        it = WorkerTrainIterator(src, decode_workers=2, global_batch_size=8, seed=0)
+        with pytest.raises(BadDataError) as info:
+            next(it)
+        assert _wait_gone(it.pids)
+    message = str(info.value)
+    assert message.startswith(f"{shard}: shard 1 of 1 of lsgd_tiny_imagenet/train cannot be "
+                              "opened (")
+    assert "\n" not in message and "Traceback" not in message

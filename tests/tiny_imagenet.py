@@ -71,3 +71,44 @@ def build(data_dir: str) -> str:
     """Prepare the data set as ArrayRecord under ``data_dir``; returns ``data_dir``."""
     LsgdTinyImagenet(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
     return str(data_dir)
+
+
+def damaged_copy(data_dir: str, to, how: str) -> tuple[str, str]:
+    """A copy of the prepared data set whose train shard is damaged; returns the copy's data
+    dir and the shard's path. ``how``: "block" overwrites 4 KiB in the middle of the
+    records' bytes (the middle of this small file is its index, past the records);
+    "truncate" cuts the file to half its size."""
+    import glob
+    import os
+    import shutil
+
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    shutil.copytree(data_dir, to)
+    (shard,) = glob.glob(os.path.join(str(to), BUILDER, "*", "*-train.array_record-*"))
+    if how == "truncate":
+        os.truncate(shard, os.path.getsize(shard) // 2)
+        return str(to), shard
+    reader = ArrayRecordReader(shard)
+    stored = sum(len(r) for r in reader.read_all())
+    reader.close()
+    with open(shard, "r+b") as f:
+        f.seek(stored // 2)
+        f.write(b"\xff" * 4096)
+    return str(to), shard
+
+
+def unreadable_ids(shard: str) -> list[int]:
+    """The records of a single-shard split that ArrayRecord cannot read, one at a time
+    (their ids: the split is that one shard)."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    reader = ArrayRecordReader(shard, options="readahead_buffer_size:0")
+    bad = []
+    for i in range(NUM):
+        try:
+            reader.read([i])
+        except RuntimeError:
+            bad.append(i)
+    reader.close()
+    return bad

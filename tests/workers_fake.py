@@ -56,8 +56,8 @@ class FakeSource:
         self.decode_into(ids, seed=seed, epoch=epoch, train=train, images=images, labels=labels)
         return {"image": images, "label": labels}
 
-    def note_bad(self, i, name, error):
-        self.bad.append((i, name, error))
+    def note_bad(self, i, name, error, shard=None):
+        self.bad.append((i, name, error, shard))
 
     def close(self):
         pass

@@ -68,10 +68,37 @@ def train_stream(source: Source, config, *, global_batch_size: int, process_inde
                  f"{processes} processes" if processes > 1 else f"{cores} cores")
         log(f"input: {workers} decoding worker processes per process ({share}; "
             f"--decode-workers {flag}), resize {resize}")
-        return WorkerTrainIterator(source, decode_workers=workers, **kwargs)
+        return _started_everywhere(lambda: WorkerTrainIterator(source, decode_workers=workers,
+                                                               **kwargs), process_count)
     log(f"input: in the training process ({getattr(source, 'decode_threads', '?')} decoding "
         f"threads, resize {resize}; --decode-workers {flag})")
     return TrainIterator(source, **kwargs)
+
+
+def _started_everywhere(start, process_count: int):
+    """``start()``, or on every process the ``ValueError`` of the first process whose
+    ``start()`` raised one (its /dev/shm share refused): the others would otherwise wait
+    for it at the first step."""
+    error, started = "", None
+    try:
+        started = start()
+    except ValueError as e:
+        error = str(e)
+    if process_count > 1:
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        buf = np.zeros(2048, np.uint8)
+        raw = error.encode()[:2048]
+        buf[:len(raw)] = np.frombuffer(raw, np.uint8)
+        every = np.asarray(multihost_utils.process_allgather(buf))
+        error = next((bytes(row[row != 0]).decode(errors="replace") for row in every
+                      if row.any()), "")
+    if error:
+        if started is not None:
+            started.close()
+        raise ValueError(error)
+    return started
 
 
 def class_names(config) -> list[str] | None:

@@ -10,8 +10,14 @@ and only the needed resolution is decoded.
 Bad data: an undecodable (corrupt, truncated) image is logged with its id and file name,
 counted, and replaced by the next decodable id (id + 1, id + 2, ... modulo the split
 size) with the label of that replacement and the augmentation draws of the original id,
-so the batch keeps its size and the stream stays deterministic. Once more than
-``max_bad_fraction`` of the split has been found bad, ``get_batch`` raises. CMYK,
+so the batch keeps its size and the stream stays deterministic. A record that the
+ArrayRecord reader cannot read (a damaged block of a shard fails Riegeli's checksums) is
+bad in the same way: it is logged with its shard's file name, counted and replaced. The
+reader reads a batch at once and, when that fails, each of its records alone, so a
+damaged block costs only the records stored in it and a resume gets past it. Once more
+than ``max_bad_fraction`` of the split has been found bad, ``get_batch`` raises
+``BadDataError``. A shard that cannot be opened at all (truncated, its index lost) is
+``DamagedShardError``, found when the training process opens the split. CMYK,
 grayscale and PNG data (whatever the file name) decode to RGB.
 
 The data set is prepared once with ``experiments/prepare_imagenet.py``; tests build a
@@ -49,6 +55,31 @@ PREPARE_HINT = (
     "--manual-dir MANUAL_DIR --data-dir DATA_DIR` and pass the same DATA_DIR here "
     "(--data-dir)."
 )
+
+
+class DamagedShardError(BadDataError):
+    """An ArrayRecord shard that cannot be opened at all (truncated, its index damaged)."""
+
+
+class UnreadableRecord(Exception):
+    """Stands for a record the reader could not read: its shard file and the reader's error."""
+
+    def __init__(self, shard: str, error: str):
+        super().__init__(error)
+        self.shard = shard
+
+
+def _read_errors() -> tuple:
+    """What reading a record can raise: Riegeli's checks (RuntimeError), the file system,
+    and a serialized example that protobuf cannot parse."""
+    from google.protobuf.message import DecodeError
+
+    return (RuntimeError, OSError, DecodeError)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 class _DropMessages(logging.Filter):
@@ -109,7 +140,8 @@ class ImageNetSource:
       image_size: output side (224).
       eval_resize: shorter side before the eval center crop (256).
       decode_threads: decoding threads (``None``: all cores). Results do not depend on it.
-      max_bad_fraction: fail once more than this fraction of the split is undecodable.
+      max_bad_fraction: fail once more than this fraction of the split is bad (an
+        image that cannot be decoded, a record that cannot be read).
       area_range, ratio_range: the train crop's area fraction and aspect ratio ranges.
       resizer: the train crop's resize, ``"auto"``, ``"opencv"`` or ``"pil"``
         (``augment.resolve_resizer``).
@@ -193,15 +225,30 @@ class ImageNetSource:
             max_bad_fraction=max_bad_fraction, area_range=tuple(area_range),
             ratio_range=tuple(ratio_range), color_jitter=color_jitter, lighting=lighting,
             resizer=resizer)
+        # Which shard file holds which ids (the split's files in order), to name the file of
+        # a record that cannot be read.
+        instructions = builder.info.splits[split].file_instructions
+        self._shards = [(str(f.filename), int(f.examples_in_shard)) for f in instructions]
+        self._shard_ends = np.cumsum([int(f.take) for f in instructions])
+        self._data_dir = str(builder.data_dir)
         self._pool = concurrent.futures.ThreadPoolExecutor(
             decode_threads, thread_name_prefix="imagenet_decode"
         )
         self._lock = threading.Lock()
         self._bad: dict[int, str] = {}
+        self._unreadable: dict[int, str] = {}  # bad ids whose record could not be read: shard
+        self._openable: set[int] = set()  # shards found to open
+        if builder_dir is None:  # the training process checks every shard; its workers need not
+            try:
+                self._check_shards()
+            except BaseException:
+                self.close()
+                raise
 
     @property
     def bad_examples(self) -> dict[int, str]:
-        """Ids found undecodable so far, with their file names (or ``"?"``)."""
+        """Ids found bad so far, with their file names (or ``"?"``); for a record that
+        could not be read, its shard's file."""
         with self._lock:
             return dict(self._bad)
 
@@ -211,41 +258,146 @@ class ImageNetSource:
             return decode_eval(data, size=size, resize=self._eval_resize)
         return decode_train(data, u, size=size, **self._crop_kwargs)
 
-    def _try_decode(self, data: bytes, u):
+    def _try_decode(self, data, u):
+        if isinstance(data, UnreadableRecord):  # nothing to decode: stays bad as read
+            return data
         try:
             return self._decode(data, u)
         except DECODE_ERRORS as e:
             return e
+
+    # ---------------------------------------------------------------- damaged shards
+    def _shard_problem(self, k: int) -> str:
+        """Why shard ``k`` cannot be opened, or "" when it opens with all its records."""
+        from array_record.python.array_record_module import ArrayRecordReader
+
+        path, expected = self._shards[k]
+        if not os.path.isfile(path):
+            return "the file is missing"
+        try:
+            reader = ArrayRecordReader(path, options="readahead_buffer_size:0")
+        except _read_errors() as e:
+            return _first_line(e)
+        try:
+            if reader.ok() and reader.num_records() == expected:
+                return ""
+            try:  # a reader that failed to open tells why only when asked for a record
+                reader.read([0])
+            except _read_errors() as e:
+                return _first_line(e)
+            return f"the reader finds {reader.num_records()} of its {expected} records"
+        finally:
+            try:
+                reader.close()
+            except _read_errors():  # closing a reader that failed to open raises again
+                pass
+
+    def _damaged(self, k: int, problem: str) -> str:
+        root = os.path.dirname(os.path.dirname(self._data_dir))  # tfds: ROOT/name/version
+        builder = "" if self.builder_name == "imagenet2012" else f" --builder {self.builder_name}"
+        return (f"{self._shards[k][0]}: shard {k + 1} of {len(self._shards)} of "
+                f"{self.builder_name}/{self.split} cannot be opened ({problem}). If it is damaged "
+                f"or truncated, prepare the data set again: delete {self._data_dir} and run "
+                f"`python experiments/prepare_imagenet.py --manual-dir MANUAL_DIR "
+                f"--data-dir {root}{builder}` (or put back an intact copy of the file)")
+
+    def _check_shards(self) -> None:
+        """Every shard opens: one that cannot is named before any training starts."""
+        problems = list(self._pool.map(self._shard_problem, range(len(self._shards))))
+        for k, problem in enumerate(problems):
+            if problem:
+                raise DamagedShardError(self._damaged(k, problem))
+        self._openable.update(range(len(self._shards)))
+
+    def _check_shard(self, k: int) -> None:
+        """Raises ``DamagedShardError`` when shard ``k`` cannot be opened (asked once)."""
+        with self._lock:
+            if k in self._openable:
+                return
+        problem = self._shard_problem(k)
+        if problem:
+            raise DamagedShardError(self._damaged(k, problem))
+        with self._lock:
+            self._openable.add(k)
+
+    def _read(self, ids: list[int]) -> list:
+        """The records of ``ids`` in order, an ``UnreadableRecord`` for each that cannot be
+        read. A failed batch read does not say which record failed: each is then read alone."""
+        try:
+            records = self._records.__getitems__(ids)
+            if all(r["image"] is not None for r in records):
+                return records
+        except _read_errors():
+            pass
+        return [self._read_one(j) for j in ids]
+
+    def _read_one(self, j: int):
+        try:
+            record = self._records[j]
+            # A reader that failed to open returns empty records instead of raising.
+            error = "" if record["image"] is not None else "an empty record"
+        except _read_errors() as e:
+            record, error = None, _first_line(e)
+        if not error:
+            return record
+        k = int(np.searchsorted(self._shard_ends, j, side="right"))
+        self._check_shard(k)  # a file that cannot be opened at all is more than a bad record
+        return UnreadableRecord(self._shards[k][0], error)
 
     def worker_opener(self):
         """``(callable, kwargs)`` that opens this split in a decoding worker process."""
         return ImageNetSource, dict(self._worker_options)
 
     def _mark_bad(self, i: int, record, error: Exception) -> None:
-        name = record.get("file_name", b"?")
-        name = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+        if isinstance(error, UnreadableRecord):
+            name = shard = error.shard
+        else:
+            name = record.get("file_name", b"?")
+            name = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+            shard = None
         with self._lock:
             self._bad[int(i)] = name
-        self._on_bad(int(i), name, f"{type(error).__name__}: {error}")
+        text = str(error) if shard else f"{type(error).__name__}: {error}"
+        self._on_bad(int(i), name, text, shard)
 
-    def note_bad(self, i: int, name: str, error: str) -> None:
-        """Records, logs and counts undecodable example ``i``; raises ``BadDataError``
-        past ``max_bad_fraction``. (A worker process reports its finds here.)"""
+    def note_bad(self, i: int, name: str, error: str, shard: str | None = None) -> None:
+        """Records, logs and counts bad example ``i``: an undecodable image (``name``, its
+        file name) or, with ``shard``, a record that could not be read from that shard
+        file; raises ``BadDataError`` past ``max_bad_fraction``. (A worker process reports
+        its finds here.)"""
         with self._lock:
             self._bad[int(i)] = name
+            if shard:
+                self._unreadable[int(i)] = shard
             count = len(self._bad)
-        log.warning(
-            "%s/%s: undecodable image id=%d file_name=%s (%s); %d bad so far",
-            self.builder_name, self.split, i, name, error, count,
-        )
+        if shard:
+            log.warning("%s/%s: unreadable record id=%d in shard %s (%s); %d bad so far",
+                        self.builder_name, self.split, i, shard, error, count)
+        else:
+            log.warning("%s/%s: undecodable image id=%d file_name=%s (%s); %d bad so far",
+                        self.builder_name, self.split, i, name, error, count)
         if count > self.max_bad_fraction * self.num_examples:
-            raise BadDataError(
-                f"{count} of {self.num_examples} examples of {self.builder_name}/{self.split} "
-                f"are undecodable, more than max_bad_fraction={self.max_bad_fraction} "
-                f"allows; bad ids and files: {sorted(self._bad.items())[:20]}. Check the "
-                "prepared data (re-run experiments/prepare_imagenet.py) or raise "
-                "max_bad_fraction."
-            )
+            raise BadDataError(self._too_many(count))
+
+    def _too_many(self, count: int) -> str:
+        """One line: how many are bad, which shard files are damaged, which images."""
+        with self._lock:
+            shards = sorted(set(self._unreadable.values()))
+            images = sorted((i, n) for i, n in self._bad.items() if i not in self._unreadable)
+        found = []
+        if shards:
+            found.append(f"{count - len(images)} unreadable record(s) in the damaged shard "
+                         f"file(s) {', '.join(shards[:10])}"
+                         + (f" and {len(shards) - 10} more" if len(shards) > 10 else ""))
+        if images:
+            found.append(f"{len(images)} undecodable image(s), ids and files: {images[:20]}")
+        return (f"{count} of {self.num_examples} examples of {self.builder_name}/{self.split} "
+                f"({100 * count / self.num_examples:.3g} %) are bad, more than "
+                f"max_bad_fraction={self.max_bad_fraction} allows: {'; '.join(found)}. "
+                + (f"Prepare the data set again (delete {self._data_dir} and re-run "
+                   "experiments/prepare_imagenet.py)" if shards else
+                   "Check those files in the original archives")
+                + " or raise --max-bad-fraction")
 
     _on_bad = note_bad
 
@@ -257,8 +409,9 @@ class ImageNetSource:
                 known_bad = j in self._bad
             if known_bad:
                 continue
-            record = self._records[j]
-            out = self._try_decode(record["image"], u)
+            record = self._read_one(j)
+            out = self._try_decode(record if isinstance(record, UnreadableRecord)
+                                   else record["image"], u)
             if not isinstance(out, Exception):
                 return out, record["label"]
             self._mark_bad(j, record, out)
@@ -282,18 +435,24 @@ class ImageNetSource:
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.num_examples):
             raise IndexError(f"example ids must lie in [0, {self.num_examples}), got {ids}")
-        records = self._records.__getitems__(ids.tolist())
+        records = self._read(ids.tolist())
+        unreadable = [isinstance(r, UnreadableRecord) for r in records]
+        for k in np.flatnonzero(unreadable):  # counted as they are read, before any decoding
+            self._mark_bad(int(ids[k]), None, records[k])
         if train:
             uniforms = list(example_uniforms(seed, epoch, ids, NUM_TRAIN_UNIFORMS))
         else:
             uniforms = [None] * len(ids)
         decoded = (map_fn or self._pool.map)(
-            self._try_decode, [r["image"] for r in records], uniforms)
+            self._try_decode, [r if bad else r["image"] for r, bad in zip(records, unreadable)],
+            uniforms)
         for k, out in enumerate(decoded):
-            label = records[k]["label"]
             if isinstance(out, Exception):
-                self._mark_bad(int(ids[k]), records[k], out)
+                if not unreadable[k]:
+                    self._mark_bad(int(ids[k]), records[k], out)
                 out, label = self._replacement(int(ids[k]), uniforms[k])
+            else:
+                label = records[k]["label"]
             images[k] = out
             labels[k] = label
 

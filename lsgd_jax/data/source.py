@@ -32,7 +32,8 @@ def identity(split: str, examples: int, what: str, content: object) -> dict:
 
 
 class BadDataError(RuntimeError):
-    """More undecodable examples than a source's ``max_bad_fraction`` allows."""
+    """More bad examples (undecodable images, unreadable records) than a source's
+    ``max_bad_fraction`` allows, or a data file that cannot be read at all."""
 
 
 @runtime_checkable

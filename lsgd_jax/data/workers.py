@@ -14,8 +14,10 @@ per second whatever its cores; a GPU needs more. ``WorkerTrainIterator`` is a
   (seed, epoch, id) (``augment.example_uniforms``) and a worker runs the source's own
   ``decode_into``, so the batches are bit for bit those of ``TrainIterator``, for any
   number of workers and of processes; ``position`` resumes exactly as it does.
-* Undecodable images: a worker replaces them as the source does and reports them;
-  the training process logs and counts them (``max_bad_fraction``) in batch order.
+* Bad examples (undecodable images, unreadable records): a worker replaces them as the
+  source does and reports them; the training process logs and counts them
+  (``max_bad_fraction``) in batch order. A worker's ``BadDataError`` reaches the
+  training process as its one-line message.
 * Failures never hang: a worker that exits is reported at once, one that has not
   finished an image for ``stall_timeout`` seconds is reported as hung, by index and
   pid; the workers are then stopped and the error raised by ``next()``.
@@ -33,13 +35,14 @@ The server holds only the idle thread pools that NumPy and OpenCV start at impor
 
 A source supports workers when it has ``worker_opener()`` (returning a callable and
 its kwargs that open the same split in a worker), ``decode_into(...)`` and
-``note_bad(i, name, error)`` (see ``imagenet.ImageNetSource``).
+``note_bad(i, name, error, shard)`` (see ``imagenet.ImageNetSource``).
 """
 
 from __future__ import annotations
 
 import collections
 import ctypes
+import errno
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -129,6 +132,55 @@ class _Layout:
         return progress, slots
 
 
+def size_text(n: int) -> str:
+    """``n`` bytes for a message: KiB below 1 MiB, so that a small size never reads "0 MiB"."""
+    if n < 2**10:
+        return f"{n} bytes"
+    if n < 2**20:
+        return f"{n / 2**10:.0f} KiB"
+    return f"{n / 2**20:.{1 if n < 10 * 2**20 else 0}f} MiB"
+
+
+def _no_room(layout: _Layout) -> str:
+    """The one-line refusal of a ring that /dev/shm cannot hold."""
+    processes = local_process_count()
+    free = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else 0
+    need = (f"each of this host's {processes} training processes needs "
+            if processes > 1 else "this process needs ")
+    need += (f"{size_text(layout.size)} ({layout.slots} slots of {layout.batch} images for "
+             f"{layout.workers} --decode-workers)")
+    if processes > 1:
+        need += f", {size_text(processes * layout.size)} in all"
+    return (f"/dev/shm has too little room for the decode workers' batch slots: "
+            f"{size_text(free)} free, and {need}; use fewer --decode-workers (0: decode in the "
+            "training process, no shared memory) or a smaller --batch-size, or enlarge "
+            "/dev/shm (Docker: --shm-size)")
+
+
+def _create_ring(layout: _Layout) -> shared_memory.SharedMemory:
+    """The shared block, its pages allocated now: tmpfs counts a page only once touched, so
+    a /dev/shm too small for all the processes of a host would otherwise show much later,
+    as a worker killed by SIGBUS. Each process reserves its own; the one that finds no
+    room raises ``ValueError`` and leaves nothing behind."""
+    try:
+        shm = shared_memory.SharedMemory(create=True, size=layout.size)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.ENOMEM):  # not even an inode left
+            raise ValueError(_no_room(layout)) from None
+        raise
+    if not hasattr(os, "posix_fallocate"):  # not Linux: pages come as they are touched
+        return shm
+    try:
+        os.posix_fallocate(shm._fd, 0, layout.size)
+    except OSError as e:
+        shm.close()
+        shm.unlink()
+        if e.errno in (errno.ENOSPC, errno.ENOMEM):
+            raise ValueError(_no_room(layout)) from None
+        raise
+    return shm
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -170,7 +222,7 @@ def _worker_main(index, opener, options, shm_name, layout, conn, trainer_pid) ->
         return
     found: list = []
     images = labels = None
-    source._on_bad = lambda i, name, error: found.append((i, name, error))
+    source._on_bad = lambda i, name, error, shard=None: found.append((i, name, error, shard))
 
     def serial_map(fn, *iterables):
         for args in zip(*iterables):
@@ -196,7 +248,10 @@ def _worker_main(index, opener, options, shm_name, layout, conn, trainer_pid) ->
                                    images=images[:len(ids)], labels=labels[:len(ids)],
                                    map_fn=serial_map)
             except BaseException as e:  # noqa: BLE001
-                conn.send(("failed", seq, type(e).__name__, traceback.format_exc()))
+                if isinstance(e, BadDataError):  # the data's fault, said in one line
+                    conn.send(("failed", seq, "BadDataError", str(e)))
+                else:
+                    conn.send(("failed", seq, type(e).__name__, traceback.format_exc()))
                 return
             conn.send(("done", seq, list(found), ""))
     except (EOFError, ConnectionError, KeyboardInterrupt):  # the training process is gone
@@ -262,15 +317,8 @@ class WorkerTrainIterator(TrainIterator):
                              "(it has no worker_opener); use decode_workers=0")
         opener, options = source.worker_opener()
         self._layout = _Layout(decode_workers, slots, self.local_batch_size, source.image_shape)
-        free = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else None
-        if free is not None and free < self._layout.size:
-            raise ValueError(
-                f"{decode_workers} decode workers need {self._layout.size / 2**20:.0f} MiB of "
-                f"shared memory ({slots} batch slots of {self.local_batch_size} images) but "
-                f"/dev/shm has {free / 2**20:.0f} MiB free: enlarge it (docker --shm-size), "
-                "use fewer --decode-workers, or 0 (threads)")
         self.stall_timeout, self.start_timeout = float(stall_timeout), float(start_timeout)
-        self._shm = shared_memory.SharedMemory(create=True, size=self._layout.size)
+        self._shm = _create_ring(self._layout)
         self._progress, self._slots = self._layout.views(self._shm.buf)
         self._progress[:] = 0
         ctx = _context()
@@ -319,9 +367,10 @@ class WorkerTrainIterator(TrainIterator):
             except (EOFError, OSError):
                 continue  # it exited: its sentinel says how
             if kind == "failed":
+                if a == "BadDataError":
+                    self._fail(b, BadDataError)
                 where = "" if seq is None else " on " + self._where(seq)
-                error = BadDataError if a == "BadDataError" else DecodeWorkerError
-                self._fail(f"{self._name(w)} failed{where}:\n{b}", error)
+                self._fail(f"{self._name(w)} failed{where}:\n{b}")
             if kind == "ready":
                 self._ready.add(w)
             else:
@@ -338,8 +387,12 @@ class WorkerTrainIterator(TrainIterator):
         code = self._procs[w].exitcode
         how = (otherwise if code is None else f"was killed by signal {-code}" if code < 0
                else f"exited with code {code}")
-        self._fail(f"{self._name(w)} {how} (after {self._progress[w]} images); "
-                   "the input pipeline cannot continue")
+        after = f"(after {self._progress[w]} images)"
+        if code == -signal.SIGBUS:  # what touching a page of a full tmpfs gets
+            self._fail(f"{self._name(w)} {how} (SIGBUS): /dev/shm is probably full {after}; "
+                       "free it or enlarge it (Docker: --shm-size), or use fewer "
+                       "--decode-workers")
+        self._fail(f"{self._name(w)} {how} {after}; the input pipeline cannot continue")
 
     def _where(self, seq: int) -> str:
         if seq not in self._pending:
@@ -397,8 +450,8 @@ class WorkerTrainIterator(TrainIterator):
         self._free.append(slot)
         self._seq_out += 1
         try:
-            for i, name, error in found:
-                self.source.note_bad(i, name, error)
+            for i, name, error, shard in found:
+                self.source.note_bad(i, name, error, shard)
         except BadDataError:
             self.close()
             raise
