@@ -175,3 +175,20 @@ def test_a_killed_decode_worker_on_one_process_ends_the_run_with_its_message(tin
     assert not any(a in out for a in ABORTS), out[-3000:]
     assert "error: process 1: " in out and "decode worker" in out, out[-3000:]
     assert "error: process 1 failed: " in out and "(process 0 stops too)" in out, out[-3000:]
+
+
+@pytest.mark.slow
+def test_a_damaged_shard_over_the_limit_on_one_process_ends_the_run_with_its_message(
+        tiny_tfds, tmp_path):
+    from tiny_imagenet import damaged_copy
+
+    copy, shard = damaged_copy(tiny_tfds, tmp_path / "tfds", "block")
+    status, out = _local(tmp_path, copy, "--max-bad-fraction", "0")
+    assert status == 2, out[-3000:]
+    assert not any(a in out for a in ABORTS), out[-3000:]
+    own = [line for line in out.splitlines() if line.startswith("error: process ")
+           and "failed:" not in line]
+    assert len(own) == 1 and shard in own[0] and "unreadable record" in own[0], out[-3000:]
+    failing = own[0].split(":")[1].split()[-1]
+    peer = 1 - int(failing)
+    assert f"error: process {failing} failed: " in out and f"(process {peer} stops too)" in out

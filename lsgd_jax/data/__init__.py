@@ -85,15 +85,9 @@ def _started_everywhere(start, process_count: int):
     except ValueError as e:
         error = str(e)
     if process_count > 1:
-        import numpy as np
-        from jax.experimental import multihost_utils
+        from lsgd_jax.parallel import exchange  # the coordination service: no collective
 
-        buf = np.zeros(2048, np.uint8)
-        raw = error.encode()[:2048]
-        buf[:len(raw)] = np.frombuffer(raw, np.uint8)
-        every = np.asarray(multihost_utils.process_allgather(buf))
-        error = next((bytes(row[row != 0]).decode(errors="replace") for row in every
-                      if row.any()), "")
+        error = next((e for e in exchange("decode_workers_started", error) if e), "")
     if error:
         if started is not None:
             started.close()
