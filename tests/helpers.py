@@ -103,3 +103,43 @@ def run_bounded(command: list[str], *, timeout: float, **kwargs) -> subprocess.C
         out, err = proc.communicate()
         pytest.fail(f"{command[:8]} ran past {timeout:g} s; its end:\n{(out + err)[-3000:]}")
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a coordinator)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_together(commands: list[list[str]], envs: list[dict], log_dir, *,
+                 timeout: float) -> tuple[list[int], list[str]]:
+    """Start the processes of one run at once (as a launcher would, each with its own
+    environment), wait for all within ``timeout`` seconds (then kill every one and let
+    the test fail on their statuses), and return their statuses and outputs."""
+    import time
+    from pathlib import Path
+
+    paths = [Path(log_dir) / f"p{i}.log" for i in range(len(commands))]
+    procs, logs = [], []
+    try:
+        for command, env, path in zip(commands, envs, paths):
+            logs.append(open(path, "w"))
+            procs.append(subprocess.Popen(command, env=env, stdout=logs[-1],
+                                          stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            try:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                break
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for log in logs:
+            log.close()
+    return [p.returncode for p in procs], [path.read_text() for path in paths]

@@ -9,10 +9,10 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from helpers import free_port, run_together
 
 from lsgd_jax.data import get_source
 from lsgd_jax.data.fashion_mnist import DEFAULT_DIR, write_subset
@@ -82,35 +82,14 @@ def test_a_resume_on_other_data_is_refused_and_a_moved_copy_resumes(tmp_path):
 
 def _two_processes(tmp_path, per_process, timeout=240):
     """Start processes 0 and 1 by hand, each with its own extra flags; (statuses, outputs)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs, logs = [], []
-    try:
-        for i, extra in enumerate(per_process):
-            env = cpu_device_env(1)
-            env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-            logs.append(open(tmp_path / f"p{i}.log", "w"))
-            procs.append(subprocess.Popen(
-                [sys.executable, str(ENTRY), "--workdir", str(tmp_path / "run"), *FLAGS,
+    port = free_port()
+    env = cpu_device_env(1)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    commands = [[sys.executable, str(ENTRY), "--workdir", str(tmp_path / "run"), *FLAGS,
                  "--num-steps", "2", "--coordinator-address", f"127.0.0.1:{port}",
                  "--num-processes", "2", "--process-id", str(i), "--heartbeat-timeout", "30",
-                 "--shutdown-timeout", "10", *extra],
-                env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + timeout
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for log in logs:
-            log.close()
-    return [p.returncode for p in procs], [(tmp_path / f"p{i}.log").read_text()
-                                           for i in range(len(procs))]
+                 "--shutdown-timeout", "10", *extra] for i, extra in enumerate(per_process)]
+    return run_together(commands, [env] * len(commands), tmp_path, timeout=timeout)
 
 
 @needs_fmnist

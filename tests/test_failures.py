@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import free_port, run_together
 
 from lsgd_jax.parallel import cpu_device_env
 
@@ -19,14 +20,6 @@ HERE = Path(__file__).parent
 REPO = HERE.parent
 TIMEOUT_S = 240
 ABORTS = ("Terminating process", "EnforceNotMet", "Check failure stack trace")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(devices: int = 1) -> dict:
@@ -47,28 +40,13 @@ def test_a_single_process_publishes_nothing():
 @pytest.mark.parametrize("failing", [1, 0])
 def test_an_error_on_one_process_ends_both_with_its_message(tmp_path, failing):
     """Process ``failing`` runs out of memory while its peer is inside an all-reduce."""
-    port = _free_port()
-    procs, logs = [], []
-    try:
-        for i in range(2):
-            logs.append(open(tmp_path / f"p{i}.log", "w"))
-            procs.append(subprocess.Popen(
-                [sys.executable, str(HERE / "failing_peer.py"), f"127.0.0.1:{port}", str(i),
-                 str(failing)], env=_env(), stdout=logs[-1], stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + TIMEOUT_S
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for log in logs:
-            log.close()
-    texts = [(tmp_path / f"p{i}.log").read_text() for i in range(2)]
+    port = free_port()
+    commands = [[sys.executable, str(HERE / "failing_peer.py"), f"127.0.0.1:{port}", str(i),
+                 str(failing)] for i in range(2)]
+    statuses, texts = run_together(commands, [_env()] * 2, tmp_path, timeout=TIMEOUT_S)
     peer = 1 - failing
     for i, text in enumerate(texts):
-        assert procs[i].returncode == 1, f"process {i}: {procs[i].returncode}\n{text[-3000:]}"
+        assert statuses[i] == 1, f"process {i}: {statuses[i]}\n{text[-3000:]}"
         assert not any(a in text for a in ABORTS), text[-3000:]
     assert f"error: process {failing}: RuntimeError: RESOURCE_EXHAUSTED" in texts[failing]
     lines = [line for line in texts[peer].splitlines() if line.startswith("error:")]
