@@ -201,9 +201,9 @@ def test_jitter_and_lighting_are_off_by_default_and_keep_the_crop():
 def test_jitter_and_lighting_settings_are_checked():
     from lsgd_jax.config import TrainConfig
 
-    with pytest.raises(ValueError, match="color_jitter must be in \\[0, 1\\).*got 1.5"):
+    with pytest.raises(ValueError, match="--color-jitter must be a number in \\[0, 1\\).*got 1.5"):
         TrainConfig(color_jitter=1.5)
-    with pytest.raises(ValueError, match="lighting must be in \\[0, 1\\).*got -0.1"):
+    with pytest.raises(ValueError, match="--lighting must be a number in \\[0, 1\\).*got -0.1"):
         TrainConfig(lighting=-0.1)
 
 
