@@ -136,8 +136,10 @@ def _cmdline(pid: int) -> str:
 
 
 @pytest.mark.slow
-def test_a_killed_decode_worker_on_one_process_ends_the_run_with_its_message(tiny_tfds,
-                                                                           tmp_path):
+@pytest.mark.parametrize("how", ["killed", "hung"])
+def test_a_dead_or_hung_decode_worker_on_one_process_ends_the_run_with_its_message(
+        tiny_tfds, tmp_path, how):
+    """SIGKILL, or SIGSTOP (found hung after the workers' 30 s stall timeout)."""
     def kill_a_worker_of_process_1(proc):
         trainers = [p for p in _descendants(proc.pid) if "--process-id 1" in _cmdline(p)]
         assert trainers, "process 1 not found"
@@ -145,13 +147,14 @@ def test_a_killed_decode_worker_on_one_process_ends_the_run_with_its_message(tin
         servers = [p for p in _children(trainers[0]) if "forkserver" in _cmdline(p)]
         workers = [w for server in servers for w in _children(server)]
         assert workers, "no decode worker found under process 1"
-        os.kill(workers[-1], signal.SIGKILL)
+        os.kill(workers[-1], signal.SIGKILL if how == "killed" else signal.SIGSTOP)
 
     status, out = _local(tmp_path, tiny_tfds, "--max-bad-fraction", "0.5",
                          "--decode-workers", "1", during=kill_a_worker_of_process_1)
     assert status not in (0, 134), out[-3000:]
     assert not any(a in out for a in ABORTS), out[-3000:]
     assert "error: process 1: " in out and "decode worker" in out, out[-3000:]
+    assert ("hangs: no image finished" in out) == (how == "hung"), out[-3000:]
     assert "error: process 1 failed: " in out and "(process 0 stops too)" in out, out[-3000:]
 
 
