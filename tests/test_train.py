@@ -382,6 +382,14 @@ def test_unfinished_checkpoints_are_ignored_and_cleaned(tmp_path):
     assert _complete_checkpoints(str(tmp_path))[-1] == 6
 
 
+def _past_the_range_check(config, **values):
+    """``config`` with ``values`` set without the declared ranges' check (which refuses them
+    at the flag), to reach the trainer's non-finite guard the way a diverging run would."""
+    for name, value in values.items():
+        object.__setattr__(config, name, value)
+    return config
+
+
 def test_non_finite_loss_stops_the_run_without_saving_it(tmp_path):
     import jax
     import numpy as np
@@ -389,8 +397,11 @@ def test_non_finite_loss_stops_the_run_without_saving_it(tmp_path):
     from lsgd_jax.checkpoint import Checkpoints
     from lsgd_jax.train import NonFiniteError, train_and_evaluate
 
-    # A rate of 1e12 blows the loss up within a few steps.
-    config = TrainConfig(**TINY | dict(base_lr=1e12, checkpoint_every_steps=1))
+    # A rate of 1e12 blows the loss up within a few steps. The declared range of --base-lr
+    # refuses it at the flag; what is tested here is the trainer's own guard, which must also
+    # hold for a run that diverges at a rate inside the range, so the value is set past it.
+    config = _past_the_range_check(TrainConfig(**TINY | dict(checkpoint_every_steps=1)),
+                                   base_lr=1e12)
     with pytest.raises(NonFiniteError, match=r"non-finite loss, gradient or updated state at "
                                               r"step \d+ "
                                               r"\(learning rate 1\.25e\+11"):
@@ -559,8 +570,10 @@ def test_an_overflowing_rate_stops_before_any_bad_checkpoint_and_a_sane_rerun_wo
     from lsgd_jax.checkpoint import Checkpoints
     from lsgd_jax.train import NonFiniteError, train_and_evaluate
 
-    bad = TrainConfig(**TINY | dict(base_lr=1e38, reference_batch_size=1, warmup="none",
-                                    checkpoint_every_steps=1, num_steps=3, median_evals=1))
+    bad = _past_the_range_check(
+        TrainConfig(**TINY | dict(reference_batch_size=1, warmup="none",
+                                  checkpoint_every_steps=1, num_steps=3, median_evals=1)),
+        base_lr=1e38)
     with pytest.raises(NonFiniteError, match="at step 1 "):
         train_and_evaluate(bad, str(tmp_path))
     assert _complete_checkpoints(str(tmp_path)) == []
