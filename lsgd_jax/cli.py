@@ -197,6 +197,9 @@ def main(argv: list[str] | None = None, prog: str = "imagenet_resnet50.py") -> i
     def run():
         import jax
 
+        from lsgd_jax.quiet import quiet_exit
+
+        quiet_exit()  # this process is the command's: what libraries print at exit is dropped
         initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
                                initialization_timeout=args.initialization_timeout,
                                heartbeat_timeout=args.heartbeat_timeout,

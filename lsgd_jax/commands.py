@@ -59,15 +59,17 @@ def _launched(args, fn: Callable[[], None]) -> int:
 
         from lsgd_jax.failures import watch_peers
         from lsgd_jax.parallel import initialize_distributed
-        from lsgd_jax.quiet import divert_library_noise
+        from lsgd_jax.quiet import diverted, quiet_exit
 
         # A reader writes nothing into the workdir: orbax's and asyncio's tracebacks of a
         # damaged checkpoint are dropped; the command's own line says what happened.
-        divert_library_noise(os.devnull)
-        initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
-                               initialization_timeout=args.initialization_timeout)
-        watch_peers()  # a peer's failure ends this process too, with the peer's message
-        fn()
+        quiet_exit()
+        with diverted(os.devnull):
+            initialize_distributed(args.coordinator_address, args.num_processes,
+                                   args.process_id,
+                                   initialization_timeout=args.initialization_timeout)
+            watch_peers()  # a peer's failure ends this process too, with the peer's message
+            fn()
 
     return main_guard(run)
 

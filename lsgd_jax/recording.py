@@ -18,7 +18,6 @@ import numpy as np
 from lsgd_jax.checkpoint import CheckpointSaveError, state_sha256
 from lsgd_jax.metrics import MetricsWriter, format_duration
 from lsgd_jax.preemption import same_on_every_process
-from lsgd_jax.quiet import last_library_error
 
 if TYPE_CHECKING:
     from lsgd_jax.train import _Run
@@ -134,12 +133,16 @@ class Saver:
             saved, digest = self.pending[0]
             missing = self.run.ckpts.committed(saved)
             if missing:  # not yet, or never: only a final check can tell
-                return self._failed(saved, missing, failure or last_library_error()) if (
+                return self._failed(saved, missing, failure or self._library_error()) if (
                     final) else ""
             self.writer.write("checkpoint", saved, epoch=saved / self.run.plan.steps_per_epoch,
                               state_sha256=digest)
             self.pending.pop(0)
         return ""
+
+    def _library_error(self) -> str:
+        log = self.run.library_log
+        return log.last_error if log is not None else ""
 
     def _failed(self, step: int, missing: str, cause: str) -> str:
         latest = self.run.ckpts.latest_complete_step()

@@ -44,7 +44,7 @@ from lsgd_jax.plan import Plan, make_plan
 from lsgd_jax.recipe import build as build_recipe
 from lsgd_jax.step import create_train_state, make_eval_step, make_train_step
 from lsgd_jax.preemption import PreemptionWatcher, same_on_every_process
-from lsgd_jax.quiet import divert_library_noise
+from lsgd_jax.quiet import LibraryLog, diverted
 from lsgd_jax.recording import LogWindow, NonFiniteError, Saver  # noqa: F401 (re-exported)
 from lsgd_jax.workdir import WorkdirError, WorkdirLock, check_free_space
 
@@ -92,9 +92,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *,
     if note:
         log(f"{workdir}: {note}")
     name = "orbax.log" if is_main else f"orbax.process-{jax.process_index()}.log"
-    divert_library_noise(os.path.join(workdir, name))
     try:
-        return _train_and_evaluate(config, workdir, log, lock, restart_from_scratch)
+        with diverted(os.path.join(workdir, name)) as library_log:
+            return _train_and_evaluate(config, workdir, log, lock, restart_from_scratch,
+                                       library_log)
     finally:
         if lock is not None:
             lock.release()
@@ -122,6 +123,7 @@ class _Run:
     finished: dict | None = None  # the result record, when the run had finished
     restart: str = ""  # why this attempt starts over, recorded in metrics.jsonl
     data: dict | None = None  # each split's identity, recorded with every checkpoint
+    library_log: LibraryLog | None = None  # orbax's errors, quoted when a save fails
 
     def check_lock(self) -> None:
         """Stop every process, writing nothing, when process 0 lost the workdir's lock."""
@@ -296,8 +298,10 @@ def _start_without_checkpoint(run: _Run, had_steps: bool, restart_from_scratch: 
 
 def _train_and_evaluate(config: TrainConfig, workdir: str, log: Callable[[str], None],
                         lock: WorkdirLock | None = None,
-                        restart_from_scratch: bool = False) -> dict:
+                        restart_from_scratch: bool = False,
+                        library_log: LibraryLog | None = None) -> dict:
     run = _prepare(config, workdir, log, lock, restart_from_scratch)
+    run.library_log = library_log
     plan, is_main = run.plan, jax.process_index() == 0
     if run.finished is not None:  # its checkpoints are gone, its result is not
         run.ckpts.close()
