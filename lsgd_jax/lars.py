@@ -145,6 +145,7 @@ def lars(
       An ``optax.GradientTransformation``.
 
     Example:
+      >>> from lsgd_jax import poly_schedule
       >>> schedule = poly_schedule(batch_size=32768, steps_per_epoch=39, epochs=72,
       ...                          base_lr=0.4, warmup_epochs=25)
       >>> tx = lars(schedule)

@@ -113,6 +113,7 @@ def momentum_sgd(
       An ``optax.GradientTransformation`` whose state is a :class:`MomentumState`.
 
     Example:
+      >>> from lsgd_jax import goyal_schedule
       >>> tx = momentum_sgd(goyal_schedule(batch_size=1024, steps_per_epoch=10),
       ...                   form="eq10", nesterov=True)
 
@@ -249,6 +250,7 @@ def goyal_sgd(
       An ``optax.GradientTransformation``.
 
     Example:
+      >>> from lsgd_jax import goyal_schedule
       >>> schedule = goyal_schedule(batch_size=8192, steps_per_epoch=156)
       >>> tx = goyal_sgd(schedule)
 
