@@ -47,7 +47,7 @@ from lsgd_jax.train import train_and_evaluate
 from lsgd_jax.model_file import ModelFileError, load_model
 from lsgd_jax.predict import load_images, normalize
 
-__version__ = "0.1.0"
+from lsgd_jax._version import __version__
 
 __all__ = [
     "ALLREDUCE_NAMES",

@@ -52,7 +52,7 @@ def export_model(run, out: str) -> dict:
     """
     from flax import serialization
 
-    from lsgd_jax import __version__
+    from lsgd_jax._version import __version__
     from lsgd_jax.metrics import eval_history, read_metrics
     from lsgd_jax.preemption import same_on_every_process
 

@@ -152,9 +152,9 @@ def _resolve_allreduce(allreduce: str | Callable) -> Callable:
             f"function, got {allreduce!r}"
         )
     # The paper's algorithms (section 4) are for study; import them only on request.
-    from lsgd_jax import collectives
+    from lsgd_jax.collectives import get_allreduce
 
-    return collectives.get_allreduce(allreduce)
+    return get_allreduce(allreduce)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0):
