@@ -37,7 +37,7 @@ import os
 import time
 
 from lsgd_jax.cli import HelpFormatter
-from lsgd_jax.study import runner
+import lsgd_jax.study.runner as runner
 from lsgd_jax.study.definitions import (
     FMNIST_DIR,
     MODES,
@@ -45,14 +45,16 @@ from lsgd_jax.study.definitions import (
     STUDY_KEYS,
     Paths,
     Run,
+    Scale,
+    Study,
     command,
     define_studies,
     order,
     unique_runs,
     write_subset,
 )
-from lsgd_jax.study.report import write_reports
 from lsgd_jax.study.definitions import store_large_kn
+from lsgd_jax.study.report import write_reports
 from lsgd_jax.study.runner import Pool, choose_large_kn, run_error, status
 
 
@@ -94,6 +96,27 @@ def main(argv: list[str] | None = None) -> int:
     """Run (or resume) the study; ``--help`` lists the options."""
     p = _parser()
     args = p.parse_args(argv)
+    scale, paths = _settings(p, args)
+    if args.section == "beyond":
+        if args.only or args.large_kn is not None:
+            p.error("--only and --large-kn belong to --section paper")
+        return _beyond(args, scale, paths)
+    studies = define_studies(scale, paths, args.large_kn)
+    if args.list:
+        for run in unique_runs(_selected(studies, args)):
+            print(f"[{status(run)}] python " + " ".join(command(run)))
+        if len(studies) == 1 and scale.ablations:
+            print("(the ablations are defined once the sweep's seeded rows are finished)")
+        return 0
+    if not args.report_only:
+        studies = _run_paper(args, scale, paths, studies)
+    for path in write_reports(studies, scale, paths):
+        print(path)
+    return 0
+
+
+def _settings(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Scale, Paths]:
+    """The mode's scale (with --parallel) and the study's folders, the flags checked."""
     mode = "quick" if args.quick else args.mode
     scale = MODES[mode]
     if args.parallel is not None:
@@ -105,27 +128,22 @@ def main(argv: list[str] | None = None) -> int:
     results = args.results or (os.path.join(out, "results") if mode == "quick"
                                else os.path.join(ROOT, "experiments", "results",
                                                  f"small_scale{suffix}"))
-    paths = Paths(out=out, results=results, source=args.fmnist_dir)
     if args.large_kn is not None and args.large_kn not in scale.kn_sweep:
         p.error(f"--large-kn must be one of the sweep's kn {scale.kn_sweep}, got {args.large_kn}")
+    return scale, Paths(out=out, results=results, source=args.fmnist_dir)
 
-    if args.section == "beyond":
-        if args.only or args.large_kn is not None:
-            p.error("--only and --large-kn belong to --section paper")
-        return _beyond(args, scale, paths)
 
-    def selected(studies):
-        return [s for s in studies if not args.only or s.key in args.only]
+def _selected(studies: list[Study], args: argparse.Namespace) -> list[Study]:
+    return [s for s in studies if not args.only or s.key in args.only]
 
-    studies = define_studies(scale, paths, args.large_kn)
-    if args.list:
-        for run in unique_runs(selected(studies)):
-            print(f"[{status(run)}] python " + " ".join(command(run)))
-        if len(studies) == 1 and scale.ablations:
-            print("(the ablations are defined once the sweep's seeded rows are finished)")
-        return 0
+
+def _run_paper(args: argparse.Namespace, scale: Scale, paths: Paths,
+               studies: list[Study]) -> list[Study]:
+    """Run the paper section's unfinished runs (several at once with --parallel), then the
+    ablations at the kn the sweep chose; reports (and commits) each run as it finishes.
+    Returns the studies as finally defined."""
     t_start = time.time()
-    pool = Pool(scale, os.path.join(out, "logs") if scale.parallel > 1 else None)
+    pool = Pool(scale, os.path.join(paths.out, "logs") if scale.parallel > 1 else None)
 
     def finished(run: Run, after: str, seconds: float) -> None:
         print(f"=== {run.name}: {after} in {seconds:.0f} s ===", flush=True)
@@ -137,12 +155,12 @@ def main(argv: list[str] | None = None) -> int:
             runner.git_commit(paths, f"Small-scale study ({scale.name}): {run.name} finished, "
                               f"{figure} top-1 error")
 
-    while not args.report_only:
+    while True:
         if scale.subset:
             write_subset(scale, paths)
         out_of_time = args.time_limit is not None and time.time() - t_start > args.time_limit
         todo = [] if out_of_time else order(
-            [r for r in unique_runs(selected(studies))
+            [r for r in unique_runs(_selected(studies, args))
              if status(r) not in ("done", "diverged") and r.name not in pool.running], scale)
         if out_of_time and pool.running:
             print(f"=== time limit of {args.time_limit:g} s reached: stopping "
@@ -151,10 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         if not todo and not pool.running:
             if (out_of_time or len(studies) > 1 or not scale.ablations
                     or (args.only and "kn_sweep" not in args.only)):
-                break
+                return studies
             chosen = choose_large_kn(studies[0], scale)
             if chosen is None:
-                break
+                return studies
             store_large_kn(paths, *chosen)
             studies = define_studies(scale, paths, args.large_kn)
             continue
@@ -174,10 +192,6 @@ def main(argv: list[str] | None = None) -> int:
             pool.stop()
             raise KeyboardInterrupt(f"{run.name} stopped by SIGTERM; rerun to resume")
         finished(run, after, seconds)
-    for path in write_reports(studies, scale, paths):
-        print(path)
-    return 0
-
 
 
 def _beyond(args: argparse.Namespace, scale, paths: Paths) -> int:
