@@ -127,7 +127,32 @@ def make_plan(config: TrainConfig, *, num_train_examples: int, num_devices: int,
         eval_steps=tuple(evaluation_steps(total_steps=total, steps_per_epoch=spe,
                                           eval_every_epochs=config.eval_every_epochs,
                                           median_evals=config.median_evals)),
-        eval_batch_size=eval_batch, recipe=config.recipe())
+        eval_batch_size=eval_batch,
+        recipe=config.recipe(tuple(e for e, d in zip(config.decay_epochs, decays) if d < total)))
+
+
+def plan_warnings(config: TrainConfig, plan: Plan) -> list[str]:
+    """One line for each part of the schedule that the run is too short to reach: a warmup
+    longer than the run, a decay at or past its last step."""
+    lines = []
+    if plan.warmup_steps > plan.planned_steps:
+        lines.append(
+            f"warning: the warmup ({plan.warmup_steps} steps, --warmup-epochs "
+            f"{config.warmup_epochs:g}) is longer than the run ({plan.planned_steps} steps, "
+            f"--epochs {config.epochs:g}): the rate never reaches its peak {plan.peak_lr:g}")
+    # The decay at step d applies from step d on (0-based): it never does when d >= total.
+    late = [(e, d) for e, d in zip(config.decay_epochs, plan.decay_steps)
+            if d >= plan.total_steps]
+    if late:
+        epochs = ", ".join(f"{e:g}" for e, _ in late)
+        lines.append(
+            f"warning: the decay{'s' if len(late) > 1 else ''} at epoch{'s' if len(late) > 1 else ''} "
+            f"{epochs} (step{'s' if len(late) > 1 else ''} {', '.join(str(d) for _, d in late)}, "
+            f"--decay-epochs) {'are' if len(late) > 1 else 'is'} at or past the end of the run "
+            f"({plan.total_steps} steps, --epochs {config.epochs:g}"
+            + (f", --num-steps {config.num_steps}" if plan.total_steps < plan.planned_steps
+               else "") + "): the rate never decays there")
+    return lines
 
 
 def _check_step_counts(config: TrainConfig, spe: int, *, planned: int, warm: int,
