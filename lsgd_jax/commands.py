@@ -17,6 +17,7 @@ from typing import Callable
 from lsgd_jax.cli import (CPU_DEVICES, PROCESS_ID, PROCESSES, TIMEOUT, Parser, main_guard,
                           numeric, parse_flags)
 from lsgd_jax.config import MAX_BATCH, MAX_STEPS, Range
+from lsgd_jax.metrics import plural
 
 BATCH = Range(1, MAX_BATCH, integer=True)
 
@@ -178,6 +179,8 @@ def export_main(argv: list[str] | None = None) -> int:
 def predict_parser() -> argparse.ArgumentParser:
     p = _parser("lsgd-jax predict", "Top-5 classes with probabilities for each image file "
                 "(JPEG, PNG, ...; CMYK and grayscale too), through the model's eval transform. "
+                "Says on stderr what the model expects (its data set, image size and colours), "
+                "and warns once when images differ a lot from its training images. "
                 "Exit status 1 when some files could not be read as images (each is named).",
                 launch=False)
     p.add_argument("--model", required=True, help="a file written by `lsgd-jax export`")
@@ -192,11 +195,13 @@ def predict_main(argv: list[str] | None = None) -> int:
 
     def run():
         from lsgd_jax.model_file import load_model
-        from lsgd_jax.predict import classify
+        from lsgd_jax.predict import classify, expectation
 
         model, variables, meta = load_model(args.model)
+        print(expectation(meta), file=sys.stderr, flush=True)
+        unlike: dict[str, str] = {}
         results, errors = classify(args.images, model, variables, meta,
-                                   batch_size=args.batch_size)
+                                   batch_size=args.batch_size, unlike=unlike)
         for path in args.images:
             if path in results:
                 best = ", ".join(f"{name} {100 * prob:.1f}%" for name, prob in results[path])
@@ -204,6 +209,14 @@ def predict_main(argv: list[str] | None = None) -> int:
             else:
                 print(f"{path}: not classified: {errors[path]}",
                       file=sys.stderr, flush=True)
+        if unlike:  # once, however many images
+            first, reason = next(iter(unlike.items()))
+            more = f"; and {len(unlike) - 1} more" if len(unlike) > 1 else ""
+            print(f"warning: {plural(len(unlike), 'image')} of {len(args.images)} "
+                  f"{'differs' if len(unlike) == 1 else 'differ'} a lot from the training "
+                  f"images ({first}: {reason}{more}); the model's answers for "
+                  f"{'it' if len(unlike) == 1 else 'them'} mean little", file=sys.stderr,
+                  flush=True)
         status[0] = 1 if errors else 0
 
     return main_guard(run) or status[0]

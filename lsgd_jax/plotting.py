@@ -203,11 +203,11 @@ def plot_runs(workdirs: Sequence[str], output: str | None = None, *,
                 series["result_epochs"]) else (xs[-1], xs[-1])
             axes[2].hlines(series["result_error"], low, high, colors=style["color"],
                            linestyles="--", linewidth=1.5)
+            # Labels stacked at the right, each with a leader to its run's result.
             axes[2].annotate(f"result {series['result_error']:.2f}%",
-                             (high, series["result_error"]), textcoords="offset points",
-                             xytext=(0, 16 + 13 * len(results)), ha="right", va="bottom",
-                             fontsize=9,
-                             color=style["color"],
+                             (high, series["result_error"]), textcoords="axes fraction",
+                             xytext=(0.97, 0.55 - 0.09 * len(results)), ha="right",
+                             va="center", fontsize=9, color=style["color"],
                              arrowprops=dict(arrowstyle="-", color=style["color"], lw=0.8))
             results.append(series["result_error"])
         schedule = schedule_curve(workdir)
