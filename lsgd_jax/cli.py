@@ -223,20 +223,29 @@ def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[
 
 
 def recipe_notice(config: TrainConfig, given: set[str]) -> str:
-    """One line when a small data set is trained with the paper's ImageNet recipe because
-    --epochs or --model was left out, else "". The defaults stay the paper's for every
-    data set, so that a flag left out means the same thing whatever the data."""
-    if config.data in ("imagenet", "synthetic") or {"epochs", "model"} <= given:
+    """One line when a data set other than ImageNet is trained on the paper's ImageNet
+    recipe because a flag was left out, else "": --epochs (90, decays at 30, 60, 80), or
+    --model where the data set has no model of its own (ResNet-50). The defaults stay the
+    paper's for every data set, so that a flag left out means the same thing whatever the
+    data; only the model has a default per data set (``config.DEFAULT_MODELS``)."""
+    from lsgd_jax.config import DEFAULT_MODELS
+
+    if config.data in ("imagenet", "synthetic"):
         return ""
     parts = []
     if "epochs" not in given:
         parts.append(f"{as_typed(config.epochs)} epochs with decays at epochs "
                      f"{as_typed(config.decay_epochs)} (--epochs not given)")
     if "model" not in given:
-        parts.append(f"{config.model} (--model not given: the default for this data set)")
+        own = DEFAULT_MODELS.get(config.data, "resnet50") != "resnet50"  # not the paper's
+        if not own or parts:
+            parts.append(f"{config.model} (--model not given" + (
+                f": the default for --data {config.data})" if own else ")"))
+    if not parts:
+        return ""
     return (f"note: training the paper's ImageNet recipe on --data {config.data}: "
             + "; ".join(parts) + f"; kn = {config.batch_size}, {config.dtype}. Give --epochs "
-            "and --model for a shorter run (the README's quickstart trains 2 epochs).")
+            "and --model for a run of your own (the README's quickstart trains 2 epochs).")
 
 
 def main(argv: list[str] | None = None, prog: str = "imagenet_resnet50.py") -> int:

@@ -244,9 +244,13 @@ def test_a_small_data_set_on_the_papers_defaults_says_so_in_one_line(tmp_path, m
         given = given_flags(parser, argv)
         assert {"epochs", "model", "data", "workdir"} <= given
         assert recipe_notice(TrainConfig(data="fashion_mnist"), given) == ""
-    only_epochs = recipe_notice(TrainConfig(data="fashion_mnist", epochs=2),
-                                {"epochs", "data"})
-    assert "--model not given" in only_epochs and "--epochs not given" not in only_epochs
+    # --epochs given: the data set's own model is no ImageNet recipe; ResNet-50 would be.
+    assert recipe_notice(TrainConfig(data="fashion_mnist", epochs=2), {"epochs", "data"}) == ""
+    monkeypatch.setitem(__import__("lsgd_jax.config").config.DEFAULT_MODELS, "fashion_mnist",
+                        "resnet50")
+    paper_model = recipe_notice(TrainConfig(data="fashion_mnist", epochs=2), {"epochs", "data"})
+    assert "resnet50 (--model not given)" in paper_model
+    assert "--epochs not given" not in paper_model
     # The paper's own run (ImageNet, or the synthetic stand-in) needs no note.
     assert recipe_notice(TrainConfig(data="imagenet"), {"data"}) == ""
     assert recipe_notice(TrainConfig(), set()) == ""
