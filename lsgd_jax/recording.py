@@ -76,9 +76,9 @@ class LogWindow:
 
 
 def saved_line(directory: str, step: int, seconds: float) -> str:
-    """The console line of a checkpoint complete on disk; its time when over a second (the
-    save is asynchronous: from its start until it was found complete)."""
-    took = f" in {seconds:.1f} s" if seconds > 1 else ""
+    """The console line of a checkpoint complete on disk; its time when over a second. The
+    save is asynchronous and found complete at the next check: the time is an upper bound."""
+    took = f" in at most {seconds:.1f} s" if seconds > 1 else ""
     return f"checkpoint saved: step {step}{took} ({directory}/{step})"
 
 
