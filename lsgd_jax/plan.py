@@ -145,10 +145,11 @@ def plan_warnings(config: TrainConfig, plan: Plan) -> list[str]:
             if d >= plan.total_steps]
     if late:
         epochs = ", ".join(f"{e:g}" for e, _ in late)
+        s, verb = ("s", "are") if len(late) > 1 else ("", "is")
         lines.append(
-            f"warning: the decay{'s' if len(late) > 1 else ''} at epoch{'s' if len(late) > 1 else ''} "
-            f"{epochs} (step{'s' if len(late) > 1 else ''} {', '.join(str(d) for _, d in late)}, "
-            f"--decay-epochs) {'are' if len(late) > 1 else 'is'} at or past the end of the run "
+            f"warning: the decay{s} at epoch{s} {epochs} (step{s} "
+            f"{', '.join(str(d) for _, d in late)}, --decay-epochs) {verb} at or past the end "
+            "of the run "
             f"({plan.total_steps} steps, --epochs {config.epochs:g}"
             + (f", --num-steps {config.num_steps}" if plan.total_steps < plan.planned_steps
                else "") + "): the rate never decays there")

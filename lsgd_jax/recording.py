@@ -68,7 +68,8 @@ class LogWindow:
         self.writer.write("train", step, epoch=step / spe, lr=lr, images_per_second=rate,
                           input_wait_fraction=wait, **mean)
         self.run.log(f"step {step}/{plan.total_steps} epoch {step / spe:.2f} | loss "
-                     f"{mean['loss']:.4f} top-1 error {100 * mean['top1_error']:.2f}% | lr {lr:.4g} | "
+                     f"{mean['loss']:.4f} top-1 error {100 * mean['top1_error']:.2f}% | "
+                     f"lr {lr:.4g} | "
                      f"{rate:,.0f} img/s | {'input-bound: ' if wait >= 0.1 else ''}"
                      f"{100 * wait:.0f} % of the time waiting for data | {eta}")
         self.values.clear()
