@@ -36,11 +36,13 @@ def available(module: str) -> bool:
         return False
 
 
-def require(extra: str, module: str | None = None) -> ModuleType | None:
+def require(extra: str, module: str | None = None, *,
+            purpose: str | None = None) -> ModuleType | None:
     """Import ``module`` (default: each module of ``extra``; returns the last); raise
-    MissingExtraError, one line naming what needs it and the ``pip install``, when it
-    is missing."""
-    modules, purpose = EXTRAS[extra]
+    MissingExtraError, one line naming what needs it (``purpose``, default the extra's)
+    and the ``pip install``, when it is missing."""
+    modules, default_purpose = EXTRAS[extra]
+    purpose = purpose or default_purpose
     imported = None
     for name in (module,) if module else modules:
         try:

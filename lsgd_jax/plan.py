@@ -20,6 +20,7 @@ from typing import Any
 
 from lsgd_jax.config import MAX_STEPS, TrainConfig, evaluation_steps
 from lsgd_jax.layout import BatchLayout
+from lsgd_jax.metrics import plural
 from lsgd_jax.schedules import scaled_learning_rate, warmup_steps
 
 
@@ -62,8 +63,6 @@ class Plan:
 
     def describe(self, warmup: str) -> str:
         """The start line: what one step is, and how long the run is."""
-        from lsgd_jax.metrics import plural
-
         return (
             f"kn={self.global_batch_size} (k={self.num_bn_workers} BN workers of "
             f"n={self.bn_group_size}) on {plural(self.num_devices, 'device')} in "
@@ -86,23 +85,27 @@ def make_plan(config: TrainConfig, *, num_train_examples: int, num_devices: int,
     split = num_devices * K
     if kn % split:
         raise ValueError(
-            f"--batch-size {kn} does not split over {num_devices} devices × --grad-accum-steps "
+            f"--batch-size {kn} does not split over {plural(num_devices, 'device')} × "
+            f"--grad-accum-steps "
             f"{K}; use a multiple of {split * n} ({split} × --bn-group-size {n})")
     micro = kn // split
     if micro % n:
         raise ValueError(
             f"--bn-group-size {n} does not divide the microbatch of {micro} images per device "
-            f"(--batch-size {kn} / {num_devices} devices / --grad-accum-steps {K}); use a "
+            f"(--batch-size {kn} / {plural(num_devices, 'device')} / --grad-accum-steps {K}); "
+            "use a "
             f"--bn-group-size that divides {micro}, or a --batch-size that is a multiple of "
             f"{split * n}")
     if kn % num_processes:
-        raise ValueError(f"--batch-size {kn} does not split over the {num_processes} "
-                         f"processes; use a multiple of {num_processes * n}")
+        raise ValueError(f"--batch-size {kn} does not split over the "
+                         f"{plural(num_processes, 'process')}; use a multiple of "
+                         f"{num_processes * n}")
     eval_batch = config.eval_batch_size or kn
     if eval_batch % num_devices or eval_batch % num_processes:
         raise ValueError(
-            f"--eval-batch-size {eval_batch} must be divisible by the {num_devices} devices "
-            f"and the {num_processes} processes; use a multiple of {num_devices}")
+            f"--eval-batch-size {eval_batch} must be divisible by the "
+            f"{plural(num_devices, 'device')} and the {plural(num_processes, 'process')}; use "
+            f"a multiple of {num_devices}")
     spe = num_train_examples // kn
     if spe < 1:
         raise ValueError(f"--batch-size {kn} is larger than the training set "

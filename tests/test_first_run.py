@@ -78,6 +78,14 @@ def test_imagenet_without_the_data_extra_is_one_line_before_anything_starts(tmp_
     line = _one_error_line(result, 'pip install -e ".[data]"')
     assert "tensorflow_datasets" in line and "--data imagenet" in line
     assert not workdir.exists()
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    for name in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"):
+        (manual / name).write_bytes(b"")
+    result = _python(env, os.path.join(ROOT, "experiments", "prepare_imagenet.py"),
+                     "--manual-dir", str(manual), "--data-dir", str(tmp_path / "tfds"))
+    assert "preparing ImageNet needs tensorflow_datasets" in _one_error_line(
+        result, 'pip install -e ".[data]"')
     # With the extra there (it is, for the tests), the same check passes.
     from lsgd_jax.extras import check_for_data
 
