@@ -44,7 +44,14 @@ def main(argv=None) -> int:
         import importlib_resources  # noqa: F401
     except ImportError:
         parser.error("tfds needs the package importlib_resources: pip install importlib_resources")
-    import tensorflow_datasets as tfds  # the data extra: pip install '.[data]'
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+    from lsgd_jax.extras import MissingExtraError, require
+
+    try:
+        tfds = require("data", "tensorflow_datasets", purpose="preparing ImageNet")
+    except MissingExtraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     builder = tfds.builder(
         args.builder, data_dir=os.path.expanduser(args.data_dir), file_format="array_record"

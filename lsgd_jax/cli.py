@@ -23,8 +23,10 @@ PROCESS_ID = Range(0, MAX_PROCESSES - 1, integer=True)
 TIMEOUT = Range(1, MAX_TIMEOUT, integer=True)
 CPU_DEVICES = Range(1, MAX_THREADS, integer=True)
 
-# The groups of --help, in order; each TrainConfig field names its group.
-GROUPS = {"run": "run", "data": "data", "model": "model",
+# The groups of --help, in order; each TrainConfig field names its group, except the
+# essentials, which come first.
+ESSENTIALS = ("data", "model", "batch_size", "epochs")
+GROUPS = {"essentials": "essentials", "run": "run", "data": "data", "model": "model",
           "minibatch": "minibatch (kn = k workers × n images)", "schedule": "schedule",
           "optimizer": "optimizer", "checkpoints and logging": "checkpoints and logging",
           "speed": "speed (the same results computed another way; see the README)"}
@@ -106,15 +108,29 @@ def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None,
         raise SystemExit(2) from None
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` shows a flag's default, unless it has none (None, a switch's False) or
-    its help already says it."""
+def as_typed(value: Any) -> str:
+    """A flag's value as it is typed on the command line: ``30,60,80``, ``true``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return ",".join(as_typed(v) for v in value)
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return str(int(value))  # 2, not 2.0
+    return str(value)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """``--help`` shows a flag's default as it is typed (``30,60,80``, ``true``), unless it
+    has none (None, a switch's False) or its help already says it."""
 
     def _get_help_string(self, action):
         help_text = action.help or ""
-        if action.default is None or action.default is False or "default" in help_text:
+        default = action.default
+        if (default is None or default is False or default is argparse.SUPPRESS
+                or "default" in help_text
+                or not action.option_strings):
             return help_text
-        return super()._get_help_string(action)
+        return f"{help_text} (default: {as_typed(action.default).replace('%', '%%')})"
 
 
 def build_parser(prog: str = "imagenet_resnet50.py") -> argparse.ArgumentParser:
@@ -123,13 +139,17 @@ def build_parser(prog: str = "imagenet_resnet50.py") -> argparse.ArgumentParser:
     name in the usage and in argparse's errors (``lsgd-jax train`` gives its own)."""
     p = Parser(
         prog=prog,
+        usage=f"{prog} --workdir DIR [--data NAME] [--model NAME] [--batch-size KN] "
+              "[--epochs E] [other flags below]",
         description="Large-minibatch synchronous SGD (Goyal et al. 2017): train ResNet-50 on "
                     "ImageNet, or a small model on synthetic data or Fashion-MNIST, with the "
-                    "paper's recipe. Rerunning with the same --workdir resumes from the latest "
-                    "checkpoint.",
+                    "paper's recipe. Every default is the paper's ImageNet run (90 epochs, "
+                    "kn = 256, bfloat16); with another --data and no --epochs or --model, the "
+                    "run says so in its first line. Rerunning the same command resumes from the "
+                    "latest checkpoint.",
         formatter_class=HelpFormatter)
     groups = {key: p.add_argument_group(title) for key, title in GROUPS.items()}
-    groups["run"].add_argument("--workdir", required=True, default=argparse.SUPPRESS,
+    groups["essentials"].add_argument("--workdir", required=True, default=argparse.SUPPRESS,
                                help="checkpoints, metrics.jsonl, config.json, TensorBoard "
                                     "(required)")
     groups["run"].add_argument("--restart-from-scratch", action="store_true",
@@ -149,7 +169,8 @@ def build_parser(prog: str = "imagenet_resnet50.py") -> argparse.ArgumentParser:
         if meta["default_text"]:
             kwargs["default"] = argparse.SUPPRESS
             kwargs["help"] += f" (default: {meta['default_text']})"
-        groups[meta["group"]].add_argument(config_flag(f), **kwargs)
+        group = "essentials" if f.name in ESSENTIALS else meta["group"]
+        groups[group].add_argument(config_flag(f), **kwargs)
     g = p.add_argument_group("processes (multi-host)")
     g.add_argument("--coordinator-address", default=None,
                    help="host:port of process 0; not needed under SLURM or Open MPI")
@@ -175,16 +196,62 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                           if hasattr(args, f.name)})
 
 
+def _checked_config(args: argparse.Namespace) -> TrainConfig:
+    from lsgd_jax.extras import check_for_data
+
+    config = config_from_args(args)
+    check_for_data(config.data)  # a missing extra: one line, before any device
+    return config
+
+
 def train_flags(argv: list[str] | None = None,
                 prog: str = "imagenet_resnet50.py") -> tuple[argparse.Namespace, TrainConfig]:
     """The parsed flags of a training run and its TrainConfig, every value checked; a
     refusal is one line and SystemExit(2) (see :func:`parse_flags`)."""
-    return parse_flags(build_parser(prog), argv, config_from_args)
+    return parse_flags(build_parser(prog), argv, _checked_config)
+
+
+_NOT_GIVEN = object()
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The destinations of the flags that ``argv`` gives (abbreviations included)."""
+    namespace = argparse.Namespace(**{a.dest: _NOT_GIVEN for a in parser._actions
+                                      if a.dest != "help"})
+    parser.parse_args(argv, namespace=namespace)
+    return {k for k, v in vars(namespace).items() if v is not _NOT_GIVEN}
+
+
+def recipe_notice(config: TrainConfig, given: set[str]) -> str:
+    """One line when a data set other than ImageNet is trained on the paper's ImageNet
+    recipe because a flag was left out, else "": --epochs (90, decays at 30, 60, 80), or
+    --model where the data set has no model of its own (ResNet-50). The defaults stay the
+    paper's for every data set, so that a flag left out means the same thing whatever the
+    data; only the model has a default per data set (``config.DEFAULT_MODELS``)."""
+    from lsgd_jax.config import DEFAULT_MODELS
+
+    if config.data in ("imagenet", "synthetic"):
+        return ""
+    parts = []
+    if "epochs" not in given:
+        parts.append(f"{as_typed(config.epochs)} epochs with decays at epochs "
+                     f"{as_typed(config.decay_epochs)} (--epochs not given)")
+    if "model" not in given:
+        own = DEFAULT_MODELS.get(config.data, "resnet50") != "resnet50"  # not the paper's
+        if not own or parts:
+            parts.append(f"{config.model} (--model not given" + (
+                f": the default for --data {config.data})" if own else ")"))
+    if not parts:
+        return ""
+    return (f"note: training the paper's ImageNet recipe on --data {config.data}: "
+            + "; ".join(parts) + f"; kn = {config.batch_size}, {config.dtype}. Give --epochs "
+            "and --model for a run of your own (the README's quickstart trains 2 epochs).")
 
 
 def main(argv: list[str] | None = None, prog: str = "imagenet_resnet50.py") -> int:
     # Every flag is checked before a process talks to the others or makes a device.
     args, config = train_flags(argv, prog)
+    notice = recipe_notice(config, given_flags(build_parser(prog), argv))
     if args.cpu_devices is not None:
         from lsgd_jax.parallel import use_cpu_devices
 
@@ -205,7 +272,8 @@ def main(argv: list[str] | None = None, prog: str = "imagenet_resnet50.py") -> i
                                heartbeat_timeout=args.heartbeat_timeout,
                                shutdown_timeout=args.shutdown_timeout)
         watch_peers()  # a peer's failure stops this process too, with the peer's message
-        for line in config.warnings() if jax.process_index() == 0 else ():
+        for line in ([notice] if notice else []) + config.warnings() if (
+                jax.process_index() == 0) else ():
             print(line, flush=True)
         train_and_evaluate(config, args.workdir, restart_from_scratch=args.restart_from_scratch)
 

@@ -1,8 +1,8 @@
-"""The ``lsgd-jax`` command: ``train``, ``evaluate``, ``export`` and ``predict``.
+"""The ``lsgd-jax`` command: ``train``, ``curves``, ``evaluate``, ``export`` and ``predict``.
 
 ``lsgd-jax train`` takes the flags of ``experiments/imagenet_resnet50.py``
-(:mod:`lsgd_jax.cli`); the others take those of ``experiments/evaluate.py``,
-``export.py`` and ``predict.py``, which call the functions here. ``python -m
+(:mod:`lsgd_jax.cli`); the others take those of ``experiments/plot_curves.py``,
+``evaluate.py``, ``export.py`` and ``predict.py``, which call the functions here. ``python -m
 lsgd_jax`` is the same command. Bad input (a flag, a workdir without checkpoints, a
 damaged checkpoint or model file) is one line on stderr and exit status 2.
 """
@@ -17,6 +17,7 @@ from typing import Callable
 from lsgd_jax.cli import (CPU_DEVICES, PROCESS_ID, PROCESSES, TIMEOUT, Parser, main_guard,
                           numeric, parse_flags)
 from lsgd_jax.config import MAX_BATCH, MAX_STEPS, Range
+from lsgd_jax.metrics import plural
 
 BATCH = Range(1, MAX_BATCH, integer=True)
 
@@ -36,8 +37,9 @@ def _parser(prog: str, description: str, *, launch: bool = True) -> argparse.Arg
     return p
 
 
-def _workdir_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workdir", required=True, help="the training run's --workdir (read only)")
+def _workdir_flags(p: argparse.ArgumentParser, *, writes: str = "") -> None:
+    p.add_argument("--workdir", required=True, help="the training run's --workdir; its "
+                   "checkpoints are only read" + writes)
     numeric(p, "--step", Range(0, MAX_STEPS, integer=True), default=None,
             help="the checkpoint to read (default: the newest that verifies)")
 
@@ -87,12 +89,20 @@ def _log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------ evaluate
+def evaluating_line(workdir: str, step: int, num_devices: int) -> str:
+    from lsgd_jax.metrics import plural
+
+    return (f"evaluating {workdir}/checkpoints/{step} (state SHA-256 verified) on "
+            f"{plural(num_devices, 'device')}")
+
+
 def evaluate_parser() -> argparse.ArgumentParser:
     p = _parser("lsgd-jax evaluate", "Evaluate a training run's checkpoint on the whole "
                 "validation split (top-1 and top-5 error, exact: every image once, on any "
-                "number of devices). Reads the workdir without changing it or taking its lock; "
-                "appends an `eval` record with source \"evaluate\" to its metrics.jsonl.")
-    _workdir_flags(p)
+                "number of devices). Writes one thing: an `eval` record with source "
+                "\"evaluate\", appended to WORKDIR/metrics.jsonl (none with --no-record); the "
+                "checkpoints are only read, and the run's lock is not taken.")
+    _workdir_flags(p, writes=" (an `eval` record is appended to its metrics.jsonl)")
     numeric(p, "--eval-batch-size", BATCH, default=None,
             help="global batch of the pass (default: the run's)")
     p.add_argument("--data-dir", default=None, help="where the data lies on this host "
@@ -113,8 +123,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         from lsgd_jax.readback import evaluate_run, restore_run
 
         restored = restore_run(args.workdir, step=args.step, log=_log)
-        _log(f"evaluating {restored.workdir}/checkpoints/{restored.step} (state SHA-256 "
-             f"verified) on {restored.mesh.devices.size} devices")
+        _log(evaluating_line(restored.workdir, restored.step, restored.mesh.devices.size))
         result = evaluate_run(restored, eval_batch_size=args.eval_batch_size,
                               data_dir=args.data_dir)
         spe = restored.steps_per_epoch
@@ -140,7 +149,7 @@ def export_parser() -> argparse.ArgumentParser:
                 "one file (Flax msgpack) and a JSON description beside it (MODEL.json), for "
                 "lsgd_jax.load_model, `lsgd-jax predict` and --init-from.")
     _workdir_flags(p)
-    p.add_argument("--out", required=True, help="the model file, e.g. model.msgpack")
+    p.add_argument("--out", required=True, help="the model file, e.g. WORKDIR/model.msgpack")
     return p
 
 
@@ -172,6 +181,8 @@ def export_main(argv: list[str] | None = None) -> int:
 def predict_parser() -> argparse.ArgumentParser:
     p = _parser("lsgd-jax predict", "Top-5 classes with probabilities for each image file "
                 "(JPEG, PNG, ...; CMYK and grayscale too), through the model's eval transform. "
+                "Says on stderr what the model expects (its data set, image size and colours), "
+                "and warns once when images differ a lot from its training images. "
                 "Exit status 1 when some files could not be read as images (each is named).",
                 launch=False)
     p.add_argument("--model", required=True, help="a file written by `lsgd-jax export`")
@@ -186,11 +197,13 @@ def predict_main(argv: list[str] | None = None) -> int:
 
     def run():
         from lsgd_jax.model_file import load_model
-        from lsgd_jax.predict import classify
+        from lsgd_jax.predict import classify, expectation
 
         model, variables, meta = load_model(args.model)
+        print(expectation(meta), file=sys.stderr, flush=True)
+        unlike: dict[str, str] = {}
         results, errors = classify(args.images, model, variables, meta,
-                                   batch_size=args.batch_size)
+                                   batch_size=args.batch_size, unlike=unlike)
         for path in args.images:
             if path in results:
                 best = ", ".join(f"{name} {100 * prob:.1f}%" for name, prob in results[path])
@@ -198,14 +211,83 @@ def predict_main(argv: list[str] | None = None) -> int:
             else:
                 print(f"{path}: not classified: {errors[path]}",
                       file=sys.stderr, flush=True)
+        if unlike:  # once, however many images
+            first, reason = next(iter(unlike.items()))
+            more = f"; and {len(unlike) - 1} more" if len(unlike) > 1 else ""
+            print(f"warning: {plural(len(unlike), 'image')} of {len(args.images)} "
+                  f"{'differs' if len(unlike) == 1 else 'differ'} a lot from the training "
+                  f"images ({first}: {reason}{more}); the model's answers for "
+                  f"{'it' if len(unlike) == 1 else 'them'} mean little", file=sys.stderr,
+                  flush=True)
         status[0] = 1 if errors else 0
 
     return main_guard(run) or status[0]
 
 
+# ------------------------------------------------------------------ curves
+def curves_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="lsgd-jax curves", description="Draw the training and validation curves "
+               "of one or more runs into a PNG: training error and loss, validation top-1 "
+               "error with the evaluations of the paper's metric and the result marked, and "
+               "the learning rate. Reads WORKDIR/metrics.jsonl and config.json only (runs in "
+               "progress too). Needs matplotlib, the plot extra.")
+    p.add_argument("workdirs", nargs="+", help="run directories (with metrics.jsonl)")
+    p.add_argument("-o", "--output", default=None,
+                   help="PNG to write (default: curves.png in the first run's directory)")
+    p.add_argument("--labels", default=None, help="comma-separated names of the runs")
+    p.add_argument("--reference", default=None, help="a run drawn in black underneath")
+    p.add_argument("--title", default=None, help="the figure's title (default: the run's "
+                   "name, or the number of runs)")
+    numeric(p, "--smooth", Range(1, 10_000, integer=True), default=1,
+            help="moving average over this many logged training points (default: 1)")
+    return p
+
+
+def curves_main(argv: list[str] | None = None, prog: str = "lsgd-jax curves") -> int:
+    parser = curves_parser()
+    parser.prog = prog
+    args, _ = parse_flags(parser, argv)  # a bad value: one line, SystemExit(2)
+    missing = [w for w in args.workdirs + ([args.reference] if args.reference else [])
+               if not os.path.exists(os.path.join(w, "metrics.jsonl"))]
+    if missing:
+        return _fail(f"no metrics.jsonl in {', '.join(missing)}; give a training run's "
+                     "--workdir")
+    try:
+        from lsgd_jax.extras import require
+
+        require("plot")
+        from lsgd_jax.plotting import plot_runs
+
+        path = plot_runs(args.workdirs, args.output,
+                         labels=args.labels.split(",") if args.labels else None,
+                         reference=args.reference, title=args.title, smooth=args.smooth)
+    except ValueError as e:  # a missing extra, no records, labels that do not match
+        return _fail(str(e))
+    print(f"wrote {path}")
+    return 0
+
+
 # ------------------------------------------------------------------ lsgd-jax
 COMMANDS: dict[str, Callable[[list[str] | None], int]] = {
-    "evaluate": evaluate_main, "export": export_main, "predict": predict_main}
+    "curves": curves_main, "evaluate": evaluate_main, "export": export_main,
+    "predict": predict_main}
+
+# What each command does, for ``lsgd-jax --help``.
+SUMMARIES = {
+    "train": "train a ResNet with the paper's recipe into --workdir; the same command resumes",
+    "curves": "draw a run's training and validation curves into WORKDIR/curves.png",
+    "evaluate": "evaluate a run's checkpoint on the whole validation split",
+    "export": "write a run's weights to a model file (for predict and --init-from)",
+    "predict": "classify image files with an exported model",
+}
+
+
+def usage() -> str:
+    """``lsgd-jax --help``: each command with one line of what it does."""
+    width = max(map(len, SUMMARIES))
+    return "\n".join(["usage: lsgd-jax COMMAND [FLAGS]   (lsgd-jax COMMAND --help lists its "
+                      "flags)", "", "commands:"]
+                     + [f"  {name:<{width}}  {text}" for name, text in SUMMARIES.items()])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,10 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     names = ("train", *COMMANDS)
     if not argv or argv[0] not in names:
         if argv and argv[0] in ("-h", "--help"):
-            print(f"usage: lsgd-jax {{{','.join(names)}}} ...  (each takes --help)")
+            print(usage())
             return 0
         return _fail(f"expected a command, one of {', '.join(names)}; got "
-                     f"{argv[0] if argv else 'none'} (lsgd-jax COMMAND --help for its flags)")
+                     f"{argv[0] if argv else 'none'} (lsgd-jax --help says what each does)")
     if argv[0] == "train":
         from lsgd_jax.cli import main as train_main
 

@@ -353,6 +353,21 @@ class TrainConfig:
             raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(names)}")
         return cls(**d)
 
+    def summary(self) -> list[str]:
+        """The start-up config in a few lines, one per group of flags, as they are typed:
+        only the fields that matter to this run's data set, schedule and optimizer (the
+        speed switches have a line of their own). ``config.json`` keeps every field."""
+        from lsgd_jax.cli import GROUPS, as_typed  # the CLI's groups and spelling
+
+        lines: dict[str, list[str]] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            group = f.metadata["group"]
+            if group == "speed" or (value is None) or not _RELEVANT.get(f.name, _always)(self):
+                continue
+            lines.setdefault(group, []).append(f"{flag_of(f)} {as_typed(value)}")
+        return [f"{group}: {' '.join(lines[group])}" for group in GROUPS if group in lines]
+
     def levers(self) -> dict[str, Any]:
         """The model's speed switches (``get_model``'s keywords): how, not what, it computes."""
         return dict(bn_impl=self.bn_impl, bn_split_rows=self.bn_split_rows,
@@ -361,17 +376,56 @@ class TrainConfig:
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
-    def recipe(self) -> str:
-        """The optimizer and schedule in words, for the start line."""
+    def recipe(self, decays_in_run: tuple[float, ...] | None = None) -> str:
+        """The optimizer and schedule in words, for the start line. ``decays_in_run``: the
+        decay epochs that fall inside the run (default: all of them)."""
         opt = ("LARS (trust coefficient " f"{self.trust_coefficient:g}) + " if
                self.optimizer == "lars" else "") + ("Nesterov " if self.nesterov else "") + \
             "momentum SGD"
-        sched = ("step decay" if self.schedule == "steps" else
-                 f"poly decay (power {self.poly_power:g}, end rate {self.end_lr:g})")
+        decays = self.decay_epochs if decays_in_run is None else tuple(decays_in_run)
+        if self.schedule == "poly":
+            sched = f"poly decay (power {self.poly_power:g}, end rate {self.end_lr:g})"
+        elif decays:
+            sched = (f"step decay ×{self.decay_factor:g} at epoch"
+                     f"{'s' if len(decays) > 1 else ''} {', '.join(f'{e:g}' for e in decays)}")
+        else:
+            sched = "no decay"
         smooth = (f", label smoothing {self.label_smoothing:g}" if self.label_smoothing
                   else "")
         return f"recipe: {opt}, {self.momentum_form}, {self.warmup} warmup, {sched}{smooth}"
 
+
+
+def _always(config: TrainConfig) -> bool:
+    return True
+
+
+def _reads_images(config: TrainConfig) -> bool:
+    """The image pipeline's fields matter to data sets read from image files."""
+    return config.data not in ("synthetic", "fashion_mnist")
+
+
+# When a field matters to a run (the start-up config shows it); every other field always
+# does (when it has a value).
+_RELEVANT = {
+    "tfds_name": lambda c: c.data == "imagenet",
+    "max_image_size": lambda c: c.image_size is not None,
+    "decode_threads": _reads_images, "decode_workers": _reads_images,
+    "resizer": _reads_images, "max_bad_fraction": _reads_images,
+    "color_jitter": _reads_images, "lighting": _reads_images,
+    "synthetic_examples": lambda c: c.data == "synthetic",
+    "synthetic_eval_examples": lambda c: c.data == "synthetic",
+    "decay_epochs": lambda c: c.schedule == "steps",
+    "decay_factor": lambda c: c.schedule == "steps",
+    "poly_power": lambda c: c.schedule == "poly",
+    "end_lr": lambda c: c.schedule == "poly",
+    "trust_coefficient": lambda c: c.optimizer == "lars",
+    "momentum_correction": lambda c: c.momentum_form == "eq10",
+    "warmup_epochs": lambda c: c.warmup != "none",
+    "allreduce": lambda c: c.allreduce != "psum",
+    "label_smoothing": lambda c: c.label_smoothing != 0,
+    "keep_every_epochs": _always,
+}
 
 
 def evaluation_steps(*, total_steps: int, steps_per_epoch: int, eval_every_epochs: int,

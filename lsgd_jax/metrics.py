@@ -50,7 +50,9 @@ class MetricsWriter:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:  # optional: the run goes on without TensorBoard
-                print("tensorboardX is not installed; TensorBoard scalars are off", file=sys.stderr)
+                print("warning: tensorboardX is not installed, so TensorBoard scalars are off "
+                      "(metrics.jsonl has every figure); install it with: pip install -e .",
+                      file=sys.stderr)
             else:
                 self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from lsgd_jax.config import MAX_STEPS, TrainConfig, evaluation_steps
 from lsgd_jax.layout import BatchLayout
+from lsgd_jax.metrics import plural
 from lsgd_jax.schedules import scaled_learning_rate, warmup_steps
 
 
@@ -62,8 +63,6 @@ class Plan:
 
     def describe(self, warmup: str) -> str:
         """The start line: what one step is, and how long the run is."""
-        from lsgd_jax.metrics import plural
-
         return (
             f"kn={self.global_batch_size} (k={self.num_bn_workers} BN workers of "
             f"n={self.bn_group_size}) on {plural(self.num_devices, 'device')} in "
@@ -86,23 +85,27 @@ def make_plan(config: TrainConfig, *, num_train_examples: int, num_devices: int,
     split = num_devices * K
     if kn % split:
         raise ValueError(
-            f"--batch-size {kn} does not split over {num_devices} devices × --grad-accum-steps "
+            f"--batch-size {kn} does not split over {plural(num_devices, 'device')} × "
+            f"--grad-accum-steps "
             f"{K}; use a multiple of {split * n} ({split} × --bn-group-size {n})")
     micro = kn // split
     if micro % n:
         raise ValueError(
             f"--bn-group-size {n} does not divide the microbatch of {micro} images per device "
-            f"(--batch-size {kn} / {num_devices} devices / --grad-accum-steps {K}); use a "
+            f"(--batch-size {kn} / {plural(num_devices, 'device')} / --grad-accum-steps {K}); "
+            "use a "
             f"--bn-group-size that divides {micro}, or a --batch-size that is a multiple of "
             f"{split * n}")
     if kn % num_processes:
-        raise ValueError(f"--batch-size {kn} does not split over the {num_processes} "
-                         f"processes; use a multiple of {num_processes * n}")
+        raise ValueError(f"--batch-size {kn} does not split over the "
+                         f"{plural(num_processes, 'process')}; use a multiple of "
+                         f"{num_processes * n}")
     eval_batch = config.eval_batch_size or kn
     if eval_batch % num_devices or eval_batch % num_processes:
         raise ValueError(
-            f"--eval-batch-size {eval_batch} must be divisible by the {num_devices} devices "
-            f"and the {num_processes} processes; use a multiple of {num_devices}")
+            f"--eval-batch-size {eval_batch} must be divisible by the "
+            f"{plural(num_devices, 'device')} and the {plural(num_processes, 'process')}; use "
+            f"a multiple of {num_devices}")
     spe = num_train_examples // kn
     if spe < 1:
         raise ValueError(f"--batch-size {kn} is larger than the training set "
@@ -127,7 +130,33 @@ def make_plan(config: TrainConfig, *, num_train_examples: int, num_devices: int,
         eval_steps=tuple(evaluation_steps(total_steps=total, steps_per_epoch=spe,
                                           eval_every_epochs=config.eval_every_epochs,
                                           median_evals=config.median_evals)),
-        eval_batch_size=eval_batch, recipe=config.recipe())
+        eval_batch_size=eval_batch,
+        recipe=config.recipe(tuple(e for e, d in zip(config.decay_epochs, decays) if d < total)))
+
+
+def plan_warnings(config: TrainConfig, plan: Plan) -> list[str]:
+    """One line for each part of the schedule that the run is too short to reach: a warmup
+    longer than the run, a decay at or past its last step."""
+    lines = []
+    if plan.warmup_steps > plan.planned_steps:
+        lines.append(
+            f"warning: the warmup ({plan.warmup_steps} steps, --warmup-epochs "
+            f"{config.warmup_epochs:g}) is longer than the run ({plan.planned_steps} steps, "
+            f"--epochs {config.epochs:g}): the rate never reaches its peak {plan.peak_lr:g}")
+    # The decay at step d applies from step d on (0-based): it never does when d >= total.
+    late = [(e, d) for e, d in zip(config.decay_epochs, plan.decay_steps)
+            if d >= plan.total_steps]
+    if late:
+        epochs = ", ".join(f"{e:g}" for e, _ in late)
+        s, verb = ("s", "are") if len(late) > 1 else ("", "is")
+        lines.append(
+            f"warning: the decay{s} at epoch{s} {epochs} (step{s} "
+            f"{', '.join(str(d) for _, d in late)}, --decay-epochs) {verb} at or past the end "
+            "of the run "
+            f"({plan.total_steps} steps, --epochs {config.epochs:g}"
+            + (f", --num-steps {config.num_steps}" if plan.total_steps < plan.planned_steps
+               else "") + "): the rate never decays there")
+    return lines
 
 
 def _check_step_counts(config: TrainConfig, spe: int, *, planned: int, warm: int,

@@ -10,7 +10,7 @@ import json
 import os
 from typing import Sequence
 
-from lsgd_jax.metrics import eval_history, read_metrics
+from lsgd_jax.metrics import current_records, eval_history, read_metrics
 
 
 def _label(workdir: str) -> str:
@@ -96,7 +96,11 @@ def curves(workdir: str) -> dict[str, list[float]]:
     evals = list(eval_history(workdir).values())
     if not ordered and not evals:
         raise ValueError(f"{workdir} has no metrics.jsonl records; is it a training workdir?")
+    results = current_records(workdir, "result")
+    result = results[-1] if results and "median_top1_error" in results[-1] else None
     return {
+        "result_error": 100 * result["median_top1_error"] if result else None,
+        "result_epochs": list(result.get("median_eval_epochs", [])) if result else [],
         "train_epoch": [r["epoch"] for r in ordered],
         "train_loss": [r["loss"] for r in ordered],
         "train_error": [100 * r["top1_error"] for r in ordered],
@@ -104,6 +108,41 @@ def curves(workdir: str) -> dict[str, list[float]]:
         "eval_epoch": [r["epoch"] for r in evals],
         "eval_error": [100 * r["top1_error"] for r in evals],
     }
+
+
+def consecutive_segments(epochs: Sequence[float]) -> list[tuple[int, int]]:
+    """The pairs of neighbouring evaluations (indices) to join with a line: those no
+    further apart than 1.5 times a neighbouring gap. A regular series (every epoch; the
+    median's evaluations one 90th of the run apart) is joined; the gap between the two
+    series, or a missing evaluation, is left open, where there is no data to draw.
+
+    Example:
+      >>> consecutive_segments([1.0, 1.91, 1.93, 1.96, 1.98, 2.0])
+      [(1, 2), (2, 3), (3, 4), (4, 5)]
+    """
+    gaps = [b - a for a, b in zip(epochs, epochs[1:])]
+    if len(gaps) == 1:
+        return [(0, 1)]
+    joined = []
+    for i, gap in enumerate(gaps):
+        neighbours = [g for g in (gaps[i - 1] if i else None,
+                                  gaps[i + 1] if i + 1 < len(gaps) else None) if g is not None]
+        if gap <= 1.5 * min(neighbours) + 1e-9:
+            joined.append((i, i + 1))
+    return joined
+
+
+def _pyplot():
+    """matplotlib's pyplot, off-screen; a missing ``plot`` extra is one line."""
+    from lsgd_jax.extras import require
+
+    require("plot")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_runs(workdirs: Sequence[str], output: str | None = None, *,
@@ -114,20 +153,20 @@ def plot_runs(workdirs: Sequence[str], output: str | None = None, *,
     Args:
       workdirs: run directories.
       output: the PNG path (default: ``curves.png`` in the first run's directory).
-      labels: legend names (default: directory names).
+      labels: the runs' names in the legend, drawn when there are several (default:
+        directory names).
       reference: a run drawn in black underneath the others (the paper overlays
         every large-minibatch curve on the kn = 256 reference); listed once in the
         legend even when it is also one of ``workdirs``.
-      title: figure title (default: the runs' names).
+      title: figure title (default: the run's name, or "N runs").
       smooth: moving-average window over logged training points.
 
     The rate is drawn at every step from the run's schedule (``config.json``),
-    not from the logged points; validation results are drawn as points.
+    not from the logged points. Validation results are points, joined only where they
+    are consecutive (:func:`consecutive_segments`); the evaluations of the paper's
+    metric are circled and the result (their median) drawn across them.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     labels = list(labels) if labels else [_label(w) for w in workdirs]
     if len(labels) != len(workdirs):
@@ -149,8 +188,28 @@ def plot_runs(workdirs: Sequence[str], output: str | None = None, *,
                              **style)
         style = dict(style, color=line.get_color())
         axes[1].plot(series["train_epoch"], avg(series["train_loss"]), **style)
-        axes[2].plot(series["eval_epoch"], series["eval_error"], marker="o", markersize=4,
-                     linestyle="none" if len(series["eval_epoch"]) < 2 else "-", **style)
+        xs, ys = series["eval_epoch"], series["eval_error"]
+        axes[2].plot(xs, ys, marker="o", markersize=4, linestyle="none", **style)
+        for i, j in consecutive_segments(xs):  # no line across a gap without evaluations
+            axes[2].plot([xs[i], xs[j]], [ys[i], ys[j]], **style)
+        if series["result_error"] is not None:
+            # The paper's metric: the evaluations it takes the median of, and the result.
+            marked = [(x, y) for x, y in zip(xs, ys)
+                      if any(abs(x - e) < 1e-3 for e in series["result_epochs"])]
+            axes[2].plot([x for x, _ in marked], [y for _, y in marked], marker="o",
+                         markersize=9, markerfacecolor="none", linestyle="none",
+                         color=style["color"])
+            low, high = (min(series["result_epochs"]), max(series["result_epochs"])) if (
+                series["result_epochs"]) else (xs[-1], xs[-1])
+            axes[2].hlines(series["result_error"], low, high, colors=style["color"],
+                           linestyles="--", linewidth=1.5)
+            # Labels stacked at the right, each with a leader to its run's result.
+            axes[2].annotate(f"result {series['result_error']:.2f}%",
+                             (high, series["result_error"]), textcoords="axes fraction",
+                             xytext=(0.97, 0.55 - 0.09 * len(results)), ha="right",
+                             va="center", fontsize=9, color=style["color"],
+                             arrowprops=dict(arrowstyle="-", color=style["color"], lw=0.8))
+            results.append(series["result_error"])
         schedule = schedule_curve(workdir)
         if schedule is not None:
             axes[3].plot(*schedule, **style)
@@ -158,6 +217,7 @@ def plot_runs(workdirs: Sequence[str], output: str | None = None, *,
             axes[3].plot(series["train_epoch"], series["lr"], marker=".", linestyle="none",
                          **style)
 
+    results: list[float] = []
     if reference is not None:
         draw(reference, f"{_label(reference)} (reference)", color="black", linewidth=2,
              alpha=0.6)
@@ -165,23 +225,36 @@ def plot_runs(workdirs: Sequence[str], output: str | None = None, *,
         if reference is not None and os.path.realpath(workdir) == os.path.realpath(reference):
             continue  # already drawn, once, as the reference
         draw(workdir, label, linewidth=1.2)
-    for ax, name in zip(axes, ("training error (%)", "training loss",
+    for ax, name in zip(axes, ("training top-1 error (%)", "training loss",
                                "validation top-1 error (%)", "learning rate")):
         ax.set_xlabel("epochs")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     axes[3].set_yscale("log")  # the ×0.1 decays as equal steps
+    if results:  # what the marks of the validation panel mean
+        from matplotlib.lines import Line2D
+
+        axes[2].legend(handles=[
+            Line2D([], [], color="grey", marker="o", markersize=4, linestyle="none",
+                   label="evaluation"),
+            Line2D([], [], color="grey", marker="o", markersize=9, markerfacecolor="none",
+                   linestyle="none", label="the paper's metric's evaluations"),
+            Line2D([], [], color="grey", linestyle="--", label="result: their median")],
+            fontsize=8, loc="upper right")
     handles, names = axes[0].get_legend_handles_labels()
-    # As many columns as labels of this length fit across the figure, and room below.
-    longest = max((len(n) for n in names), default=1)
-    ncol = max(1, min(len(names), 6, 200 // max(longest, 1)))
-    rows = -(-len(names) // ncol)
-    fig.legend(handles, names, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
+    runs = [_label(w) for w in ([reference] if reference else []) + list(workdirs)]
+    runs = list(dict.fromkeys(runs))  # each run once, in order
     if title is None:
-        names = [_label(w) for w in ([reference] if reference else []) + list(workdirs)]
-        title = " vs ".join(dict.fromkeys(names))  # each run once, in order
+        title = runs[0] if len(runs) == 1 else f"{len(names)} runs"
+    # A legend names the runs where there are several; one run's name is the title.
+    rows = 0
+    if len(names) > 1:
+        longest = max((len(n) for n in names), default=1)
+        ncol = max(1, min(len(names), 6, 200 // max(longest, 1)))
+        rows = -(-len(names) // ncol)
+        fig.legend(handles, names, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
     fig.suptitle(title)
-    legend = 0.2 + 0.2 * rows  # inches: a row of 9-point text, and a margin
+    legend = 0.2 + 0.2 * rows if rows else 0.1  # inches: rows of 9-point text, a margin
     height = 4.25 + legend       # the panels keep their height whatever the legend's
     fig.set_size_inches(20, height)
     fig.tight_layout(rect=(0, legend / height, 1, 1))
@@ -196,11 +269,7 @@ def plot_budget(points: Sequence[dict], output: str, *, tolerance: float) -> str
     error to the reference (points, ± two standard errors) against its number of
     iterations, one marker per mode of the study (``lsgd_jax.study.report.budget_points``).
     A k matches where its whole bar lies under ``tolerance``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9.5, 5))
     markers = {}
     for k in sorted({p["k"] for p in points}):

@@ -18,6 +18,63 @@ import numpy as np
 
 TOP_K = 5
 
+# What the training images of each data set look like: predict says it, and warns when an
+# image is far from it. ``side``: the training images' own size (None: they vary);
+# ``dark_background``: objects light on black, as Fashion-MNIST's garments.
+LOOKS = {
+    "fashion_mnist": dict(text="a light garment centred on a black background", side=28,
+                          dark_background=True),
+    "imagenet": dict(text="photos of many sizes", side=None, dark_background=False),
+    "synthetic": dict(text="random noise", side=None, dark_background=False),
+}
+# An image's shorter side more than this many times the training images', or under their
+# side over it, is "far" in size; a grayscale model's image whose channels differ by more
+# than COLOUR_LEVELS (of 255) on average is in colour; a dark-background data set's image
+# whose border averages more than LIGHT_BORDER is on a light background.
+SIZE_FACTOR = 4
+COLOUR_LEVELS = 12
+LIGHT_BORDER = 96
+
+
+def expectation(meta: dict) -> str:
+    """One line: what the model expects, from its description (``model_file``)."""
+    data, size = meta.get("data"), int(meta["image_size"])
+    colours = "grayscale" if int(meta["channels"]) == 1 else "colour (RGB)"
+    looks = LOOKS.get(data, {}).get("text")
+    return (f"model: {meta['model']} trained on {data or 'its data set'} images, "
+            f"{size}×{size} {colours}" + (f", {looks}" if looks else "")
+            + f"; each file is resized (shorter side to {int(meta['eval_resize'])}), "
+            f"centre-cropped to {size}×{size}" + (" and made grayscale" if colours ==
+                                                  "grayscale" else "")
+            + ". Images unlike the training data get answers that mean little.")
+
+
+def unlike_training(path: str, image: np.ndarray, meta: dict) -> str:
+    """How the file ``path`` (whose eval transform is ``image``) differs a lot from the
+    model's training images, in words ("" when it does not)."""
+    from PIL import Image
+
+    looks = LOOKS.get(meta.get("data"), {})
+    reasons = []
+    with Image.open(path) as original:
+        width, height = original.size
+        side = looks.get("side")
+        if side and (min(width, height) > SIZE_FACTOR * side
+                     or min(width, height) * SIZE_FACTOR < side):
+            reasons.append(f"{width}×{height} pixels, the training images {side}×{side}")
+        if int(meta["channels"]) == 1:
+            rgb = np.asarray(original.convert("RGB").resize((64, 64)), np.float32)
+            spread = np.abs(rgb - rgb.mean(axis=-1, keepdims=True)).mean()
+            if spread > COLOUR_LEVELS:
+                reasons.append("in colour, the training images grayscale")
+    if looks.get("dark_background"):
+        border = np.concatenate([image[0].ravel(), image[-1].ravel(), image[:, 0].ravel(),
+                                 image[:, -1].ravel()])
+        if border.mean() > LIGHT_BORDER:
+            reasons.append("on a light background, the training images on black (the model "
+                           "sees it with its contrast reversed)")
+    return "; ".join(reasons)
+
 
 def load_image(path: str, meta: dict) -> np.ndarray:
     """uint8 ``(size, size, channels)``: the eval transform of the image file ``path``.
@@ -74,8 +131,11 @@ def top_k(probabilities: np.ndarray, meta: dict, k: int = TOP_K) -> list[list[tu
 
 
 def classify(paths: Sequence[str], model: Any, variables: dict, meta: dict, *,
-             batch_size: int = 64) -> tuple[dict[str, list], dict[str, str]]:
-    """Top-5 of every readable file of ``paths``; returns (results by path, errors by path)."""
+             batch_size: int = 64, unlike: dict[str, str] | None = None,
+             ) -> tuple[dict[str, list], dict[str, str]]:
+    """Top-5 of every readable file of ``paths``; returns (results by path, errors by path).
+    ``unlike``: filled with how each image differs a lot from the training images, where
+    it does (:func:`unlike_training`)."""
     from lsgd_jax.data.augment import DECODE_ERRORS
 
     predict = make_predict(model, variables, meta)
@@ -83,6 +143,8 @@ def classify(paths: Sequence[str], model: Any, variables: dict, meta: dict, *,
     for path in paths:
         try:
             ready.append((path, load_image(path, meta)))
+            if unlike is not None and (reason := unlike_training(path, ready[-1][1], meta)):
+                unlike[path] = reason
         except DECODE_ERRORS as e:  # OSError covers a missing file and a non-image
             errors[path] = _reason(e)
     for start in range(0, len(ready), batch_size):

@@ -67,11 +67,19 @@ class LogWindow:
         self.writer.write("train", step, epoch=step / spe, lr=lr, images_per_second=rate,
                           input_wait_fraction=wait, **mean)
         self.run.log(f"step {step}/{plan.total_steps} epoch {step / spe:.2f} | loss "
-                     f"{mean['loss']:.4f} top1 {100 * mean['top1_error']:.2f}% | lr {lr:.4g} | "
+                     f"{mean['loss']:.4f} top-1 error {100 * mean['top1_error']:.2f}% | "
+                     f"lr {lr:.4g} | "
                      f"{rate:,.0f} img/s | {'input-bound: ' if wait >= 0.1 else ''}"
                      f"{100 * wait:.0f} % of the time waiting for data | {eta}")
         self.values.clear()
         self.t_window = now
+
+
+def saved_line(directory: str, step: int, seconds: float) -> str:
+    """The console line of a checkpoint complete on disk; its time when over a second. The
+    save is asynchronous and found complete at the next check: the time is an upper bound."""
+    took = f" in at most {seconds:.1f} s" if seconds > 1 else ""
+    return f"checkpoint saved: step {step}{took} ({directory}/{step})"
 
 
 class Saver:
@@ -79,7 +87,7 @@ class Saver:
 
     def __init__(self, run: _Run, writer: MetricsWriter):
         self.run, self.writer = run, writer
-        self.pending: list[tuple[int, str]] = []
+        self.pending: list[tuple[int, str, float]] = []  # step, SHA-256, start time
 
     def save(self, step: int, state, position) -> None:
         try:  # the step's guard keeps the state finite; never write one that is not
@@ -87,13 +95,14 @@ class Saver:
         except FloatingPointError as e:
             raise NonFiniteError(f"{e} at step {step}; not saved. Lower --base-lr.") from None
         self.run.check_lock()  # a run that lost its workdir saves nothing into it
+        started = time.time()
         # Orbax waits for the previous save before it starts this one anyway: check and
         # record that one now, before this save's retention policy may delete it.
         self.record_committed(wait=True)
         self.run.ckpts.save(step, state, position={"position": position.to_dict()},
                             meta={"config": self.run.config.to_dict(), "state_sha256": digest,
                                   "data": self.run.data})
-        self.pending.append((step, digest))
+        self.pending.append((step, digest, started))
 
     def record_committed(self, wait: bool = False) -> None:
         """Record each finished save, once its step is complete on disk.
@@ -130,13 +139,14 @@ class Saver:
         """Write the records of the pending saves that are complete; returns the error of
         the first that is not (kept pending), or "" (process 0 only)."""
         while self.pending:
-            saved, digest = self.pending[0]
+            saved, digest, started = self.pending[0]
             missing = self.run.ckpts.committed(saved)
             if missing:  # not yet, or never: only a final check can tell
                 return self._failed(saved, missing, failure or self._library_error()) if (
                     final) else ""
             self.writer.write("checkpoint", saved, epoch=saved / self.run.plan.steps_per_epoch,
                               state_sha256=digest)
+            self.run.log(saved_line(self.run.ckpts.directory, saved, time.time() - started))
             self.pending.pop(0)
         return ""
 

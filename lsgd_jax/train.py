@@ -40,7 +40,7 @@ from lsgd_jax.metrics import (
 )
 from lsgd_jax.models import get_model
 from lsgd_jax.parallel import InFlight, data_sharding, exchange, make_mesh
-from lsgd_jax.plan import Plan, make_plan
+from lsgd_jax.plan import Plan, make_plan, plan_warnings
 from lsgd_jax.recipe import build as build_recipe
 from lsgd_jax.step import create_train_state, make_eval_step, make_train_step
 from lsgd_jax.preemption import PreemptionWatcher, same_on_every_process
@@ -124,6 +124,7 @@ class _Run:
     restart: str = ""  # why this attempt starts over, recorded in metrics.jsonl
     data: dict | None = None  # each split's identity, recorded with every checkpoint
     library_log: LibraryLog | None = None  # orbax's errors, quoted when a save fails
+    resuming: str = ""  # the line that says which checkpoint the run resumes from
 
     def check_lock(self) -> None:
         """Stop every process, writing nothing, when process 0 lost the workdir's lock."""
@@ -153,10 +154,8 @@ def _prepare(config: TrainConfig, workdir: str, log: Callable[[str], None],
     check_data(os.path.join(workdir, "checkpoints"), data, config.data_dir)
     plan = make_plan(config, num_train_examples=train_source.num_examples,
                      num_devices=mesh.devices.size, num_processes=jax.process_count())
-    if plan.warmup_steps > plan.planned_steps:
-        log(f"warning: the warmup ({plan.warmup_steps} steps, --warmup-epochs "
-            f"{config.warmup_epochs:g}) is longer than the run ({plan.planned_steps} steps, "
-            f"--epochs {config.epochs:g}): the rate never reaches its peak {plan.peak_lr:g}")
+    for line in plan_warnings(config, plan):
+        log(line)
     # The model and the step are built from the same n and dtype: the plan's and the config's.
     model = get_model(config.model, num_classes=config.num_classes or train_source.num_classes,
                       dtype=config.dtype,
@@ -198,8 +197,10 @@ def _prepare(config: TrainConfig, workdir: str, log: Callable[[str], None],
                 "rerun without the flag to resume it, or give a new --workdir to start "
                 "another run; nothing was changed")
         run.position = data_item["position"]
-        log(f"resuming from {ckpts.directory}/{latest} (epoch {run.position['epoch']}, "
-            f"step {run.position['step']} of the epoch; its state SHA-256 verified)")
+        # Said once the run is known not to be finished (_train_and_evaluate).
+        run.resuming = (f"resuming from {ckpts.directory}/{latest} (epoch "
+                        f"{run.position['epoch']}, step {run.position['step']} of the epoch; "
+                        "its state SHA-256 verified)")
         return run
     _start_without_checkpoint(run, had_steps, restart_from_scratch)
     if config.init_from and run.finished is None:
@@ -312,6 +313,8 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, log: Callable[[str], 
     if same_on_every_process("finished" if done else "") == "finished":
         run.ckpts.close()
         return _already_finished(run, step, done[-1] if done else {})
+    if run.resuming:
+        log(run.resuming)
     writer = MetricsWriter(workdir, enabled=is_main, guard=run.lock.check if run.lock else None,
                            log=log)
     run.check_lock()
@@ -324,7 +327,8 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, log: Callable[[str], 
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump({"config": config.to_dict(), "plan": plan.to_dict(),
                        "environment": environment}, f, indent=2, sort_keys=True)
-    log("config: " + json.dumps(config.to_dict(), sort_keys=True))
+    log(f"config (every field: {os.path.join(workdir, 'config.json')}):\n"
+        + "\n".join(f"  {line}" for line in config.summary()))
     log(plan.describe(config.warmup))
     defaults = TrainConfig().levers()
     changed = {k: v for k, v in config.levers().items() if v != defaults[k]}
@@ -346,6 +350,7 @@ def _already_finished(run: _Run, step: int, result: dict) -> dict:
     run.log(f"already finished at step {step} of {run.plan.total_steps}"
             + (f": result {100 * figure:.2f}% top-1 error" if figure is not None else "")
             + ". Nothing to do; use a new --workdir for a new run.")
+    run.log(outputs_line(run.workdir))
     return {"step": step, "total_steps": run.plan.total_steps, "preempted": False,
             **{k: v for k, v in result.items() if k not in ("kind", "step", "time")}}
 
@@ -496,7 +501,27 @@ def _result(run: _Run, writer: MetricsWriter, step: int, preempted: bool) -> dic
             run.log(f"done: {step} steps. Result (the paper's metric, the median top-1 error of "
                     f"the last {plural(n, 'evaluation')}, at epochs "
                     f"{', '.join(f'{e:g}' for e in epochs)}{short}): "
-                    f"{100 * summary['median_top1_error']:.2f}%. Last evaluation: "
-                    f"{100 * summary['last_eval']['top1_error']:.2f}%.")
+                    f"{100 * summary['median_top1_error']:.2f}% top-1 error. Last evaluation: "
+                    f"{100 * summary['last_eval']['top1_error']:.2f}% top-1 error.")
     writer.close()
+    if step >= total or preempted:
+        run.log(outputs_line(run.workdir))
     return summary
+
+
+def outputs_line(workdir: str) -> str:
+    """The last line of a run: what its workdir holds, and the commands that read it."""
+    from lsgd_jax.extras import available, install_command
+
+    names = [name + ("/" if os.path.isdir(os.path.join(workdir, name)) else "")
+             for name in ("metrics.jsonl", "config.json", "checkpoints", "tensorboard",
+                          "orbax.log")
+             if os.path.exists(os.path.join(workdir, name))]
+    viewer = f"tensorboard --logdir {os.path.join(workdir, 'tensorboard')}"
+    if not available("tensorboard"):
+        viewer += f" (after {install_command('tensorboard')})"
+    curves = f"lsgd-jax curves {workdir}"
+    if not available("matplotlib"):
+        curves += f" (after {install_command('plot')})"
+    return (f"outputs in {workdir}: {', '.join(names)}. Curves: {curves}; TensorBoard: "
+            f"{viewer}")

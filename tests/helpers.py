@@ -143,3 +143,37 @@ def run_together(commands: list[list[str]], envs: list[dict], log_dir, *,
         for log in logs:
             log.close()
     return [p.returncode for p in procs], [path.read_text() for path in paths]
+
+
+_BLOCKER = '''import os
+import sys
+
+_BLOCKED = set(filter(None, os.environ.get("LSGD_TEST_WITHOUT", "").split(",")))
+
+
+class _Without:
+    """Imports of the blocked packages fail, as where they are not installed."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in _BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _Without())
+'''
+
+
+def env_without(tmp_path, *modules: str) -> dict:
+    """An environment for a subprocess in which importing any of ``modules`` (top-level
+    package names) fails as if it were not installed: a ``sitecustomize`` on PYTHONPATH
+    puts a finder that refuses them first on ``sys.meta_path``."""
+    import os
+
+    folder = tmp_path / "without"
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(_BLOCKER)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, LSGD_TEST_WITHOUT=",".join(modules))
+    env["PYTHONPATH"] = os.pathsep.join([str(folder), root, env.get("PYTHONPATH", "")])
+    return env

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -733,3 +734,63 @@ def test_class_names_come_from_the_tfds_metadata(tmp_path):
     assert class_names(config.replace(tfds_name="no_such_data_set")) is None  # indices then
     assert class_names(TrainConfig(data="synthetic")) is None
     assert class_names(TrainConfig(data="fashion_mnist"))[9] == "Ankle boot"
+
+
+def test_predict_says_what_the_model_expects_and_warns_once_on_unlike_images(model_path,
+                                                                             tmp_path, capsys):
+    """A model of Fashion-MNIST (its description says so) given photos: one line of what it
+    expects, the answers, and one warning for all the photos that differ a lot."""
+    from lsgd_jax.commands import predict_main
+
+    fashion = _tamper(model_path, tmp_path, edit_meta=lambda m: m.update(data="fashion_mnist"))
+    photo = np.full((600, 450, 3), 230, np.uint8)  # a dark T-shirt on a light background
+    photo[100:500, 80:370] = (30, 30, 60)
+    garment = np.zeros((32, 32, 3), np.uint8)  # like the training images: light on black
+    garment[6:26, 8:24] = 200
+    paths = [str(tmp_path / n) for n in ("photo.jpg", "photo2.png", "garment.png")]
+    Image.fromarray(photo).save(paths[0])
+    Image.fromarray(photo).save(paths[1])
+    Image.fromarray(garment).save(paths[2])
+    assert predict_main(["--model", fashion, *paths]) == 0
+    captured = capsys.readouterr()
+    assert [line.split(":")[0] for line in captured.out.splitlines()] == paths
+    err = captured.err.strip().splitlines()
+    assert err[0].startswith("model: resnet8 trained on fashion_mnist images, 32×32 colour "
+                             "(RGB), a light garment centred on a black background"), err
+    warnings = [line for line in err if line.startswith("warning: ")]
+    assert len(warnings) == 1 and len(err) == 2, err
+    assert warnings[0].startswith("warning: 2 images of 3 differ a lot from the training images "
+                                  f"({paths[0]}: 450×600 pixels, the training images 28×28; on "
+                                  "a light background"), warnings[0]
+    assert "and 1 more" in warnings[0]
+    # Images like the training data: the line of what it expects, and no warning.
+    assert predict_main(["--model", fashion, paths[2]]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_images_unlike_the_training_data_are_told_apart():
+    from lsgd_jax.predict import load_image, unlike_training
+
+    meta = dict(model="resnet20", data="fashion_mnist", image_size=28, eval_resize=28,
+                channels=1, pixel_mean=[72.94], pixel_std=[90.021])
+    with tempfile.TemporaryDirectory() as folder:
+        def reasons(array):
+            path = os.path.join(folder, "x.png")
+            Image.fromarray(array).save(path)
+            return unlike_training(path, load_image(path, meta), meta)
+
+        garment = np.zeros((28, 28), np.uint8)
+        garment[4:24, 6:22] = 220
+        assert reasons(garment) == ""
+        assert reasons(np.kron(garment, np.ones((5, 5), np.uint8))) == (
+            "140×140 pixels, the training images 28×28")
+        assert "light background" in reasons(255 - garment)
+        colour = np.zeros((28, 28, 3), np.uint8)
+        colour[4:24, 6:22] = (220, 20, 20)
+        assert reasons(colour) == "in colour, the training images grayscale"
+        assert reasons(np.stack([garment] * 3, axis=-1)) == ""  # gray stored as RGB
+        # ImageNet's images come in every size: a large photo is not unlike them.
+        imagenet = dict(meta, data="imagenet", image_size=224, eval_resize=256, channels=3)
+        path = os.path.join(folder, "big.png")
+        Image.fromarray(np.full((1200, 1600, 3), 200, np.uint8)).save(path)
+        assert unlike_training(path, load_image(path, imagenet), imagenet) == ""

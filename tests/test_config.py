@@ -211,7 +211,8 @@ def test_the_default_recipe_is_the_papers_and_the_plan_names_the_recipe():
     assert TrainConfig(base_lr=1e-5).schedule == "steps"
     plan = make_plan(c, num_train_examples=1_281_167, num_devices=8)
     assert plan.describe("gradual").endswith(
-        "; recipe: Nesterov momentum SGD, eq9, gradual warmup, step decay")
+        "; recipe: Nesterov momentum SGD, eq9, gradual warmup, step decay ×0.1 at epochs 30, "
+        "60, 80")
     lars = c.replace(optimizer="lars", schedule="poly", label_smoothing=0.1, batch_size=8192,
                      end_lr=1e-3)
     plan = make_plan(lars, num_train_examples=1_281_167, num_devices=8)
@@ -228,3 +229,58 @@ def test_the_default_recipe_is_the_papers_and_the_plan_names_the_recipe():
     trust = 0.001 * 5 / (1 + 1e-4 * 5)
     expected = -0.1 * trust * (np.array([0.6, 0.8]) + 1e-4 * np.array([3.0, 4.0])) * 1.9  # Nesterov
     np.testing.assert_allclose(np.asarray(updates["kernel"]), expected, rtol=1e-5)
+
+
+def test_a_decay_at_or_past_the_end_is_a_warning_and_left_out_of_the_start_line():
+    from lsgd_jax.plan import plan_warnings
+
+    # 117 steps per epoch; 2 epochs = 234 steps. A decay at step 234 would apply from the
+    # 235th step on, which the run does not have.
+    base = TrainConfig(data="fashion_mnist", batch_size=512, epochs=2, warmup_epochs=0.5)
+    for decays, kept, late in (((1.5,), "step decay ×0.1 at epoch 1.5", ""),
+                               ((1.5, 2), "step decay ×0.1 at epoch 1.5", "the decay at epoch 2 "
+                                "(step 234, --decay-epochs) is at or past the end"),
+                               ((2, 3), "no decay", "the decays at epochs 2, 3 (steps 234, 351, "
+                                "--decay-epochs) are at or past the end")):
+        config = base.replace(decay_epochs=decays)
+        plan = make_plan(config, num_train_examples=60_000, num_devices=8)
+        assert plan.recipe.endswith(kept), plan.recipe
+        lines = plan_warnings(config, plan)
+        assert [line for line in lines if late and late in line] == lines[:1] if late else (
+            lines == []), lines
+        if late:
+            assert lines[0].startswith("warning: ") and "never decays" in lines[0]
+    # The last step that still decays: 233 (epoch 233/117), inside the run.
+    config = base.replace(decay_epochs=(233 / 117,))
+    plan = make_plan(config, num_train_examples=60_000, num_devices=8)
+    assert plan.decay_steps == (233,) and plan_warnings(config, plan) == []
+    # --num-steps ends the run sooner: a decay after it is named with the flag.
+    config = base.replace(decay_epochs=(1.5,), num_steps=100)
+    plan = make_plan(config, num_train_examples=60_000, num_devices=8)
+    assert plan.recipe.endswith("no decay")
+    assert "(100 steps, --epochs 2, --num-steps 100)" in plan_warnings(config, plan)[0]
+
+
+def test_the_start_up_config_shows_only_what_matters_to_the_run():
+    fashion = TrainConfig(data="fashion_mnist", dtype="float32", batch_size=512, epochs=2,
+                          warmup_epochs=0.5, decay_epochs=(1.5,), log_every_steps=20)
+    lines = fashion.summary()
+    assert 5 <= len(lines) <= 8 and all(len(line) < 200 for line in lines), lines
+    text = "\n".join(lines)
+    for absent in ("imagenet2012", "--synthetic-examples", "--trust-coefficient",
+                   "--tfds-name", "--decode-workers", "--poly-power", "--end-lr",
+                   "--momentum-correction", "--bn-impl", "--color-jitter"):
+        assert absent not in text, absent
+    for present in ("data: --data fashion_mnist", "--model resnet20", "--batch-size 512",
+                    "--decay-epochs 1.5", "--epochs 2 ", "--warmup-epochs 0.5",
+                    "--nesterov true", "--weight-decay 0.0001"):
+        assert present in text, present
+    lars = TrainConfig(data="imagenet", optimizer="lars", schedule="poly", momentum_form="eq10",
+                       decay_epochs=(30, 60, 80))
+    text = "\n".join(lars.summary())
+    for present in ("--tfds-name imagenet2012", "--trust-coefficient 0.001", "--poly-power 2",
+                    "--end-lr 0.0001", "--momentum-correction true", "--resizer auto"):
+        assert present in text, present
+    assert "--decay-epochs" not in text and "--synthetic-examples" not in text
+    assert "--synthetic-examples 1281167" in "\n".join(TrainConfig().summary())
+    assert "--decay-epochs 30,60,80" in "\n".join(TrainConfig().summary())

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from lsgd_jax.cli import _bool, build_parser, parse_flags, train_flags
-from lsgd_jax.commands import evaluate_parser, export_parser, predict_parser
+from lsgd_jax.commands import curves_parser, evaluate_parser, export_parser, predict_parser
 from lsgd_jax.config import FREE_FIELDS, TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,9 +30,10 @@ ALLOWED = {
     "evaluate": {"--step": {"0"}, "--process-id": {"0"}},
     "export": {"--step": {"0"}, "--process-id": {"0"}},
     "predict": {},
+    "curves": {},
 }
 PARSERS = {"train": lambda: build_parser("lsgd-jax train"), "evaluate": evaluate_parser,
-           "export": export_parser, "predict": predict_parser}
+           "export": export_parser, "predict": predict_parser, "curves": curves_parser}
 
 
 def _required(command: str, where) -> list[str]:
@@ -40,7 +41,8 @@ def _required(command: str, where) -> list[str]:
     workdir = str(where / "w")
     return {"train": ["--workdir", workdir], "evaluate": ["--workdir", workdir],
             "export": ["--workdir", workdir, "--out", str(where / "m.msgpack")],
-            "predict": ["--model", str(where / "m.msgpack"), str(where / "a.png")]}[command]
+            "predict": ["--model", str(where / "m.msgpack"), str(where / "a.png")],
+            "curves": [str(where / "w")]}[command]
 
 
 def _check(command: str, argv: list[str]) -> int:
@@ -82,7 +84,8 @@ def test_the_walk_finds_the_numeric_flags():
 @pytest.mark.parametrize("command", list(PARSERS))
 def test_every_numeric_flag_refuses_nonsense_in_one_line(command, tmp_path, capsys):
     base = _required(command, tmp_path)
-    launch = ["--num-processes", "2", "--process-id", "1"] if command != "predict" else []
+    launch = (["--num-processes", "2", "--process-id", "1"]
+              if command not in ("predict", "curves") else [])
     for flag in _numeric_flags(command):
         for value in VALUES:
             status = _check(command, [*base, flag, value])

@@ -124,3 +124,62 @@ def test_a_short_window_at_an_epoch_end_is_folded_into_its_neighbour(tmp_path):
     assert c["train_error"] == pytest.approx(
         [20.0, 20.0, 20.0, (90.0 + 10 * 20.0) / 11, (10 * 20.0 + 2 * 70.0) / 12], abs=1e-9)
     assert c["train_loss"] == pytest.approx([1.0] * 5)
+
+
+def test_evaluations_are_joined_only_where_they_are_consecutive():
+    from lsgd_jax.plotting import consecutive_segments
+
+    # A 2-epoch run: epoch 1, then the median's 5 (one 90th apart, in whole steps).
+    assert consecutive_segments([1.0, 1.91, 1.93, 1.96, 1.98, 2.0]) == [
+        (1, 2), (2, 3), (3, 4), (4, 5)]
+    # Every epoch: all joined; one evaluation missing (epoch 4): that gap is left open.
+    assert consecutive_segments([1, 2, 3, 4, 5]) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert consecutive_segments([1, 2, 3, 5, 6]) == [(0, 1), (1, 2), (3, 4)]
+    assert consecutive_segments([1.0, 2.0]) == [(0, 1)] and consecutive_segments([1.0]) == []
+
+
+def _drawn_figure(monkeypatch, workdirs, **kwargs):
+    """The matplotlib figure ``plot_runs`` draws (kept from its ``plt.close``)."""
+    import matplotlib.pyplot as plt
+
+    from lsgd_jax.plotting import plot_runs
+
+    kept = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: kept.append(fig) or close(fig))
+    plot_runs(workdirs, **kwargs)
+    return kept[-1]
+
+
+def test_the_curves_mark_the_papers_metric_and_the_result_without_a_legend_of_the_title(
+        tmp_path, monkeypatch):
+    from test_first_run import _fake_run as finished_run
+
+    run = finished_run(tmp_path / "fashion_mnist")
+    fig = _drawn_figure(monkeypatch, [run])
+    validation = fig.axes[2]
+    assert validation.get_ylabel() == "validation top-1 error (%)"
+    assert fig.axes[0].get_ylabel() == "training top-1 error (%)"
+    # Straight lines only between consecutive evaluations: none from epoch 1 to 1.91.
+    segments = [line.get_xdata() for line in validation.lines
+                if line.get_linestyle() == "-" and len(line.get_xdata()) == 2]
+    assert len(segments) == 4 and all(x[0] > 1.5 for x in segments), segments
+    # The median's evaluations are circled; the result is drawn across them and named.
+    circled = [line for line in validation.lines if line.get_markerfacecolor() == "none"
+               and len(line.get_xdata())]
+    assert len(circled) == 1 and list(circled[0].get_xdata()) == pytest.approx(
+        [224 / 117, 226 / 117, 229 / 117, 231 / 117, 2.0], abs=1e-3)
+    result = [c for c in validation.collections if len(c.get_segments())]
+    assert result and result[0].get_segments()[0][0][1] == pytest.approx(16.73)
+    assert [t.get_text() for t in validation.texts] == ["result 16.73%"]
+    # One run: its name is the title, and no legend repeats it.
+    assert fig.texts[0].get_text() == "fashion_mnist" and fig.legends == []
+    # Two runs: a legend names them; the title does not repeat it.
+    other = finished_run(tmp_path / "other")
+    fig = _drawn_figure(monkeypatch, [run, other], output=str(tmp_path / "two.png"))
+    assert len(fig.legends) == 1
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["fashion_mnist", "other"]
+    assert fig.texts[0].get_text() == "2 runs"
+    # A run still in progress has no result: nothing is circled.
+    fig = _drawn_figure(monkeypatch, [finished_run(tmp_path / "live", result=False)])
+    assert not [line for line in fig.axes[2].lines if line.get_markerfacecolor() == "none"]

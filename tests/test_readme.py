@@ -106,11 +106,87 @@ def _command_lines(readme="README.md", scripts=(("experiments/imagenet_resnet50.
     return commands
 
 
+def _train_commands() -> list[list[str]]:
+    """The flags of every `lsgd-jax train` line of the README's shell blocks."""
+    import shlex
+
+    commands = []
+    for line in _bash_lines():
+        for part in re.split(r"&&|>|&", line):
+            tokens = shlex.split(part, comments=True)
+            if tokens[:2] == ["lsgd-jax", "train"]:
+                commands.append(tokens[2:])
+    return commands
+
+
+def _bash_lines(readme="README.md") -> list[str]:
+    with open(os.path.join(ROOT, readme), encoding="utf-8") as f:
+        blocks = re.findall(r"^```bash\n(.*?)^```", f.read(), flags=re.S | re.M)
+    return [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+
+
+# The quickstart's training command: its flags and what they compute stay as they are.
+QUICKSTART = ["--workdir", "runs/fashion_mnist", "--data", "fashion_mnist", "--cpu-devices",
+              "8", "--dtype", "float32", "--batch-size", "512", "--epochs", "2",
+              "--warmup-epochs", "0.5", "--decay-epochs", "1.5", "--log-every-steps", "20"]
+
+
+def test_the_quickstart_sets_up_once_then_trains_with_lsgd_jax_train_which_also_resumes():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    first = re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M)[0]
+    lines = [line for line in first.splitlines() if not line.startswith("#")]
+    setup = next(line for line in lines if "pip install -e ." in line)
+    assert "apt-get" in setup and "lsgd-jax" not in setup and "experiments/" not in setup
+    train = [line for line in lines if "lsgd-jax train" in line]
+    assert train == ["lsgd-jax train " + " ".join(QUICKSTART)], train  # alone on its line
+    assert "experiments/imagenet_resnet50.py" not in first
+    intro = text.split("## What it implements")[0]
+    assert "Resuming is the train command alone" in intro
+    assert "lsgd-jax curves runs/fashion_mnist" in first
+    # The same recipe as ever: every flag given, so no default of the data set applies.
+    from lsgd_jax.cli import build_parser, config_from_args, given_flags, recipe_notice
+
+    parser = build_parser("lsgd-jax train")
+    config = config_from_args(parser.parse_args(QUICKSTART))
+    assert (config.model, config.epochs, config.batch_size, config.decay_epochs) == (
+        "resnet20", 2, 512, (1.5,))
+    assert recipe_notice(config, given_flags(parser, QUICKSTART)) == ""
+
+
+def test_the_readme_writes_only_into_runs_which_git_ignores_with_model_files():
+    import shlex
+    import subprocess
+
+    outputs = []
+    for line in _bash_lines():
+        tokens = shlex.split(line.replace("&&", " "), comments=True)
+        for flag in ("--workdir", "--out", "-o"):
+            outputs += [tokens[i + 1] for i, t in enumerate(tokens[:-1]) if t == flag]
+        outputs += [t.split("=", 1)[1] for t in tokens if t.startswith("OUT=")]
+    assert len(outputs) >= 10, outputs
+    local = [o for o in outputs if not o.startswith(("/shared/", "/tmp/"))]
+    assert all(o.startswith("runs/") for o in local), local
+    check = subprocess.run(["git", "check-ignore", "--no-index", *local, "model.msgpack",
+                            "model.json", "elsewhere/model.msgpack"], cwd=ROOT,
+                           capture_output=True, text=True)
+    ignored = set(check.stdout.split())
+    assert ignored == set(local) | {"model.msgpack", "model.json", "elsewhere/model.msgpack"}
+
+
+def test_the_readme_lists_the_files_a_run_writes():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    listed = text.split("A run writes into `WORKDIR`:")[1].split("\n\n")[0]
+    names = re.findall(r"^- `([^`/<]+)", listed, flags=re.M)
+    assert sorted(names) == ["checkpoints", "config.json", "metrics.jsonl", "tensorboard"]
+
+
 def test_every_training_command_in_the_readme_parses_into_a_config():
     from lsgd_jax.cli import build_parser, config_from_args
 
-    commands = _command_lines()
-    assert len(commands) >= 5, commands  # the demo, 1 GPU, 8 GPUs, SLURM, Open MPI
+    commands = _command_lines() + _train_commands()
+    assert len(commands) >= 7, commands  # demo, fine-tuning, 1 GPU, 8 GPUs, SLURM, MPI, LARS
     parser = build_parser()
     for argv in commands:
         config = config_from_args(parser.parse_args(argv))
@@ -178,18 +254,14 @@ def test_every_lsgd_jax_command_in_the_readme_parses():
     import shlex
 
     from lsgd_jax.cli import build_parser
-    from lsgd_jax.commands import evaluate_parser, export_parser, predict_parser
+    from lsgd_jax.commands import curves_parser, evaluate_parser, export_parser, predict_parser
 
     parsers = {"train": build_parser, "evaluate": evaluate_parser, "export": export_parser,
-               "predict": predict_parser}
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        blocks = re.findall(r"^```bash\n(.*?)^```", f.read(), flags=re.S | re.M)
+               "predict": predict_parser, "curves": curves_parser}
     seen = set()
-    for block in blocks:
-        for line in block.splitlines():
-            if not line.startswith("lsgd-jax "):
-                continue
-            tokens = shlex.split(line, comments=True)
+    for line in _bash_lines():
+        for part in line.split("&&"):
+            tokens = shlex.split(part, comments=True)
             if tokens[:1] == ["lsgd-jax"]:
                 parsers[tokens[1]]().parse_args(tokens[2:])
                 seen.add(tokens[1])

@@ -196,7 +196,7 @@ def test_help_explains_every_flag():
         return text.split(f" {flag} ")[-1].split(" --")[0]
 
     assert help_of("--workdir").endswith("(required)")
-    model = text.split(" --model ")[-1].split(" --dtype ")[0]
+    model = text.split(" --model ")[-1].split(" --batch-size ")[0]
     assert model.endswith("(default: resnet50, or resnet20 for --data fashion_mnist)")
     assert "(default: None)" not in help_of("--workdir") + model
     assert "{psum,ring,halving_doubling,binary_blocks,hierarchical}" in text
@@ -676,12 +676,23 @@ def test_rerunning_a_finished_run_changes_nothing(tmp_path):
     from lsgd_jax.train import train_and_evaluate
 
     config = TrainConfig(**TINY | dict(num_steps=2, median_evals=1))
-    first = train_and_evaluate(config, str(tmp_path))
+    said = []
+    first = train_and_evaluate(config, str(tmp_path), log=said.append)
+    # A line for each checkpoint saved, and a last line that names the outputs.
+    assert [m for m in said if m.startswith("checkpoint saved: step ")] == [
+        m for m in said if m.startswith("checkpoint saved: step 2")], said
+    assert len([m for m in said if m.startswith("checkpoint saved: ")]) == 1, said
+    assert said[-1].startswith(f"outputs in {tmp_path}: metrics.jsonl, config.json, "
+                               "checkpoints/, tensorboard/. Curves: lsgd-jax curves"), said[-1]
+    # Only the files the README lists (orbax.log only when a library logged something).
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints", "config.json", "metrics.jsonl",
+                                            "tensorboard"]
     before = (tmp_path / "metrics.jsonl").read_text()
     messages = []
     again = train_and_evaluate(config, str(tmp_path), log=messages.append)
     assert (tmp_path / "metrics.jsonl").read_text() == before
     assert any(m.startswith("already finished at step 2 of 2") for m in messages), messages
+    assert not any("resum" in m for m in messages), messages  # finished: nothing to resume
     assert again["median_top1_error"] == first["median_top1_error"]
 
 
