@@ -144,7 +144,10 @@ def _prepare(config: TrainConfig, workdir: str, log: Callable[[str], None],
     mesh = make_mesh()
     _agree("recipe", {k: v for k, v in config.to_dict().items() if k not in PER_PROCESS})
     resumable = check_resumable(os.path.join(workdir, "checkpoints"), config.to_dict())
-    train_source, eval_source = open_source(config, "train"), open_source(config, "validation")
+    where = dict(workdir=workdir, process_index=jax.process_index(),
+                 process_count=jax.process_count(), log=log)
+    train_source = open_source(config, "train", **where)
+    eval_source = open_source(config, "validation", **where)
     data = {s.identity["split"]: s.identity for s in (train_source, eval_source)
             if getattr(s, "identity", None)}
     _agree("data", data)
@@ -212,7 +215,8 @@ def _prepare(config: TrainConfig, workdir: str, log: Callable[[str], None],
 
 # Fields that may differ between the processes of one run: where each reads its data,
 # and how many threads or processes decode it.
-PER_PROCESS = frozenset({"data_dir", "decode_threads", "decode_workers", "init_from"})
+PER_PROCESS = frozenset({"data_dir", "val_labels", "decode_threads", "decode_workers",
+                         "init_from"})
 
 
 def _agree(what: str, mine: dict) -> None:
