@@ -93,6 +93,19 @@ def test_flat_val_labelled_by_a_file_class_list(tmp_path):
         _check_flat(src)
 
 
+def test_another_label_file_is_read_even_with_a_kept_index(tmp_path):
+    root = write_folder(tmp_path / "flat", flat_val=True)
+    index_dir = str(tmp_path / "idx")
+    with open_folder(root, "validation", index_dir=index_dir,
+                     val_labels=os.path.join(root, "val_labels.txt")) as src:
+        _check_flat(src)
+    other = os.path.join(root, "other_labels.txt")
+    with open(other, "w") as f:
+        f.write("".join(f"{file_name(i)} {CLASSES[0]}\n" for i in range(NUM)))
+    with open_folder(root, "validation", index_dir=index_dir, val_labels=other) as src:
+        assert set(src.index.labels.tolist()) == {0}
+
+
 def test_flat_val_labelled_by_kaggles_csv_found_beside_it(tmp_path):
     rows = "".join(f"{os.path.splitext(file_name(i))[0]},{CLASSES[i % 4]} 1 2 3 4 "
                    f"{CLASSES[i % 4]} 5 6 7 8\n" for i in reversed(range(NUM)))
@@ -234,6 +247,12 @@ def test_a_moved_copy_has_the_same_identity(tmp_path):
     with open_folder(tmp_path / "b", index_dir=str(tmp_path / "idx")) as src:
         assert src.identity == before
         assert src.index.root == os.path.abspath(tmp_path / "b" / "train")
+        first = src.index.path(0)
+    with open(first, "ab") as f:  # the same names, one file longer
+        f.write(b"\0")
+    with open_folder(tmp_path / "b", relist=True) as src:
+        assert src.identity["examples"] == before["examples"]
+        assert src.identity["fingerprint"] != before["fingerprint"]
 
 
 # ---------------------------------------------------------------------------- no TensorFlow
