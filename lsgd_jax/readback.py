@@ -294,7 +294,7 @@ def evaluate_run(run: RestoredRun, *, eval_batch_size: int | None = None,
                  data_dir: str | None = None) -> dict:
     """Top-1/top-5 error and loss of ``run.state`` over the whole validation split, with the
     training loop's exact masked evaluation."""
-    from lsgd_jax.data import open_source
+    from lsgd_jax.data import decode_workers_of, open_source
     from lsgd_jax.step import make_eval_step
     from lsgd_jax.train import evaluate
 
@@ -314,7 +314,8 @@ def evaluate_run(run: RestoredRun, *, eval_batch_size: int | None = None,
                              f"{run.facts.num_classes}")
         eval_step = make_eval_step(run.model, run.mesh, pixel_mean=source.pixel_mean,
                                    pixel_std=source.pixel_std)
-        result = evaluate(eval_step, run.state, source, global_batch_size=batch, mesh=run.mesh)
+        result = evaluate(eval_step, run.state, source, global_batch_size=batch, mesh=run.mesh,
+                          decode_workers=decode_workers_of(config))
     finally:
         source.close()
     return {**result, "eval_batch_size": batch}

@@ -355,3 +355,44 @@ def test_process_zero_opens_first_and_its_error_is_every_processs(monkeypatch):
     with pytest.raises(ValueError, match=r"^--data-dir '/x' is not a folder$"):
         _opened_in_turn(fail, "open_train", 0, 2)
     assert calls[-1] == ("data_open_train", "--data-dir '/x' is not a folder")
+
+
+# ---------------------------------------------------------------------------- evaluation
+def test_evaluation_decoded_by_workers_is_eval_batches_on_every_process_count(data_dir):
+    from lsgd_jax.data import eval_batches, eval_stream
+    from lsgd_jax.data.workers import WorkerEvalIterator
+
+    with open_folder(data_dir, "validation") as src:
+        for processes, workers, batch in ((1, 2, 16), (2, 2, 12), (2, 1, 64)):
+            for p in range(processes):
+                kw = dict(global_batch_size=batch, process_index=p, process_count=processes)
+                reference = list(eval_batches(src, **kw))
+                it = eval_stream(src, decode_workers=workers, **kw)
+                assert isinstance(it, WorkerEvalIterator)
+                got = list(it)
+                assert len(got) == len(reference) == -(-NUM // batch)
+                for a, b in zip(got, reference):
+                    for key in ("image", "label", "mask"):
+                        np.testing.assert_array_equal(a[key], b[key])
+                    assert a["mask"].dtype == np.float32
+                assert it._finalizer is None or not it._finalizer.alive  # closed at the end
+                assert it._seq_in == len(reference)  # no batch past the pass was decoded
+        assert sorted(src.bad_examples) == bad_ids()  # found by the workers, counted here
+
+
+def test_a_worker_that_dies_during_evaluation_is_reported(data_dir):
+    import signal
+
+    from lsgd_jax.data.workers import DecodeWorkerError, WorkerEvalIterator
+
+    with open_folder(data_dir, "validation") as src:
+        it = WorkerEvalIterator(src, global_batch_size=4, decode_workers=2)
+        try:
+            next(it)
+            os.kill(it.pids[1], signal.SIGKILL)
+            with pytest.raises(DecodeWorkerError, match=r"decode worker 1 \(pid \d+\) was "
+                                                        r"killed by signal 9"):
+                for _ in range(NUM):
+                    next(it)
+        finally:
+            it.close()

@@ -112,6 +112,33 @@ def train_stream(source: Source, config, *, global_batch_size: int, process_inde
     return TrainIterator(source, **kwargs)
 
 
+def decode_workers_of(config) -> int:
+    """The decoding worker processes per process that ``config`` asks for (``--decode-workers``,
+    or its default from this process's cores)."""
+    from lsgd_jax.data.workers import default_decode_workers, usable_cores
+
+    workers = config.decode_workers
+    return default_decode_workers(usable_cores()) if workers is None else workers
+
+
+def eval_stream(source: Source, *, global_batch_size: int, process_index: int = 0,
+                process_count: int = 1, decode_workers: int = 0, log=None):
+    """This process's padded evaluation batches (``eval_batches``), decoded by
+    ``decode_workers`` worker processes where the source supports them, else in this
+    process; the same batches either way. ``close()`` it when done early."""
+    kwargs = dict(global_batch_size=global_batch_size, process_index=process_index,
+                  process_count=process_count)
+    if decode_workers and hasattr(source, "worker_opener"):
+        from lsgd_jax.data.workers import WorkerEvalIterator
+
+        try:
+            return WorkerEvalIterator(source, decode_workers=decode_workers, **kwargs)
+        except ValueError as e:  # no room for its ring: the same batches from threads
+            if log is not None:
+                log(f"evaluation decoded in this process's threads: {e}")
+    return eval_batches(source, **kwargs)
+
+
 def _started_everywhere(start, process_count: int):
     """``start()``, or on every process the ``ValueError`` of the first process whose
     ``start()`` raised one (its /dev/shm share refused): the others would otherwise wait
@@ -169,8 +196,10 @@ __all__ = [
     "Source",
     "TrainIterator",
     "class_names",
+    "decode_workers_of",
     "eval_batches",
     "eval_indices",
+    "eval_stream",
     "get_source",
     "local_batch_size",
     "num_eval_batches",
