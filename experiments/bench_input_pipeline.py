@@ -22,7 +22,9 @@ about ImageNet's average size) and ``hard`` (quality 95, 4:4:4, long side up to
    are installed (``--skip-tf`` skips them);
 5. reading from files (the folder source, warm page cache): the train transform of a
    file read with ``open``/``read`` against the same bytes in memory, the share of the
-   read, and the folder source's ``get_batch`` on one thread.
+   read, and the folder source's ``get_batch`` on one thread;
+6. evaluation from those files: images/s (wall) of the padded evaluation batches decoded
+   by 1 and 2 threads of this process and by 1 and 2 worker processes.
 
 Timings on a machine shared with other work vary; the best of ``--rounds`` is reported.
 """
@@ -405,6 +407,55 @@ def bench_tfds(blobs, rounds, batch, counts):
                       f"training process {1e3 * best[1]:5.2f} CPU ms/image")
 
 
+def eval_rates(root, rounds) -> None:
+    """6.: wall images/s of one evaluation pass over the folder ``root``'s train split,
+    threads against worker processes; best of ``rounds``."""
+    from lsgd_jax.data import eval_batches
+    from lsgd_jax.data.folders import FolderSource
+    from lsgd_jax.data.workers import WorkerEvalIterator
+
+    batch = 32
+    opts = dict(data_dir=root, split="train", resizer="opencv")
+
+    def one_pass(make):
+        t = time.perf_counter()
+        count = sum(int(b["mask"].sum()) for b in make())
+        return count / (time.perf_counter() - t)
+
+    rates = {}
+    for threads in (1, 2):
+        with FolderSource(decode_threads=threads, **opts) as source:
+            rates[f"{threads} thread(s)"] = max(one_pass(lambda: eval_batches(
+                source, global_batch_size=batch)) for _ in range(rounds))
+    print(f"\n6. Evaluation, {source.num_examples} images in batches of {batch} (wall "
+          f"images/s, best of {rounds})")
+    per_core = 0.0
+
+    def workers_pass(source, workers):
+        nonlocal per_core
+        it = WorkerEvalIterator(source, global_batch_size=batch, decode_workers=workers)
+        try:
+            t, count = time.perf_counter(), 0
+            for _ in range(len(it._eval_ids)):
+                count += int(next(it)["mask"].sum())
+            wall = time.perf_counter() - t
+            cpu = sum(_cpu_seconds(p) for p in it.pids)  # their whole life: opening included
+        finally:
+            it.close()
+        per_core = max(per_core, count / cpu)
+        return count / wall
+
+    with FolderSource(decode_threads=1, **opts) as source:
+        for workers in (1, 2):
+            rates[f"{workers} worker process(es)"] = max(workers_pass(source, workers)
+                                                         for _ in range(rounds))
+    for name, rate in rates.items():
+        print(f"  {name:28s} {rate:9.0f}")
+    print(f"  2 workers / 1 worker: {rates['2 worker process(es)'] / rates['1 worker process(es)']:.2f}x;"
+          f" 2 workers / 2 threads: {rates['2 worker process(es)'] / rates['2 thread(s)']:.2f}x;"
+          f" {per_core:.0f} images per worker CPU-second (best)")
+
+
 def bench_files(blobs, rounds) -> None:
     """5.: the same transform from files (written once, then read warm) and from memory."""
     from lsgd_jax.data.folders import FolderSource
@@ -454,6 +505,7 @@ def bench_files(blobs, rounds) -> None:
         print(f"  FolderSource.get_batch, open/read of the files   {best['files']:9.0f}"
               f"   ({best['files'] / best['memory']:.3f}x memory; the read is "
               f"{100 * share:.1f} % of the time)")
+        eval_rates(root, rounds)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
