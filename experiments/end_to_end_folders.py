@@ -188,15 +188,15 @@ def main():
     t = time.perf_counter()
     result = evaluate_run(run)
     out["eval_img_per_s"] = result["count"] / (time.perf_counter() - t)
-    out["eval_decoding"] = "threads of the training process"
+    out["eval_decoding"] = f"{workers} worker processes"
 
     step = out["step_alone_img_per_s"]
     e2e = out["end_to_end_img_per_s"]
     print(f"end to end: {e2e or float('nan'):,.0f} images/s"
           + (f" = {e2e / step:.3f}x the step alone" if e2e and step else "")
           + f"; input wait {100 * (out['input_wait_fraction'] or 0):.1f} % of the time")
-    print(f"evaluation: {out['eval_img_per_s']:,.0f} images/s (decoded in the training "
-          f"process's threads)")
+    print(f"evaluation: {out['eval_img_per_s']:,.0f} images/s (decoded by {workers} worker "
+          f"processes)")
     if step and per_core:
         need = step / out["worker_img_per_core_s"] + 1
         print(f"cores to feed the step: about {need:.0f} ({out['worker_img_per_core_s']:,.0f} "
