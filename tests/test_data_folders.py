@@ -112,6 +112,13 @@ def test_flat_val_labelled_by_kaggles_csv_found_beside_it(tmp_path):
     root, _ = _flat(tmp_path, "ImageId,PredictionString\n" + rows, F.KAGGLE_VAL_LABELS)
     with open_folder(root, "validation") as src:  # found without --val-labels
         _check_flat(src)
+    # Kaggle's own layout: the CSV three levels above ILSVRC/Data/CLS-LOC/{train,val}.
+    deep = tmp_path / "kaggle" / "ILSVRC" / "Data" / "CLS-LOC"
+    os.makedirs(deep.parent)
+    os.rename(root, deep)
+    os.rename(deep / F.KAGGLE_VAL_LABELS, tmp_path / "kaggle" / F.KAGGLE_VAL_LABELS)
+    with open_folder(deep, "validation") as src:
+        _check_flat(src)
 
 
 def test_flat_val_labelled_one_class_a_line_in_sorted_file_order(tmp_path):

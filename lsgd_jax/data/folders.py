@@ -135,14 +135,19 @@ def tfds_validation_labels() -> str | None:
 
 def find_val_labels(data_dir: str, val_labels: str | None, *, imagenet: bool) -> str | None:
     """The label file of a flat validation folder: ``val_labels``, else Kaggle's
-    ``LOC_val_solution.csv`` next to ``val/``, else (ImageNet) tfds's."""
+    ``LOC_val_solution.csv`` in ``data_dir`` or up to three folders above it, else
+    (ImageNet) tfds's."""
     if val_labels:
         if not os.path.isfile(val_labels):
             raise FileNotFoundError(f"--val-labels {val_labels!r} is not a file")
         return val_labels
-    kaggle = os.path.join(data_dir, KAGGLE_VAL_LABELS)
-    if os.path.isfile(kaggle):
-        return kaggle
+    # Kaggle's download keeps it three levels above the folders (ILSVRC/Data/CLS-LOC/).
+    here = os.path.abspath(data_dir)
+    for _ in range(4):
+        kaggle = os.path.join(here, KAGGLE_VAL_LABELS)
+        if os.path.isfile(kaggle):
+            return kaggle
+        here = os.path.dirname(here)
     return tfds_validation_labels() if imagenet else None
 
 
