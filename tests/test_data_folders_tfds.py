@@ -87,3 +87,29 @@ def test_evaluation_batches_are_the_tfds_paths(both):
     finally:
         tfds_src.close()
         folder_src.close()
+
+
+@pytest.mark.slow
+def test_training_on_the_folder_with_workers_equals_training_on_tfds(both, tmp_path):
+    """The trainer end to end: the same losses at every step, evaluation and final state,
+    whether the images come from tfds (threads) or from the folder (decoding workers)."""
+    from lsgd_jax.config import TrainConfig
+    from lsgd_jax.metrics import read_metrics
+    from lsgd_jax.train import train_and_evaluate
+
+    tfds_dir, folder = both
+    common = dict(model="resnet20", image_size=16, batch_size=16, bn_group_size=2,
+                  eval_batch_size=16, dtype="float32", epochs=2, warmup_epochs=0,
+                  decay_epochs=(), max_bad_fraction=0.2, decode_threads=2, log_every_steps=1)
+    configs = {"tfds": TrainConfig(data="imagenet", data_dir=tfds_dir, tfds_name=SORTED_BUILDER,
+                                   decode_workers=0, **common),
+               "folder": TrainConfig(data="folder", data_dir=folder, decode_workers=2, **common)}
+    results = {}
+    for name, config in configs.items():
+        run = str(tmp_path / name)
+        train_and_evaluate(config, run, log=lambda m: None)
+        results[name] = ([r["loss"] for r in read_metrics(run, "train")],
+                         [(r["top1_error"], r["loss"]) for r in read_metrics(run, "eval")],
+                         read_metrics(run, "checkpoint")[-1]["state_sha256"])
+    assert len(results["tfds"][0]) == 4 and results["tfds"][1]
+    assert results["folder"] == results["tfds"]
