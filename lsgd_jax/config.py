@@ -139,8 +139,9 @@ class TrainConfig:
     val_labels: str | None = _field(None, "data", "labels of a flat val/ folder: Kaggle's "
                                     "LOC_val_solution.csv, `file class` lines, or one class a "
                                     "line in sorted file order",
-                                    default_text="DATA_DIR/LOC_val_solution.csv, or for "
-                                    "imagenet the validation_labels.txt of an installed tfds")
+                                    default_text="a LOC_val_solution.csv in DATA_DIR or up "
+                                    "to three folders above it, or for imagenet the "
+                                    "validation_labels.txt of an installed tfds")
     relist: bool = _field(False, "data", "list the folder's files again instead of trusting "
                           "the index kept in the workdir (which a run checks against the "
                           "folders' modification times) (true/false)")
@@ -153,12 +154,13 @@ class TrainConfig:
     max_image_size: int = _field(1024, "data", "the largest --image-size accepted (larger "
                                  "is most likely a typo; raise this to train on such images)",
                                  valid=_ints(1, MAX_IMAGE_SIZE))
-    decode_threads: int = _field(8, "data", "image-decoding threads per process (ImageNet; "
-                                 "the train batches' when --decode-workers is 0, and eval's)",
+    decode_threads: int = _field(8, "data", "image-decoding threads per process (ImageNet, "
+                                 "folders) when --decode-workers is 0",
                                  valid=_ints(1, MAX_THREADS))
-    decode_workers: int | None = _field(None, "data", "ImageNet train batches: decoding worker "
-                                        "processes per process (shared memory); 0: threads "
-                                        "in the training process",
+    decode_workers: int | None = _field(None, "data", "ImageNet and folder data: decoding "
+                                        "worker processes per process for the train and the "
+                                        "evaluation batches (shared memory); 0: threads in "
+                                        "the training process",
                                         default_text="cores - 1 with 4 or more cores, else 0; the "
                                         "cores this process may run on, shared with the "
                                         "host's other processes that the launcher announces",
