@@ -11,7 +11,8 @@ sizes, never the contents), then times, each the best of ``--rounds``:
 * the cheap check of a kept index (``folders.unchanged``: a ``stat`` per folder), and
   loading the kept index from its file.
 
-The tree is removed afterwards unless ``--keep``. On a local disk with warm caches this
+The tree is removed afterwards unless ``--keep`` (writing ImageNet's count took 2 minutes
+on this project's loaded 2-core VM, removing it more than 15). On a local disk with warm caches this
 measures the CPU cost; a network file system adds its round trips per directory and per
 ``stat``, which the per-file figure lets one extrapolate to 1,281,167 files.
 """
