@@ -19,7 +19,12 @@ about ImageNet's average size) and ``hard`` (quality 95, 4:4:4, long side up to
    for 7,000 and 32,000 images/s;
 4. TensorFlow's ``decode_and_crop_jpeg`` (it decodes only the crop's rows) and the
    tfds ArrayRecord path end to end, at 1 thread and 1 worker, if TensorFlow and tfds
-   are installed (``--skip-tf`` skips them).
+   are installed (``--skip-tf`` skips them);
+5. reading from files (the folder source, warm page cache): the train transform of a
+   file read with ``open``/``read`` against the same bytes in memory, the share of the
+   read, and the folder source's ``get_batch`` on one thread;
+6. evaluation from those files: images/s (wall) of the padded evaluation batches decoded
+   by 1 and 2 threads of this process and by 1 and 2 worker processes.
 
 Timings on a machine shared with other work vary; the best of ``--rounds`` is reported.
 """
@@ -402,6 +407,109 @@ def bench_tfds(blobs, rounds, batch, counts):
                       f"training process {1e3 * best[1]:5.2f} CPU ms/image")
 
 
+def eval_rates(root, rounds) -> None:
+    """6.: wall images/s of one evaluation pass over the folder ``root``'s train split,
+    threads against worker processes; best of ``rounds``."""
+    from lsgd_jax.data import eval_batches
+    from lsgd_jax.data.folders import FolderSource
+    from lsgd_jax.data.workers import WorkerEvalIterator
+
+    batch = 32
+    opts = dict(data_dir=root, split="train", resizer="opencv")
+
+    def one_pass(make):
+        t = time.perf_counter()
+        count = sum(int(b["mask"].sum()) for b in make())
+        return count / (time.perf_counter() - t)
+
+    rates = {}
+    for threads in (1, 2):
+        with FolderSource(decode_threads=threads, **opts) as source:
+            rates[f"{threads} thread(s)"] = max(one_pass(lambda: eval_batches(
+                source, global_batch_size=batch)) for _ in range(rounds))
+    print(f"\n6. Evaluation, {source.num_examples} images in batches of {batch} (wall "
+          f"images/s, best of {rounds})")
+    per_core = 0.0
+
+    def workers_pass(source, workers):
+        nonlocal per_core
+        it = WorkerEvalIterator(source, global_batch_size=batch, decode_workers=workers)
+        try:
+            t, count = time.perf_counter(), 0
+            for _ in range(len(it._eval_ids)):
+                count += int(next(it)["mask"].sum())
+            wall = time.perf_counter() - t
+            cpu = sum(_cpu_seconds(p) for p in it.pids)  # their whole life: opening included
+        finally:
+            it.close()
+        per_core = max(per_core, count / cpu)
+        return count / wall
+
+    with FolderSource(decode_threads=1, **opts) as source:
+        for workers in (1, 2):
+            rates[f"{workers} worker process(es)"] = max(workers_pass(source, workers)
+                                                         for _ in range(rounds))
+    for name, rate in rates.items():
+        print(f"  {name:28s} {rate:9.0f}")
+    print(f"  2 workers / 1 worker: {rates['2 worker process(es)'] / rates['1 worker process(es)']:.2f}x;"
+          f" 2 workers / 2 threads: {rates['2 worker process(es)'] / rates['2 thread(s)']:.2f}x;"
+          f" {per_core:.0f} images per worker CPU-second (best)")
+
+
+def bench_files(blobs, rounds) -> None:
+    """5.: the same transform from files (written once, then read warm) and from memory."""
+    from lsgd_jax.data.folders import FolderSource
+
+    print("\n5. From files (a folder data set, warm page cache), one thread: images per "
+          "CPU-second")
+    root = tempfile.mkdtemp(prefix="bench_files_")
+    try:
+        paths = []
+        for split in ("train", "val"):
+            os.makedirs(os.path.join(root, split, "n00000000"))
+        for i, b in enumerate(blobs):
+            paths.append(os.path.join(root, "train", "n00000000", f"img_{i:05d}.JPEG"))
+            with open(paths[-1], "wb") as f:
+                f.write(b)
+        with open(os.path.join(root, "val", "n00000000", "img.JPEG"), "wb") as f:
+            f.write(blobs[0])
+
+        def read(path):
+            with open(path, "rb") as f:
+                return f.read()
+
+        for p in paths:  # warm the page cache
+            read(p)
+
+        class InMemory(FolderSource):  # the same source, its bytes in memory
+            def _read_one(self, j):
+                return {"image": blobs[j], "label": 0, "file_name": str(j)}
+
+        ids = np.arange(len(blobs))
+        opts = dict(data_dir=root, split="train", decode_threads=1, resizer="opencv")
+        best = {"memory": 0.0, "files": 0.0, "read": 0.0}
+        with InMemory(**opts) as memory, FolderSource(**opts) as files:
+            for src in (memory, files):
+                src.get_batch(ids[:4], seed=0, epoch=0, train=True)
+            for _ in range(rounds):  # interleaved: the load of a shared machine hits both
+                for name, src in (("memory", memory), ("files", files)):
+                    c = time.process_time()
+                    src.get_batch(ids, seed=0, epoch=0, train=True)
+                    best[name] = max(best[name], len(ids) / (time.process_time() - c))
+                c = time.process_time()
+                for p in paths:
+                    read(p)
+                best["read"] = max(best["read"], len(ids) / (time.process_time() - c))
+        share = best["files"] / best["read"]
+        print(f"  FolderSource.get_batch, bytes in memory          {best['memory']:9.0f}")
+        print(f"  FolderSource.get_batch, open/read of the files   {best['files']:9.0f}"
+              f"   ({best['files'] / best['memory']:.3f}x memory; the read is "
+              f"{100 * share:.1f} % of the time)")
+        eval_rates(root, rounds)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-images", type=int, default=192)
@@ -412,6 +520,7 @@ def main():
                         help="most threads/processes in 3. (default: the cores)")
     parser.add_argument("--skip-tf", action="store_true", help="skip the TensorFlow variants")
     parser.add_argument("--skip-gil", action="store_true", help="skip the py-spy measurement")
+    parser.add_argument("--only-files", action="store_true", help="only 5. (reading from files)")
     parser.add_argument("--gil-probe", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--resizer", default="opencv", help=argparse.SUPPRESS)
     parser.add_argument("--probe-seconds", type=float, default=6.0, help=argparse.SUPPRESS)
@@ -429,6 +538,8 @@ def main():
               f" mean {np.mean([w * h for w, h in sizes]) / 1e3:.0f} kpixels")
     print(f"{cores} CPU cores, load average {load:.2f} at the start; output {SIZE}x{SIZE}x3 uint8")
 
+    if args.only_files:
+        return bench_files(files["photo"][0], args.rounds)
     rates = bench_transforms(files, args.rounds, not args.skip_tf)
     if not args.skip_gil:
         bench_gil(KINDS, ("pil", "opencv"))
@@ -441,6 +552,7 @@ def main():
             bench_tfds(files["photo"][0], args.rounds, args.batch_size, [1])
         except ImportError:
             print("tfds not installed: skipping the end-to-end path")
+    bench_files(files["photo"][0], args.rounds)
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
 
 

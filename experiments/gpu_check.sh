@@ -12,7 +12,7 @@
 #   cp /usr/share/datasets/fashion-mnist/*.gz .gpu/fashion-mnist/   # the study's data
 # (or BASELINE=file, FMNIST=folder).
 #
-# Sections (SECTIONS=comma list; default machine,levers,baseline,profile,input,study):
+# Sections (SECTIONS=comma list; default machine,levers,baseline,profile,input,folders,study):
 #   machine   the card, driver, library versions, XLA_FLAGS; a bf16 matrix-product ceiling;
 #   levers    one process of experiments/bench_train_step.py, ResNet-50 bf16, 256 images
 #             per device, that compiles today's step (BN groups of 32, the reference),
@@ -24,6 +24,11 @@
 #   profile   the fastest variant with BN groups of 32 again, traced with XLA's command
 #             buffers off (the trace names every op): top ops, and the trace by kind;
 #   input     experiments/bench_input_pipeline.py (1 core and all cores);
+#   folders   experiments/end_to_end_folders.py: writes an ImageNet-like JPEG folder on
+#             this host (~5,000 photo-like files, ~400x350, ~90 KB; no TensorFlow), trains ResNet-50
+#             bf16 on it with decoding workers on all cores for a few hundred steps: end-to-
+#             end images/s against the step alone, the input-wait share, the evaluation's
+#             images/s, the workers' images per core-second; ~3 minutes;
 #   study     with the time left (BUDGET_S in all), the GPU mode of the Fashion-MNIST study
 #             (experiments/small_scale.py --mode gpu); finished runs come back as
 #             $OUT/small_scale_gpu.tgz (untar over experiments/results/small_scale_gpu);
@@ -34,7 +39,7 @@
 # finished). Run it with a 590 s limit for the default BUDGET_S=540.
 # Optional: WHEELS=folder of wheels installed first. The defaults of the model change
 # only after such a call shows a lever faster.
-SECTIONS=${SECTIONS:-machine,levers,baseline,profile,input,study}
+SECTIONS=${SECTIONS:-machine,levers,baseline,profile,input,folders,study}
 on() { [[ ",$SECTIONS," == *",$1,"* ]]; }
 set -u
 OUT=${OUT:?set OUT to a folder for the figures}
@@ -66,6 +71,7 @@ if [ -n "${TINY:-}" ]; then  # CPU dry run of every section
   G=2; BIG=8; PROFILE=2; BASE_ARGS="2 1 0"; MATMUL=512; STUDY_EXTRA="--mode quick"
   STUDY_RESULTS=/tmp/small_scale_quick_results  # never over the committed GPU results
   INPUT_ARGS="--num-images 32 --rounds 1 --skip-tf"
+  FOLDERS_ARGS="--tiny"
   SPLIT="--bn-split-rows 24"  # small enough that the tiny shapes reduce in two stages
 else
   BENCH="--model resnet50 --dtype bfloat16 --batch-per-device 256 --steps 20
@@ -73,6 +79,7 @@ else
   G=32; BIG=256; PROFILE=10; BASE_ARGS="256 40 0,32"; MATMUL=8192; STUDY_EXTRA="--mode gpu"
   STUDY_RESULTS=experiments/results/small_scale_gpu
   INPUT_ARGS=""
+  FOLDERS_ARGS="--train-files 4096 --val-files 1024 --steps 300"
   SPLIT=""
 fi
 # The levers (lsgd_jax/models: grouped_bn.py, pooling.py, stem.py; XLA options per
@@ -235,6 +242,18 @@ limit=$(( $(left) - reserve )); [ "$limit" -gt 60 ] && limit=60
 if [ "$limit" -gt 20 ]; then
   timeout "$limit" $PY experiments/bench_input_pipeline.py $INPUT_ARGS \
     || echo "FAILED or cut at ${limit}s: input"
+else
+  echo "skipped: only $(left) s left"
+fi
+fi
+
+if on folders; then
+section "end to end from an ImageNet-like JPEG folder, decoding workers on all $(nproc) cores"
+reserve=0; on study && reserve=240
+limit=$(( $(left) - reserve ))
+if [ "$limit" -gt 90 ] || [ -n "${TINY:-}" ]; then
+  timeout "$limit" $PY experiments/end_to_end_folders.py --root /tmp/lsgd_e2e_folders \
+    --json "$JSON" $FOLDERS_ARGS || echo "FAILED or cut at ${limit}s: folders"
 else
   echo "skipped: only $(left) s left"
 fi

@@ -200,7 +200,7 @@ def _checked_config(args: argparse.Namespace) -> TrainConfig:
     from lsgd_jax.extras import check_for_data
 
     config = config_from_args(args)
-    check_for_data(config.data)  # a missing extra: one line, before any device
+    check_for_data(config.data, config.data_dir)  # a missing extra: one line, before any device
     return config
 
 

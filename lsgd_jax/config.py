@@ -25,7 +25,8 @@ from lsgd_jax.schedules import SCHEDULE_KINDS, WARMUP_KINDS
 OPTIMIZERS = ("sgd", "lars")  # goyal_sgd, lsgd_jax.lars.lars
 
 # Model per data set when --model is not given.
-DEFAULT_MODELS = {"imagenet": "resnet50", "synthetic": "resnet50", "fashion_mnist": "resnet20"}
+DEFAULT_MODELS = {"imagenet": "resnet50", "folder": "resnet50", "synthetic": "resnet50",
+                  "fashion_mnist": "resnet20"}
 
 
 def _allreduce_names() -> tuple[str, ...]:
@@ -132,8 +133,18 @@ class TrainConfig:
     seed: int = _field(0, "run", "initialization, shuffles, augmentation", valid=_ints(0, MAX_SEED))
     data: str = _field("synthetic", "data", "synthetic is deterministic in (seed, step) and "
                        "needs no files", choices=SOURCE_NAMES)
-    data_dir: str | None = _field(None, "data", "tfds data dir (imagenet) or folder of the "
+    data_dir: str | None = _field(None, "data", "folder with train/<class>/* and val/ "
+                                  "(folder; imagenet too, else its tfds data dir) or of the "
                                   "IDX files (fashion_mnist)", default_text="the source's")
+    val_labels: str | None = _field(None, "data", "labels of a flat val/ folder: Kaggle's "
+                                    "LOC_val_solution.csv, `file class` lines, or one class a "
+                                    "line in sorted file order",
+                                    default_text="a LOC_val_solution.csv in DATA_DIR or up "
+                                    "to three folders above it, or for imagenet the "
+                                    "validation_labels.txt of an installed tfds")
+    relist: bool = _field(False, "data", "list the folder's files again instead of trusting "
+                          "the index kept in the workdir (which a run checks against the "
+                          "folders' modification times) (true/false)")
     tfds_name: str = _field("imagenet2012", "data", "tfds builder read by --data imagenet (any "
                             "data set with imagenet2012's image/label features)")
     image_size: int | None = _field(None, "data", "input side in pixels",
@@ -143,12 +154,13 @@ class TrainConfig:
     max_image_size: int = _field(1024, "data", "the largest --image-size accepted (larger "
                                  "is most likely a typo; raise this to train on such images)",
                                  valid=_ints(1, MAX_IMAGE_SIZE))
-    decode_threads: int = _field(8, "data", "image-decoding threads per process (ImageNet; "
-                                 "the train batches' when --decode-workers is 0, and eval's)",
+    decode_threads: int = _field(8, "data", "image-decoding threads per process (ImageNet, "
+                                 "folders) when --decode-workers is 0",
                                  valid=_ints(1, MAX_THREADS))
-    decode_workers: int | None = _field(None, "data", "ImageNet train batches: decoding worker "
-                                        "processes per process (shared memory); 0: threads "
-                                        "in the training process",
+    decode_workers: int | None = _field(None, "data", "ImageNet and folder data: decoding "
+                                        "worker processes per process for the train and the "
+                                        "evaluation batches (shared memory); 0: threads in "
+                                        "the training process",
                                         default_text="cores - 1 with 4 or more cores, else 0; the "
                                         "cores this process may run on, shared with the "
                                         "host's other processes that the launcher announces",
@@ -459,7 +471,8 @@ def evaluation_steps(*, total_steps: int, steps_per_epoch: int, eval_every_epoch
 # refused, so a run's records always describe one recipe. A field added later is
 # part of the recipe unless it is listed here.
 FREE_FIELDS = frozenset({
-    "data_dir", "decode_threads", "max_bad_fraction", "synthetic_eval_examples",
+    "data_dir", "val_labels", "relist", "decode_threads", "max_bad_fraction",
+    "synthetic_eval_examples",
     "eval_batch_size", "epochs", "num_steps", "allreduce", "checkpoint_every_steps",
     "keep_checkpoints", "keep_every_epochs", "eval_every_epochs", "median_evals",
     "log_every_steps", "init_from", "decode_workers", "max_image_size",

@@ -15,7 +15,8 @@ from types import ModuleType
 EXTRAS = {
     "plot": (("matplotlib",), "drawing the curves"),
     "tensorboard": (("tensorboard",), "viewing WORKDIR/tensorboard"),
-    "data": (("tensorflow_datasets", "array_record"), "--data imagenet (tfds ArrayRecord files)"),
+    "data": (("tensorflow_datasets", "array_record"),
+             "--data imagenet from a tfds directory (ArrayRecord files; its folders need none)"),
 }
 
 
@@ -54,9 +55,14 @@ def require(extra: str, module: str | None = None, *,
     return imported
 
 
-def check_for_data(data: str) -> None:
-    """Raise MissingExtraError when the data set ``data`` needs an extra that is missing."""
+def check_for_data(data: str, data_dir: str | None = None) -> None:
+    """Raise MissingExtraError when the data set ``data`` needs an extra that is missing:
+    ImageNet from a tfds directory does; ImageNet from its folders does not."""
     if data == "imagenet":
+        from lsgd_jax.data.folders import has_class_folders
+
+        if has_class_folders(data_dir):
+            return
         for name in EXTRAS["data"][0]:
             if not available(name):
                 require("data", name)

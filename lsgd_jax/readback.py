@@ -38,7 +38,7 @@ from lsgd_jax.config import TrainConfig
 from lsgd_jax.recipe import build_optimizer
 
 # The side of a preprocessed image when --image-size is not given (the sources' defaults).
-DEFAULT_IMAGE_SIZE = {"imagenet": 224, "synthetic": 224, "fashion_mnist": 28}
+DEFAULT_IMAGE_SIZE = {"imagenet": 224, "folder": 224, "synthetic": 224, "fashion_mnist": 28}
 # ImageNet's eval transform: shorter side to 256, centre crop 224 (section 5.1); the
 # other data sets are stored at their size and evaluated as they are.
 IMAGENET_EVAL_RESIZE = 256
@@ -214,7 +214,8 @@ def run_facts(config: TrainConfig, *, num_classes: int, channels: int) -> RunFac
     mean, std = pixel_stats(config.data, channels)
     return RunFacts(model=config.model, num_classes=num_classes, image_size=size,
                     channels=channels,
-                    eval_resize=IMAGENET_EVAL_RESIZE if config.data == "imagenet" else size,
+                    eval_resize=(IMAGENET_EVAL_RESIZE if config.data in ("imagenet", "folder")
+                                 else size),
                     pixel_mean=tuple(mean), pixel_std=tuple(std), dtype=config.dtype,
                     data=config.data, tfds_name=config.tfds_name)
 
@@ -293,7 +294,7 @@ def evaluate_run(run: RestoredRun, *, eval_batch_size: int | None = None,
                  data_dir: str | None = None) -> dict:
     """Top-1/top-5 error and loss of ``run.state`` over the whole validation split, with the
     training loop's exact masked evaluation."""
-    from lsgd_jax.data import open_source
+    from lsgd_jax.data import decode_workers_of, open_source
     from lsgd_jax.step import make_eval_step
     from lsgd_jax.train import evaluate
 
@@ -304,7 +305,8 @@ def evaluate_run(run: RestoredRun, *, eval_batch_size: int | None = None,
         raise ValueError(f"--eval-batch-size {batch} must be a positive multiple of the "
                          f"{devices} devices and the {processes} processes; use a multiple "
                          f"of {devices}")
-    source = open_source(config, "validation")
+    source = open_source(config, "validation", workdir=run.workdir,
+                         process_index=jax.process_index(), process_count=processes)
     try:
         if source.num_classes > run.facts.num_classes:
             raise ValueError(f"the validation split of {config.data} has {source.num_classes} "
@@ -312,7 +314,8 @@ def evaluate_run(run: RestoredRun, *, eval_batch_size: int | None = None,
                              f"{run.facts.num_classes}")
         eval_step = make_eval_step(run.model, run.mesh, pixel_mean=source.pixel_mean,
                                    pixel_std=source.pixel_std)
-        result = evaluate(eval_step, run.state, source, global_batch_size=batch, mesh=run.mesh)
+        result = evaluate(eval_step, run.state, source, global_batch_size=batch, mesh=run.mesh,
+                          decode_workers=decode_workers_of(config))
     finally:
         source.close()
     return {**result, "eval_batch_size": batch}

@@ -147,7 +147,10 @@ def _prepare(config: TrainConfig, workdir: str, log: Callable[[str], None],
     mesh = make_mesh()
     _agree("recipe", {k: v for k, v in config.to_dict().items() if k not in PER_PROCESS})
     resumable = check_resumable(os.path.join(workdir, "checkpoints"), config.to_dict())
-    train_source, eval_source = open_source(config, "train"), open_source(config, "validation")
+    where = dict(workdir=workdir, process_index=jax.process_index(),
+                 process_count=jax.process_count(), log=log)
+    train_source = open_source(config, "train", **where)
+    eval_source = open_source(config, "validation", **where)
     data = {s.identity["split"]: s.identity for s in (train_source, eval_source)
             if getattr(s, "identity", None)}
     _agree("data", data)
@@ -215,7 +218,8 @@ def _prepare(config: TrainConfig, workdir: str, log: Callable[[str], None],
 
 # Fields that may differ between the processes of one run: where each reads its data,
 # and how many threads or processes decode it.
-PER_PROCESS = frozenset({"data_dir", "decode_threads", "decode_workers", "init_from"})
+PER_PROCESS = frozenset({"data_dir", "val_labels", "decode_threads", "decode_workers",
+                         "init_from"})
 
 
 def _agree(what: str, mine: dict) -> None:
@@ -356,12 +360,24 @@ def _already_finished(run: _Run, step: int, result: dict) -> dict:
 
 
 # ------------------------------------------------------------------ evaluation
-def evaluate(eval_step: Callable, state, source, *, global_batch_size: int, mesh) -> dict:
-    """Top-1/top-5 error and loss over every example of ``source`` (masked padding)."""
-    from lsgd_jax.data import eval_batches, prefetch_to_mesh
+def evaluate(eval_step: Callable, state, source, *, global_batch_size: int, mesh,
+             decode_workers: int = 0, log=None) -> dict:
+    """Top-1/top-5 error and loss over every example of ``source`` (masked padding), its
+    images decoded by ``decode_workers`` worker processes (0: this process's threads)."""
+    from lsgd_jax.data import eval_stream
 
-    batches = eval_batches(source, global_batch_size=global_batch_size,
-                           process_index=jax.process_index(), process_count=jax.process_count())
+    batches = eval_stream(source, global_batch_size=global_batch_size,
+                          process_index=jax.process_index(), process_count=jax.process_count(),
+                          decode_workers=decode_workers, log=log)
+    try:
+        return _evaluate(eval_step, state, batches, mesh)
+    finally:
+        getattr(batches, "close", lambda: None)()
+
+
+def _evaluate(eval_step: Callable, state, batches, mesh) -> dict:
+    from lsgd_jax.data import prefetch_to_mesh
+
     sums = None
     # Each eval step holds an all-reduce: at most two in flight (see InFlight).
     inflight = InFlight(depth=2)
@@ -380,7 +396,7 @@ def evaluate(eval_step: Callable, state, source, *, global_batch_size: int, mesh
 def _loop(run: _Run, writer: MetricsWriter, step: int) -> tuple[int, bool]:
     """Train from ``step`` to the end (or a preemption); returns the last step and whether
     the run was preempted. Metrics of step t are read while step t+1 runs."""
-    from lsgd_jax.data import prefetch_to_mesh, train_stream
+    from lsgd_jax.data import decode_workers_of, prefetch_to_mesh, train_stream
 
     config, plan, state = run.config, run.plan, run.state
     pixel_stats = dict(pixel_mean=run.train_source.pixel_mean,
@@ -437,7 +453,7 @@ def _loop(run: _Run, writer: MetricsWriter, step: int) -> tuple[int, bool]:
             if eval_now and step != last_eval_step:
                 _log_eval(run, writer, step, evaluate(
                     eval_step, state, run.eval_source, global_batch_size=plan.eval_batch_size,
-                    mesh=run.mesh))
+                    mesh=run.mesh, decode_workers=decode_workers_of(config), log=run.log))
                 last_eval_step = step
             if preempted:
                 break

@@ -86,6 +86,12 @@ def test_imagenet_without_the_data_extra_is_one_line_before_anything_starts(tmp_
                      "--manual-dir", str(manual), "--data-dir", str(tmp_path / "tfds"))
     assert "preparing ImageNet needs tensorflow_datasets" in _one_error_line(
         result, 'pip install -e ".[data]"')
+    # ImageNet from its folders needs no tfds: the same check lets it through.
+    folders = tmp_path / "imagenet"
+    (folders / "train" / "n01440764").mkdir(parents=True)
+    result = _python(env, "-c", "import sys; from lsgd_jax.extras import check_for_data; "
+                     "check_for_data('imagenet', sys.argv[1]); print('ok')", str(folders))
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
     # With the extra there (it is, for the tests), the same check passes.
     from lsgd_jax.extras import check_for_data
 

@@ -1,4 +1,5 @@
-"""A tiny real tfds data set with imagenet2012's features, built from generated image files.
+"""A tiny real tfds data set with imagenet2012's features, built from generated image files
+(``tiny_images``).
 
 Raw encoded bytes are kept: ordinary JPEGs, a CMYK JPEG, PNG data under a .JPEG name,
 a grayscale JPEG, a corrupt file and a truncated JPEG. Each example is a flat color that
@@ -6,42 +7,22 @@ encodes its number, so a decoded crop tells which example it came from. Shared b
 reader's tests and the trainer's ImageNet-path test.
 """
 
-import io
-
-import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
+from tiny_images import (  # noqa: F401 (re-exported: the tests import them from here)
+    CLASSES,
+    CMYK,
+    CORRUPT,
+    GRAY,
+    NUM,
+    PNG,
+    TRUNCATED,
+    color,
+    encode,
+    sorted_examples,
+)
 
-NUM = 40
-CORRUPT, TRUNCATED, CMYK, PNG, GRAY = 5, 17, 8, 23, 30
 BUILDER = "lsgd_tiny_imagenet"
-
-
-def color(i):
-    return (20 + 5 * i, 235 - 5 * i, 60 + 3 * (i % 7)) if i != GRAY else (128, 128, 128)
-
-
-def encode(i):
-    w, h = (64, 48) if i % 2 else (48, 64)
-    img = Image.new("RGB", (w, h), color(i))
-    buf = io.BytesIO()
-    if i == CMYK:
-        img.convert("CMYK").save(buf, "JPEG", quality=95)
-    elif i == PNG:
-        img.save(buf, "PNG")
-    elif i == GRAY:
-        img.convert("L").save(buf, "JPEG", quality=95)
-    else:
-        # A textured corner so JPEGs are not trivially small; the center stays flat.
-        a = np.asarray(img).copy()
-        a[:4, :4] = np.random.default_rng(i).integers(0, 256, (4, 4, 3))
-        Image.fromarray(a).save(buf, "JPEG", quality=95)
-    data = buf.getvalue()
-    if i == CORRUPT:
-        return b"\x00garbage, not an image" * 8
-    if i == TRUNCATED:
-        return data[: len(data) // 2]
-    return data
+SORTED_BUILDER = "lsgd_tiny_imagenet_sorted"
 
 
 class LsgdTinyImagenet(tfds.core.GeneratorBasedBuilder):
@@ -65,6 +46,37 @@ class LsgdTinyImagenet(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, n):
         for i in range(n):
             yield i, {"image": encode(i), "label": i % 4, "file_name": f"n0000_{i}.JPEG"}
+
+
+class LsgdTinyImagenetSorted(tfds.core.GeneratorBasedBuilder):
+    """The same images in the order of their files in class folders (``tiny_images.
+    write_folder``): class by class, file names sorted; tfds keeps that order."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(encoding_format="jpeg"),
+                "label": tfds.features.ClassLabel(names=list(CLASSES)),
+                "file_name": tfds.features.Text(),
+            }),
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(), "validation": self._generate_examples()}
+
+    def _generate_examples(self):
+        for key, (i, label, name) in enumerate(sorted_examples()):
+            yield key, {"image": encode(i), "label": label, "file_name": name}
+
+
+def build_sorted(data_dir: str) -> str:
+    """Prepare the sorted-order data set as ArrayRecord under ``data_dir``."""
+    LsgdTinyImagenetSorted(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+    return str(data_dir)
 
 
 def build(data_dir: str) -> str:

@@ -21,8 +21,15 @@ from lsgd_jax.data.source import SOURCE_NAMES, BadDataError, Source, get_source
 
 
 
-def open_source(config, split: str) -> Source:
-    """Split ``split`` ("train" or "validation") of ``config.data``, with the config's options."""
+def open_source(config, split: str, *, workdir: str | None = None, process_index: int = 0,
+                process_count: int = 1, log=None) -> Source:
+    """Split ``split`` ("train" or "validation") of ``config.data``, with the config's options.
+
+    A data set read from its folders keeps its index of files in ``workdir``. With several
+    processes, process 0 opens it first (listing the files if need be, and keeping the
+    index where the others find it on a shared workdir); the others open it after, or
+    raise process 0's error.
+    """
     options: dict = {"data_dir": config.data_dir, "image_size": config.image_size}
     if config.data == "synthetic":
         options = {"image_size": config.image_size, "seed": config.seed,
@@ -30,18 +37,48 @@ def open_source(config, split: str) -> Source:
                                     else config.synthetic_eval_examples)}
         if getattr(config, "num_classes", None):
             options["num_classes"] = config.num_classes
-    elif config.data == "imagenet":
+    elif config.data in ("imagenet", "folder"):
         options.update(decode_threads=config.decode_threads, max_bad_fraction=config.max_bad_fraction,
-                       builder_name=config.tfds_name, resizer=config.resizer)
+                       builder_name=config.tfds_name, resizer=config.resizer,
+                       val_labels=config.val_labels, relist=config.relist,
+                       index_dir=workdir and os.path.join(workdir, "data_index"),
+                       log_fn=log)
         if split == "train":
             options.update(color_jitter=config.color_jitter, lighting=config.lighting)
-    source = get_source(config.data, split=split, **options)
+    source = _opened_in_turn(lambda: get_source(config.data, split=split, **options),
+                             f"open_{split}", process_index, process_count)
+    if log is not None and config.data in ("imagenet", "folder") and split == "train":
+        how = ("read from its folders (no TensorFlow)" if hasattr(source, "index")
+               else f"tfds {config.tfds_name}")
+        log(f"data: {config.data} {config.data_dir or ''}, {how}: {source.num_examples:,} "
+            f"training images of {source.num_classes:,} classes")
     wanted = getattr(config, "num_classes", None)
     if wanted is not None and wanted < source.num_classes:
         source.close()
         raise ValueError(f"--num-classes {wanted} is fewer than the {source.num_classes} "
                          f"classes of {config.data}; use at least {source.num_classes}")
     return source
+
+
+def _opened_in_turn(open_it, name: str, process_index: int, process_count: int):
+    """``open_it()`` on process 0 first, then on the others; an error of process 0 is raised
+    by every process, in the same words."""
+    if process_count == 1:
+        return open_it()
+    from lsgd_jax.parallel import exchange  # the coordination service: no collective
+
+    error, source = "", None
+    if process_index == 0:
+        try:
+            source = open_it()
+        except (ValueError, OSError) as e:
+            error = str(e) or type(e).__name__
+    first = exchange(f"data_{name}", error)[0]
+    if first:
+        if source is not None:
+            source.close()
+        raise ValueError(first)
+    return source if source is not None else open_it()
 
 
 def train_stream(source: Source, config, *, global_batch_size: int, process_index: int = 0,
@@ -75,6 +112,33 @@ def train_stream(source: Source, config, *, global_batch_size: int, process_inde
     return TrainIterator(source, **kwargs)
 
 
+def decode_workers_of(config) -> int:
+    """The decoding worker processes per process that ``config`` asks for (``--decode-workers``,
+    or its default from this process's cores)."""
+    from lsgd_jax.data.workers import default_decode_workers, usable_cores
+
+    workers = config.decode_workers
+    return default_decode_workers(usable_cores()) if workers is None else workers
+
+
+def eval_stream(source: Source, *, global_batch_size: int, process_index: int = 0,
+                process_count: int = 1, decode_workers: int = 0, log=None):
+    """This process's padded evaluation batches (``eval_batches``), decoded by
+    ``decode_workers`` worker processes where the source supports them, else in this
+    process; the same batches either way. ``close()`` it when done early."""
+    kwargs = dict(global_batch_size=global_batch_size, process_index=process_index,
+                  process_count=process_count)
+    if decode_workers and hasattr(source, "worker_opener"):
+        from lsgd_jax.data.workers import WorkerEvalIterator
+
+        try:
+            return WorkerEvalIterator(source, decode_workers=decode_workers, **kwargs)
+        except ValueError as e:  # no room for its ring: the same batches from threads
+            if log is not None:
+                log(f"evaluation decoded in this process's threads: {e}")
+    return eval_batches(source, **kwargs)
+
+
 def _started_everywhere(start, process_count: int):
     """``start()``, or on every process the ``ValueError`` of the first process whose
     ``start()`` raised one (its /dev/shm share refused): the others would otherwise wait
@@ -96,8 +160,17 @@ def _started_everywhere(start, process_count: int):
 
 
 def class_names(config) -> list[str] | None:
-    """The label names of the run's data set, when its metadata has them (tfds for
+    """The label names of the run's data set: the class folders' names for a data set read
+    from its folders (wnids for ImageNet), else its metadata's where it has them (tfds for
     ImageNet, only where tfds and the data set are on this host), else None."""
+    if config.data in ("folder", "imagenet"):
+        from lsgd_jax.data.folders import has_class_folders, train_classes
+
+        try:
+            if config.data == "folder" or has_class_folders(config.data_dir):
+                return train_classes(config.data_dir)
+        except (OSError, ValueError):  # the folder is not on this host: indices then
+            return None
     if config.data == "fashion_mnist":
         from lsgd_jax.data.fashion_mnist import CLASS_NAMES
 
@@ -123,8 +196,10 @@ __all__ = [
     "Source",
     "TrainIterator",
     "class_names",
+    "decode_workers_of",
     "eval_batches",
     "eval_indices",
+    "eval_stream",
     "get_source",
     "local_batch_size",
     "num_eval_batches",

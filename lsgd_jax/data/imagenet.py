@@ -169,6 +169,55 @@ class ImageNetSource:
         resizer: str = "auto",
         builder_dir: str | None = None,
     ):
+        resizer = self._configure(
+            image_size=image_size, eval_resize=eval_resize, decode_threads=decode_threads,
+            max_bad_fraction=max_bad_fraction, area_range=area_range, ratio_range=ratio_range,
+            color_jitter=color_jitter, lighting=lighting, resizer=resizer)
+        builder, tfds = _open_builder(builder_name, data_dir, builder_dir)
+        if split not in builder.info.splits:
+            raise ValueError(
+                f"{builder_name} has no split {split!r}; valid: {sorted(builder.info.splits)}"
+            )
+        self.split = split
+        self.builder_name = builder_name
+        self._records = builder.as_data_source(
+            split=split, decoders={"image": tfds.decode.SkipDecoding()}
+        )
+        self.num_examples = len(self._records)
+        self.num_classes = builder.info.features["label"].num_classes
+        # What tfds recorded when it prepared the split; a moved copy keeps it.
+        info = builder.info.splits[split]
+        self.identity = identity(
+            split, self.num_examples, "tfds's record of the prepared split: name, version, "
+            "shard lengths and bytes", {
+                "name": builder.info.name, "version": str(builder.info.version),
+                "shard_lengths": [int(n) for n in info.shard_lengths],
+                "num_bytes": int(info.num_bytes)})
+        # What a decoding worker process needs to open the same split, decoding alike.
+        self._worker_options = dict(
+            split=split, builder_name=builder_name, builder_dir=str(builder.data_dir),
+            image_size=image_size, eval_resize=eval_resize, decode_threads=1,
+            max_bad_fraction=max_bad_fraction, area_range=tuple(area_range),
+            ratio_range=tuple(ratio_range), color_jitter=color_jitter, lighting=lighting,
+            resizer=resizer)
+        # Which shard file holds which ids (the split's files in order), to name the file of
+        # a record that cannot be read.
+        instructions = builder.info.splits[split].file_instructions
+        self._shards = [(str(f.filename), int(f.examples_in_shard)) for f in instructions]
+        self._shard_ends = np.cumsum([int(f.take) for f in instructions])
+        self._data_dir = str(builder.data_dir)
+        self._openable: set[int] = set()  # shards found to open
+        if builder_dir is None:  # the training process checks every shard; its workers need not
+            try:
+                self._check_shards()
+            except BaseException:
+                self.close()
+                raise
+
+    def _configure(self, *, image_size, eval_resize, decode_threads, max_bad_fraction,
+                   area_range, ratio_range, color_jitter, lighting, resizer) -> str:
+        """Checks the decoding options and sets them, the thread pool and the bad-example
+        records (shared with ``folders.FolderSource``); returns the resolved resizer."""
         if decode_threads is None:
             from lsgd_jax.data.workers import usable_cores
 
@@ -191,26 +240,6 @@ class ImageNetSource:
                 raise ValueError(f"{name} must lie in [0, 1) (fb.resnet.torch: 0.4 and 0.1), "
                                  f"got {value!r}")
         resizer = resolve_resizer(resizer)
-        builder, tfds = _open_builder(builder_name, data_dir, builder_dir)
-        if split not in builder.info.splits:
-            raise ValueError(
-                f"{builder_name} has no split {split!r}; valid: {sorted(builder.info.splits)}"
-            )
-        self.split = split
-        self.builder_name = builder_name
-        self._records = builder.as_data_source(
-            split=split, decoders={"image": tfds.decode.SkipDecoding()}
-        )
-        self.num_examples = len(self._records)
-        self.num_classes = builder.info.features["label"].num_classes
-        # What tfds recorded when it prepared the split; a moved copy keeps it.
-        info = builder.info.splits[split]
-        self.identity = identity(
-            split, self.num_examples, "tfds's record of the prepared split: name, version, "
-            "shard lengths and bytes", {
-                "name": builder.info.name, "version": str(builder.info.version),
-                "shard_lengths": [int(n) for n in info.shard_lengths],
-                "num_bytes": int(info.num_bytes)})
         self.image_shape = (image_size, image_size, 3)
         self.max_bad_fraction = max_bad_fraction
         self._eval_resize = eval_resize
@@ -218,32 +247,13 @@ class ImageNetSource:
                              "color_jitter_strength": float(color_jitter),
                              "lighting_std": float(lighting), "resizer": resizer}
         self.resizer, self.decode_threads = resizer, decode_threads
-        # What a decoding worker process needs to open the same split, decoding alike.
-        self._worker_options = dict(
-            split=split, builder_name=builder_name, builder_dir=str(builder.data_dir),
-            image_size=image_size, eval_resize=eval_resize, decode_threads=1,
-            max_bad_fraction=max_bad_fraction, area_range=tuple(area_range),
-            ratio_range=tuple(ratio_range), color_jitter=color_jitter, lighting=lighting,
-            resizer=resizer)
-        # Which shard file holds which ids (the split's files in order), to name the file of
-        # a record that cannot be read.
-        instructions = builder.info.splits[split].file_instructions
-        self._shards = [(str(f.filename), int(f.examples_in_shard)) for f in instructions]
-        self._shard_ends = np.cumsum([int(f.take) for f in instructions])
-        self._data_dir = str(builder.data_dir)
         self._pool = concurrent.futures.ThreadPoolExecutor(
             decode_threads, thread_name_prefix="imagenet_decode"
         )
         self._lock = threading.Lock()
         self._bad: dict[int, str] = {}
         self._unreadable: dict[int, str] = {}  # bad ids whose record could not be read: shard
-        self._openable: set[int] = set()  # shards found to open
-        if builder_dir is None:  # the training process checks every shard; its workers need not
-            try:
-                self._check_shards()
-            except BaseException:
-                self.close()
-                raise
+        return resizer
 
     @property
     def bad_examples(self) -> dict[int, str]:

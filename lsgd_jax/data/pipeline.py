@@ -57,7 +57,7 @@ class TrainIterator:
     ):
         # Validates every argument now (identically on every process), not at step 1.
         self.local_batch_size = local_batch_size(global_batch_size, process_count)
-        self.steps_per_epoch = steps_per_epoch(source.num_examples, global_batch_size)
+        self.steps_per_epoch = self._epoch_steps(source.num_examples, global_batch_size)
         process_index = check_process_index(process_index, process_count)
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
@@ -79,6 +79,10 @@ class TrainIterator:
         self.process_count = process_count
         self._position = position
         self._epoch_ids: tuple[int, np.ndarray] | None = None
+
+    @staticmethod
+    def _epoch_steps(num_examples: int, global_batch_size: int) -> int:
+        return steps_per_epoch(num_examples, global_batch_size)
 
     @property
     def position(self) -> Position:

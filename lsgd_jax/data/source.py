@@ -3,8 +3,9 @@
 A source maps example ids to preprocessed examples. The ids come from the sampler
 (Remark 4's global shuffle, ``sampler.py``), so a source never decides the order.
 
-``get_source`` imports the ImageNet reader (TensorFlow, tfds) only when asked for
-``"imagenet"``: the synthetic and Fashion-MNIST sources run on hosts without them.
+``get_source`` imports TensorFlow and tfds only to open a tfds ImageNet split: the
+folder, synthetic and Fashion-MNIST sources (and ``"imagenet"`` read from its folders)
+run on hosts without them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-SOURCE_NAMES = ("imagenet", "fashion_mnist", "synthetic")
+SOURCE_NAMES = ("imagenet", "folder", "fashion_mnist", "synthetic")
 
 
 def identity(split: str, examples: int, what: str, content: object) -> dict:
@@ -88,13 +89,14 @@ def get_source(
       name: one of ``SOURCE_NAMES``.
       split: ``"train"`` or ``"validation"`` (``"test"`` is accepted for
         Fashion-MNIST and synthetic as a synonym of ``"validation"``).
-      data_dir: where the data lies (tfds data dir for ImageNet; the IDX files for
-        Fashion-MNIST); ``None`` for the default place.
+      data_dir: where the data lies (for ImageNet, a folder whose ``train/`` holds class
+        folders, read as files, or a tfds data dir; the folder data set's; the IDX files
+        for Fashion-MNIST); ``None`` for the default place.
       image_size: side of the square output image; ``None`` for the data set's
         default (224 for ImageNet and synthetic, 28 for Fashion-MNIST).
       decode_threads: decoding threads of the ImageNet reader (``None``: all cores);
         accepted and unused by the in-memory sources, so a loop can pass it always.
-      **kwargs: source-specific options (see ``ImageNetSource``,
+      **kwargs: source-specific options (see ``FolderSource``, ``ImageNetSource``,
         ``FashionMNISTSource``, ``SyntheticSource``).
     """
     if decode_threads is not None and (not isinstance(decode_threads, int) or decode_threads < 1):
@@ -113,6 +115,21 @@ def get_source(
         if image_size not in (None, 28):
             raise ValueError(f"Fashion-MNIST images are 28x28; got image_size={image_size}")
         return FashionMNISTSource(split=split, data_dir=data_dir, **kwargs)
+    folder_options = ("imagenet", "index_dir", "relist", "val_labels", "log_fn")
+    if name == "folder" or (name == "imagenet" and _has_class_folders(data_dir)):
+        from lsgd_jax.data.folders import FolderSource  # plain files: no TensorFlow
+
+        if image_size is not None:
+            kwargs["image_size"] = image_size
+        kwargs.pop("builder_name", None)
+        kwargs["imagenet"] = name == "imagenet"
+        if data_dir is None:
+            raise ValueError("--data folder needs --data-dir: the folder that holds train/ and "
+                             "val/ (or validation/)")
+        return FolderSource(split=split, data_dir=data_dir, decode_threads=decode_threads,
+                            **kwargs)
+    for option in folder_options:
+        kwargs.pop(option, None)
     if name == "imagenet":
         from lsgd_jax.data.imagenet import ImageNetSource  # imports TensorFlow and tfds
 
@@ -120,3 +137,9 @@ def get_source(
             kwargs["image_size"] = image_size
         return ImageNetSource(split=split, data_dir=data_dir, decode_threads=decode_threads, **kwargs)
     raise ValueError(f"unknown data set {name!r}; valid: {', '.join(SOURCE_NAMES)}")
+
+
+def _has_class_folders(data_dir) -> bool:
+    from lsgd_jax.data.folders import has_class_folders
+
+    return has_class_folders(data_dir)

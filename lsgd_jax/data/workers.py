@@ -33,6 +33,10 @@ itself. A worker starts in milliseconds and shares the imported modules' pages; 
 ``spawn`` each would import JAX, NumPy and PIL anew (about a second and 200 MB each).
 The server holds only the idle thread pools that NumPy and OpenCV start at import.
 
+``WorkerEvalIterator`` runs the evaluation's padded batches (``pipeline.eval_batches``:
+every example once over all processes, the same masks) through the same ring, workers,
+failure reports and shutdown, with the eval transform, for one pass.
+
 A source supports workers when it has ``worker_opener()`` (returning a callable and
 its kwargs that open the same split in a worker), ``decode_into(...)`` and
 ``note_bad(i, name, error, shard)`` (see ``imagenet.ImageNetSource``).
@@ -55,8 +59,8 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-from lsgd_jax.data.pipeline import TrainIterator
-from lsgd_jax.data.sampler import Position
+from lsgd_jax.data.pipeline import TrainIterator, num_eval_batches
+from lsgd_jax.data.sampler import Position, eval_indices
 from lsgd_jax.data.source import BadDataError
 
 
@@ -240,11 +244,11 @@ def _worker_main(index, opener, options, shm_name, layout, conn, trainer_pid) ->
             task = conn.recv()
             if task is None:
                 return
-            seq, slot, ids, seed, epoch = task
+            seq, slot, ids, seed, epoch, train = task
             images, labels = slots[slot]
             found.clear()
             try:
-                source.decode_into(ids, seed=seed, epoch=epoch, train=True,
+                source.decode_into(ids, seed=seed, epoch=epoch, train=train,
                                    images=images[:len(ids)], labels=labels[:len(ids)],
                                    map_fn=serial_map)
             except BaseException as e:  # noqa: BLE001
@@ -302,6 +306,8 @@ class WorkerTrainIterator(TrainIterator):
         the next batch is declared hung.
       start_timeout: seconds a worker may take to start and open the data.
     """
+
+    _train = True  # the transform the workers apply: train's (WorkerEvalIterator: eval's)
 
     def __init__(self, source, *, decode_workers: int, slots: int | None = None,
                  stall_timeout: float = 30.0, start_timeout: float = 120.0, **kwargs):
@@ -410,12 +416,12 @@ class WorkerTrainIterator(TrainIterator):
 
     # ---------------------------------------------------------------- the stream
     def _dispatch(self) -> None:
-        while self._free:
+        while self._free and self._more(self._ahead):
             epoch, step = self._ahead.epoch, self._ahead.step
             ids = self._ids(epoch)[step]
             slot, w = self._free.popleft(), self._seq_in % len(self._procs)
             try:
-                self._conns[w].send((self._seq_in, slot, ids, self.seed, epoch))
+                self._conns[w].send((self._seq_in, slot, ids, self.seed, epoch, self._train))
             except (OSError, ValueError):
                 # Its end of the pipe is closed: it is exiting. Its exit status says how,
                 # once the process has ended (a loaded machine may take a moment).
@@ -427,6 +433,11 @@ class WorkerTrainIterator(TrainIterator):
             if step == self.steps_per_epoch:
                 epoch, step = epoch + 1, 0
             self._ahead = Position(epoch=epoch, step=step)
+
+    @staticmethod
+    def _more(position: Position) -> bool:
+        """Whether the batch at ``position`` exists (training: always)."""
+        return True
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self._finalizer is None or not self._finalizer.alive:
@@ -463,3 +474,42 @@ class WorkerTrainIterator(TrainIterator):
         if self._finalizer is not None and self._finalizer.alive:
             self._progress = self._slots = None
             self._finalizer()
+
+
+class WorkerEvalIterator(WorkerTrainIterator):
+    """``pipeline.eval_batches`` decoded by ``decode_workers`` processes: the same padded
+    batches and masks (every example once over all processes), one pass, then
+    ``StopIteration``; the same ring, failure reports and shutdown as training's.
+    ``close()`` it (it also closes itself at the end of the pass)."""
+
+    _train = False
+
+    def __init__(self, source, *, global_batch_size: int, decode_workers: int,
+                 process_index: int = 0, process_count: int = 1, **kwargs):
+        self._eval_ids, self._eval_mask = eval_indices(
+            source.num_examples, global_batch_size=global_batch_size,
+            process_index=process_index, process_count=process_count)
+        slots = kwargs.pop("slots", None) or min(2 * decode_workers, len(self._eval_ids))
+        super().__init__(source, decode_workers=decode_workers, slots=slots,
+                         global_batch_size=global_batch_size, seed=0,
+                         process_index=process_index, process_count=process_count, **kwargs)
+
+    @staticmethod
+    def _epoch_steps(num_examples: int, global_batch_size: int) -> int:
+        return num_eval_batches(num_examples, global_batch_size)
+
+    def _ids(self, epoch: int) -> np.ndarray:
+        return self._eval_ids
+
+    @staticmethod
+    def _more(position: Position) -> bool:
+        return position.epoch == 0  # one pass
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._position.epoch > 0:
+            self.close()
+            raise StopIteration
+        step = self._position.step
+        batch = super().__next__()
+        batch["mask"] = self._eval_mask[step].astype(np.float32)
+        return batch
