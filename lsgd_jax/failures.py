@@ -27,6 +27,7 @@ under Gloo (CPU) and NCCL (GPU): neither is involved.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -88,6 +89,7 @@ class _State:
     watcher: threading.Thread | None = None
     stop = threading.Event()
     peer_failed = threading.Event()  # the watcher is stopping this process for a peer
+    deciding_since: float | None = None  # inside decided_together(): since when
 
 
 def failed() -> bool:
@@ -150,6 +152,33 @@ def yield_to_peer() -> None:
         os._exit(1)  # the watcher did not get to it: a status, at least
 
 
+# How long the watcher defers a peer's failure while this process decides together with
+# its peers: long enough to reach the same verdict, short enough for a peer that failed
+# for another reason to be reported.
+DECIDING_SECONDS = 60.0
+
+
+@contextlib.contextmanager
+def decided_together():
+    """A check every process makes on values they all share (an exchange, then a
+    comparison): an error raised inside is raised by every process alike, so each reports
+    its own, not the first peer's. The watcher defers peers' failures while inside (up to
+    ``DECIDING_SECONDS``), and for good when the check raises: this process is about to
+    report the same error itself."""
+    _State.deciding_since = time.monotonic()
+    try:
+        yield
+    except BaseException:
+        raise  # stays deciding: the error is this process's own to report
+    else:
+        _State.deciding_since = None
+
+
+def _deferring() -> bool:
+    since = _State.deciding_since
+    return since is not None and time.monotonic() - since < DECIDING_SECONDS
+
+
 def fail_and_exit(message: str, status: int) -> None:
     """The failing process's end: publish, wait for the peers, exit without clean-up.
     Returns (nothing published) in a single process."""
@@ -173,7 +202,7 @@ def _watch(client, me: int, poll: float) -> None:
             failures = _peer_failures(client, me)
         except Exception:  # noqa: BLE001 (the service is gone: the heartbeat path reports it)
             return
-        if failures and not _State.stop.is_set():
+        if failures and not _State.stop.is_set() and not _deferring():
             _State.peer_failed.set()
             index, failure = failures[0]
             print(f"error: process {index} failed: {failure['message']} (process {me} "

@@ -31,6 +31,7 @@ from lsgd_jax.checkpoint import (
 )
 from lsgd_jax.config import TrainConfig, flag_of
 from lsgd_jax.environment import describe_environment
+from lsgd_jax.failures import decided_together
 from lsgd_jax.metrics import (
     MetricsWriter,
     current_records,
@@ -226,7 +227,11 @@ def _agree(what: str, mine: dict) -> None:
     """Every process compares its ``mine`` with process 0's; on a difference all of them
     raise the same error, naming the first process and field that differ and both values,
     before anything is compiled or written."""
-    values = exchange(what, mine)
+    with decided_together():  # every process raises the same error: each reports its own
+        _compare(what, exchange(what, mine))
+
+
+def _compare(what: str, values: list[dict]) -> None:
     for index, theirs in enumerate(values[1:], start=1):
         for key in sorted(set(values[0]) | set(theirs)):
             a, b = values[0].get(key), theirs.get(key)

@@ -36,6 +36,54 @@ def test_a_single_process_publishes_nothing():
     failures.fail_and_exit("x", 2)  # returns: no peers to tell, the caller exits itself
 
 
+class _Peers:
+    """A stand-in for the coordination service's client: peer 1 has failed."""
+
+    def key_value_dir_get(self, prefix):
+        return [(f"{prefix}1", '{"message": "the same check failed", "status": 2}')]
+
+    def key_value_set(self, key, value):
+        pass
+
+
+def _watch_briefly(monkeypatch, failures, seconds=0.3):
+    """Run the watcher of process 0 against a failed peer 1; whether it stopped the process."""
+    import threading
+
+    left = []
+    monkeypatch.setattr(failures, "_leave", lambda client, status: left.append(status))
+    monkeypatch.setattr(failures._State, "stop", threading.Event())
+    monkeypatch.setattr(failures._State, "peer_failed", threading.Event())
+    watcher = threading.Thread(target=failures._watch, args=(_Peers(), 0, 0.01))
+    watcher.start()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not left:
+        time.sleep(0.01)
+    failures._State.stop.set()
+    watcher.join(5)
+    return left
+
+
+def test_a_check_every_process_makes_alike_is_reported_by_each_not_as_the_peers(monkeypatch):
+    """Inside decided_together, a peer's failure is deferred (that peer reached the same
+    verdict first); when the check raises, this process reports its own error."""
+    from lsgd_jax import failures
+
+    monkeypatch.setattr(failures._State, "deciding_since", None)
+    assert _watch_briefly(monkeypatch, failures) == [2]  # outside: the peer's failure stops it
+    with pytest.raises(ValueError):
+        with failures.decided_together():
+            assert _watch_briefly(monkeypatch, failures) == []  # deferred while deciding
+            raise ValueError("process 1 reads other data than process 0")
+    assert _watch_briefly(monkeypatch, failures) == []  # its own error is about to be reported
+    with failures.decided_together():
+        pass
+    assert failures._State.deciding_since is None
+    monkeypatch.setattr(failures._State, "deciding_since", time.monotonic() - 2 * (
+        failures.DECIDING_SECONDS))
+    assert _watch_briefly(monkeypatch, failures) == [2]  # a deferral does not last for ever
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("failing", [1, 0])
 def test_an_error_on_one_process_ends_both_with_its_message(tmp_path, failing):
