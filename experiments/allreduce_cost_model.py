@@ -1,6 +1,6 @@
 """Predicted all-reduce times of the paper's algorithms (section 4), table and plot.
 
-Evaluates `lsgd_jax.costmodel` with paper-like parameters (50 Gbit/s
+Evaluates `lsgd_jax.collectives.costmodel` with paper-like parameters (50 Gbit/s
 Ethernet between servers, 8 P100s with NVLink inside) and writes
 experiments/results/allreduce_cost_model.{md,png}:
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 
-from lsgd_jax.costmodel import (
+from lsgd_jax.collectives.costmodel import (
     P100_NVLINK,
     PAPER_ETHERNET,
     RESNET50_BACKPROP_S,

@@ -2,7 +2,7 @@
 
     python experiments/bench_input_pipeline.py [--num-images 192] [--rounds 3] [--skip-tf]
 
-Generated JPEGs (``lsgd_jax.data.samples``): ``photo`` (500x375, quality 90, 4:2:0,
+Generated JPEGs (``lsgd_jax.bench.samples``): ``photo`` (500x375, quality 90, 4:2:0,
 about ImageNet's average size) and ``hard`` (quality 95, 4:4:4, long side up to
 1,000 px). One run prints, side by side:
 
@@ -45,6 +45,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from lsgd_jax.bench.samples import KINDS, sample_jpegs
 from lsgd_jax.data.augment import (
     _FLIP,
     NUM_TRAIN_UNIFORMS,
@@ -53,7 +54,6 @@ from lsgd_jax.data.augment import (
     example_uniforms,
     random_resized_crop_box,
 )
-from lsgd_jax.data.samples import KINDS, sample_jpegs
 
 SIZE = 224
 
@@ -540,7 +540,7 @@ def main():
 
     if args.only_files:
         return bench_files(files["photo"][0], args.rounds)
-    rates = bench_transforms(files, args.rounds, not args.skip_tf)
+    bench_transforms(files, args.rounds, not args.skip_tf)
     if not args.skip_gil:
         bench_gil(KINDS, ("pil", "opencv"))
     top = args.max_workers or cores

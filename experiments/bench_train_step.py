@@ -1,6 +1,6 @@
 """Throughput of the synchronous SGD train step on synthetic ImageNet-shaped data.
 
-Runs lsgd_jax.step.make_train_step (per-worker BN, loss / kn, gradient
+Runs lsgd_jax.engine.step.make_train_step (per-worker BN, loss / kn, gradient
 all-reduce, goyal_sgd) on every visible device with a device-resident
 synthetic uint8 batch, so the figure is the step alone (no input pipeline).
 Prints compile time, step time, images/s in total and per device, and the
@@ -48,7 +48,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from lsgd_jax.abtest import (
+from lsgd_jax.bench.abtest import (
     VARIANT_KEYS,
     Built,
     Variant,
@@ -57,15 +57,16 @@ from lsgd_jax.abtest import (
     unknown_option,
     xla_options,
 )
+from lsgd_jax.bench.profiling import bf16_peak, op_kind, profile, step_flops
+from lsgd_jax.engine.step import create_train_state, make_train_step
 from lsgd_jax.models import get_model
 from lsgd_jax.models.grouped_bn import BN_IMPLS, DEFAULT_SPLIT_ROWS
 from lsgd_jax.models.pooling import POOL_IMPLS
 from lsgd_jax.models.stem import STEM_IMPLS
-from lsgd_jax.optim import goyal_sgd
-from lsgd_jax.profiling import bf16_peak, op_kind, profile, step_flops
-from lsgd_jax.parallel import data_sharding, initialize_distributed, make_mesh
-from lsgd_jax.schedules import scaled_learning_rate
-from lsgd_jax.step import create_train_state, make_train_step
+from lsgd_jax.parallel.distributed import data_sharding, initialize_distributed, make_mesh
+from lsgd_jax.rules.optim import goyal_sgd
+from lsgd_jax.rules.schedules import scaled_learning_rate
+
 
 def add_variant_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bn-group-size", type=int, default=32)

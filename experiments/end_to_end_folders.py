@@ -5,7 +5,7 @@ training ResNet-50 bf16 (no TensorFlow anywhere).
     python experiments/end_to_end_folders.py --root /tmp/e2e --tiny     # CPU dry run
 
 1. Writes ``ROOT/data/train/<wnid>/*.JPEG`` and ``ROOT/data/val/<wnid>/*.JPEG``: photo-like
-   JPEGs (``lsgd_jax.data.samples.photo_like_jpeg``, quality 95, 4:2:0, about 90 KB),
+   JPEGs (``lsgd_jax.bench.samples.photo_like_jpeg``, quality 95, 4:2:0, about 90 KB),
    sides drawn around 400x350 as ImageNet's average, in parallel on every core; reused
    if present.
 2. The input alone: ``WorkerTrainIterator`` over the folder with the run's decoding
@@ -34,7 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _write_class(args) -> int:
-    from lsgd_jax.data.samples import photo_like_jpeg
+    from lsgd_jax.bench.samples import photo_like_jpeg
 
     root, split, wnid, count, seed, (w0, w1), (h0, h1) = args
     rng = np.random.default_rng(seed)
@@ -132,10 +132,10 @@ def main():
 
     import jax
 
-    from lsgd_jax.config import TrainConfig
-    from lsgd_jax.metrics import read_metrics
-    from lsgd_jax.readback import evaluate_run, restore_run
-    from lsgd_jax.train import train_and_evaluate
+    from lsgd_jax.artifacts.readback import evaluate_run, restore_run
+    from lsgd_jax.training.config import TrainConfig
+    from lsgd_jax.training.loop import train_and_evaluate
+    from lsgd_jax.training.metrics import read_metrics
 
     tiny = args.tiny
     if tiny:

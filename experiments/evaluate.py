@@ -1,6 +1,7 @@
-"""Evaluate a training run's checkpoint on the validation split (``--help`` for the flags; the same as ``lsgd-jax evaluate``).
+"""Evaluate a training run's checkpoint on the validation split (``lsgd-jax evaluate``;
+``--help`` for the flags).
 
-The command lives in ``lsgd_jax.commands``.
+The command lives in ``lsgd_jax.cli.main``.
 """
 
 import os
@@ -8,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
-from lsgd_jax.commands import evaluate_main  # noqa: E402
+from lsgd_jax.cli.main import evaluate_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(evaluate_main())

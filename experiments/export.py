@@ -1,6 +1,7 @@
-"""Export a training run's weights to one model file (``--help`` for the flags; the same as ``lsgd-jax export``).
+"""Export a training run's weights to one model file (``lsgd-jax export``; ``--help`` for
+the flags).
 
-The command lives in ``lsgd_jax.commands``.
+The command lives in ``lsgd_jax.cli.main``.
 """
 
 import os
@@ -8,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
-from lsgd_jax.commands import export_main  # noqa: E402
+from lsgd_jax.cli.main import export_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(export_main())

@@ -4,7 +4,7 @@
         --batch-size 8192 --grad-accum-steps 4
 
 ``--help`` lists every flag (defaults: the paper's). The same command on a
-workdir with checkpoints resumes. The loop lives in ``lsgd_jax.train``.
+workdir with checkpoints resumes. The loop lives in ``lsgd_jax.training.loop``.
 """
 
 import os
@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
-from lsgd_jax.cli import main  # noqa: E402
+from lsgd_jax.cli.train import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,7 +8,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
-from lsgd_jax.commands import curves_main  # noqa: E402
+from lsgd_jax.cli.main import curves_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(curves_main(prog="plot_curves.py"))

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     except ImportError:
         parser.error("tfds needs the package importlib_resources: pip install importlib_resources")
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-    from lsgd_jax.extras import MissingExtraError, require
+    from lsgd_jax.training.extras import MissingExtraError, require
 
     try:
         tfds = require("data", "tensorflow_datasets", purpose="preparing ImageNet")

@@ -6,12 +6,12 @@ Two parts, both printed and written under experiments/results/:
   all-reduce name, time a data-parallel step jitted over a k-device mesh.
   `--step standin` (default) sums gradients shaped like ResNet-50's 161
   parameter tensors (25.6 M floats, divided by `--scale`) after a fixed
-  per-worker compute stand-in; `--step engine` times `lsgd_jax.step`'s
+  per-worker compute stand-in; `--step engine` times `lsgd_jax.engine.step`'s
   real train step with `make_train_step(..., allreduce=name)`. On CPU the
   devices are fake (`--cpu-devices`, default 8) and share the cores, so the
   figures check the code path and the relative cost of the algorithms, not
   scaling; on GPUs they compare the paper's algorithms with XLA's psum.
-* predict: `lsgd_jax.costmodel.iteration_time` for 8 to 352 P100s with
+* predict: `lsgd_jax.collectives.costmodel.iteration_time` for 8 to 352 P100s with
   n = 32 images each, gradients aggregated during backprop over 50 Gbit/s
   Ethernet (the paper's figures 7 and 8).
 
@@ -84,7 +84,7 @@ def _standin_step(mesh, allreduce, sizes, n):
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
 
-    from lsgd_jax.parallel import shard_map
+    from lsgd_jax.parallel.distributed import shard_map
 
     width = 256
 
@@ -110,9 +110,9 @@ def _engine_step(mesh, allreduce, args):
     import jax.numpy as jnp
     import optax
 
+    from lsgd_jax.engine.step import create_train_state, make_train_step
     from lsgd_jax.models import get_model
-    from lsgd_jax.parallel import data_sharding
-    from lsgd_jax.step import create_train_state, make_train_step
+    from lsgd_jax.parallel.distributed import data_sharding
 
     k, n, size = mesh.devices.size, args.per_worker_batch, args.image_size
     model = get_model(args.model, num_classes=10, bn_group_size=n)
@@ -151,7 +151,7 @@ def measure(args) -> list[str]:
     import jax
     import numpy as np
 
-    from lsgd_jax.parallel import make_mesh
+    from lsgd_jax.parallel.distributed import make_mesh
 
     devices = jax.devices()
     workers = [k for k in args.workers if k <= len(devices)]
@@ -203,11 +203,11 @@ def measure(args) -> list[str]:
 
 
 def predict() -> list[str]:
-    from lsgd_jax.costmodel import PAPER_ETHERNET, P100_NVLINK, iteration_time
+    from lsgd_jax.collectives.costmodel import P100_NVLINK, PAPER_ETHERNET, iteration_time
 
     n = 32
     lines = [
-        "Predicted by lsgd_jax.costmodel: ResNet-50 on P100s, n = 32 per GPU, 8 GPUs per "
+        "Predicted by lsgd_jax.collectives.costmodel: ResNet-50 on P100s, n = 32 per GPU, 8 GPUs per "
         f"server (NVLink inside, ring), {8 / PAPER_ETHERNET.beta / 1e9:.0f} Gbit/s Ethernet "
         f"between servers (alpha = {PAPER_ETHERNET.alpha * 1e6:.0f} us), 50 gradient buckets "
         "overlapped with a 120 ms backprop, forward 60 ms.",
@@ -261,7 +261,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.cpu_devices and args.part != "predict":
         # Must precede JAX's start; the devices are fake and share the cores.
-        from lsgd_jax.parallel import use_cpu_devices
+        from lsgd_jax.parallel.distributed import use_cpu_devices
 
         use_cpu_devices(args.cpu_devices)
     RESULTS.mkdir(parents=True, exist_ok=True)

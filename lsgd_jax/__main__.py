@@ -2,6 +2,6 @@
 
 import sys
 
-from lsgd_jax.commands import main
+from lsgd_jax.cli.main import main
 
 sys.exit(main())

@@ -6,7 +6,9 @@ the conftest that pytest imports first.
 
 import os
 
-from lsgd_jax.parallel import use_cpu_devices  # imports jax; its backends start on first use
+from lsgd_jax.parallel.distributed import (
+    use_cpu_devices,  # imports jax; its backends start on first use
+)
 
 use_cpu_devices(8)
 # Keep TensorFlow (data tests) from grabbing every core and from printing banners.

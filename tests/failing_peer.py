@@ -2,23 +2,23 @@
 
     python failing_peer.py COORDINATOR PROCESS_ID FAILING_ID
 
-Both run the command line's guard (``lsgd_jax.cli.main_guard``) around a loop of
+Both run the command line's guard (``lsgd_jax.cli.train.main_guard``) around a loop of
 cross-process all-reduces; process FAILING_ID raises an out-of-memory error as XLA
 reports it after a few of them, while its peer is inside the next one.
 """
 
 import sys
 
-from lsgd_jax.parallel import use_cpu_devices
+from lsgd_jax.parallel.distributed import use_cpu_devices
 
 use_cpu_devices(1)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lsgd_jax.cli import main_guard  # noqa: E402
-from lsgd_jax.failures import watch_peers  # noqa: E402
-from lsgd_jax.parallel import initialize_distributed  # noqa: E402
+from lsgd_jax.cli.train import main_guard  # noqa: E402
+from lsgd_jax.parallel.distributed import initialize_distributed  # noqa: E402
+from lsgd_jax.parallel.failures import watch_peers  # noqa: E402
 
 
 def main() -> int:

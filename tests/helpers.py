@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsgd_jax.models import BasicBlock, ResNet
-from lsgd_jax.parallel import make_mesh
+from lsgd_jax.parallel.distributed import make_mesh
 
 
 def tiny_resnet(bn_group_size, *, num_classes=10, dtype=jnp.float32, num_filters=4):

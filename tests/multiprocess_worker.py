@@ -28,9 +28,10 @@ def main() -> None:
     jax.config.update("jax_numpy_dtype_promotion", "strict")
     jax.config.update("jax_numpy_rank_promotion", "raise")
     from helpers import tiny_resnet
-    from lsgd_jax.optim import goyal_sgd
-    from lsgd_jax.parallel import host_to_global, initialize_distributed, make_mesh
-    from lsgd_jax.step import create_train_state, make_eval_step, make_train_step
+
+    from lsgd_jax.engine.step import create_train_state, make_eval_step, make_train_step
+    from lsgd_jax.parallel.distributed import host_to_global, initialize_distributed, make_mesh
+    from lsgd_jax.rules.optim import goyal_sgd
 
     if args.num_processes > 1:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id,

@@ -5,7 +5,14 @@ import argparse
 import jax.numpy as jnp
 import pytest
 
-from lsgd_jax.abtest import Built, Variant, combination, time_rounds, unknown_option, xla_options
+from lsgd_jax.bench.abtest import (
+    Built,
+    Variant,
+    combination,
+    time_rounds,
+    unknown_option,
+    xla_options,
+)
 
 
 def _variant(name, **changes):

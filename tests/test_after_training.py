@@ -17,12 +17,11 @@ import time
 import jax
 import numpy as np
 import pytest
+from helpers import small_tmpfs
 from PIL import Image
 
-from lsgd_jax.config import TrainConfig
-from lsgd_jax.metrics import eval_history, read_metrics
-
-from helpers import small_tmpfs
+from lsgd_jax.training.config import TrainConfig
+from lsgd_jax.training.metrics import eval_history, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(data="synthetic", model="resnet8", image_size=32, batch_size=32, bn_group_size=4,
@@ -37,7 +36,7 @@ TINY_FLAGS = ["--data", "synthetic", "--model", "resnet8", "--image-size", "32",
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from lsgd_jax.train import train_and_evaluate
+    from lsgd_jax.training.loop import train_and_evaluate
 
     workdir = str(tmp_path_factory.mktemp("run"))
     train_and_evaluate(TrainConfig(**TINY), workdir, log=lambda msg: None)
@@ -46,7 +45,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_path(run_dir, tmp_path_factory):
-    from lsgd_jax.commands import export_main
+    from lsgd_jax.cli.main import export_main
 
     out = str(tmp_path_factory.mktemp("model") / "model.msgpack")
     assert export_main(["--workdir", run_dir, "--out", out]) == 0
@@ -97,7 +96,7 @@ def _validation_images(folder, count=40):
 
 # ---------------------------------------------------------------- evaluate
 def test_evaluate_gives_the_runs_last_top1_exactly_and_changes_nothing(run_dir, capsys):
-    from lsgd_jax.commands import evaluate_main
+    from lsgd_jax.cli.main import evaluate_main
 
     last = list(eval_history(run_dir).values())[-1]
     result_before = read_metrics(run_dir, "result")
@@ -129,7 +128,7 @@ def test_evaluate_on_another_device_count_and_an_older_step(run_dir):
 
 
 def test_a_read_back_record_does_not_replace_the_runs_evaluation(tmp_path):
-    from lsgd_jax.metrics import MetricsWriter
+    from lsgd_jax.training.metrics import MetricsWriter
 
     writer = MetricsWriter(str(tmp_path), tensorboard=False)
     writer.write("eval", 12, top1_error=0.5)
@@ -160,7 +159,7 @@ def test_evaluate_bad_input_is_one_line_and_status_2(run_dir, tmp_path):
 
 def test_a_failed_multi_host_launch_is_one_line_and_status_2(tmp_path, capsys):
     """evaluate and export start their processes under main_guard, as training does."""
-    from lsgd_jax.commands import evaluate_main, export_main
+    from lsgd_jax.cli.main import evaluate_main, export_main
 
     launch = ["--num-processes", "2", "--process-id", "1"]  # no --coordinator-address
     for main, extra in ((evaluate_main, []), (export_main, ["--out", str(tmp_path / "m")])):
@@ -170,7 +169,7 @@ def test_a_failed_multi_host_launch_is_one_line_and_status_2(tmp_path, capsys):
 
 
 def test_a_damaged_checkpoint_is_refused_or_skipped_and_never_moved(run_dir, tmp_path):
-    from lsgd_jax.commands import evaluate_main
+    from lsgd_jax.cli.main import evaluate_main
 
     work = _copy(run_dir, tmp_path)
     ckpts = os.path.join(work, "checkpoints")
@@ -198,7 +197,7 @@ def test_a_damaged_checkpoint_is_refused_or_skipped_and_never_moved(run_dir, tmp
 
 
 def test_evaluate_falls_back_to_the_previous_verified_checkpoint(run_dir, tmp_path, capsys):
-    from lsgd_jax.readback import restore_run
+    from lsgd_jax.artifacts.readback import restore_run
 
     work = _copy(run_dir, tmp_path)
     meta_path = os.path.join(work, "checkpoints", "12", "meta", "metadata")
@@ -216,7 +215,7 @@ def test_evaluate_reads_a_workdir_in_use_without_its_lock_or_disturbing_it(run_d
     """A run of 24 steps, a checkpoint every step; evaluation while it trains. Its first 12
     steps are those of the finished run (same seed and schedule), so its checkpoint at
     step 12 must have the same SHA-256."""
-    from lsgd_jax.commands import evaluate_main
+    from lsgd_jax.cli.main import evaluate_main
 
     work = str(tmp_path / "live")
     proc = subprocess.Popen(
@@ -251,11 +250,11 @@ def test_evaluate_reads_a_workdir_in_use_without_its_lock_or_disturbing_it(run_d
 def test_a_lars_run_is_read_back_with_the_lars_state(tmp_path):
     """evaluate and export restore onto the run's own optimizer's state (--optimizer):
     LARS's tree differs from goyal_sgd's, so a goyal_sgd target cannot stand in."""
-    from lsgd_jax.commands import export_main
-    from lsgd_jax.lars import lars
-    from lsgd_jax.optim import goyal_sgd
-    from lsgd_jax.readback import evaluate_run, restore_run
-    from lsgd_jax.train import train_and_evaluate
+    from lsgd_jax.artifacts.readback import evaluate_run, restore_run
+    from lsgd_jax.cli.main import export_main
+    from lsgd_jax.rules.lars import lars
+    from lsgd_jax.rules.optim import goyal_sgd
+    from lsgd_jax.training.loop import train_and_evaluate
 
     workdir = str(tmp_path / "lars")
     train_and_evaluate(TrainConfig(**TINY | dict(optimizer="lars", epochs=1, decay_epochs=())),
@@ -272,8 +271,8 @@ def test_a_lars_run_is_read_back_with_the_lars_state(tmp_path):
 
 # ---------------------------------------------------------------- export, load, predict
 def test_export_writes_the_weights_and_their_description(run_dir, model_path):
-    from lsgd_jax.model_file import load_model
-    from lsgd_jax.readback import restore_run
+    from lsgd_jax.artifacts.readback import restore_run
+    from lsgd_jax.training.model_file import load_model
 
     meta = json.load(open(os.path.join(os.path.dirname(model_path), "model.json")))
     result = read_metrics(run_dir, "result")[-1]
@@ -311,8 +310,8 @@ def test_export_onto_a_full_disk_is_one_line_and_leaves_no_half_pair(run_dir, mo
     """A 1.2 MB tmpfs filled until the weights do not fit, then until they fit but their
     description does not, then over an older pair: status 2, one line naming the output
     folder and the room, no temporary file, no lone or mixed file; the older pair intact."""
-    from lsgd_jax.commands import export_main
-    from lsgd_jax.model_file import load_model
+    from lsgd_jax.cli.main import export_main
+    from lsgd_jax.training.model_file import load_model
 
     with small_tmpfs(tmp_path / "disk", "1200k") as disk:
         out = str(disk / "model.msgpack")
@@ -347,7 +346,7 @@ def test_a_failed_rename_of_the_description_undoes_the_weights(model_path, tmp_p
                                                                 monkeypatch, older):
     """The weights are renamed into place first: when the description's rename fails, the
     older weights come back (or the new ones go), and no temporary file is left."""
-    import lsgd_jax.model_file as model_file
+    import lsgd_jax.training.model_file as model_file
 
     out = str(tmp_path / "model.msgpack")
     if older:
@@ -371,8 +370,8 @@ def test_a_failed_rename_of_the_description_undoes_the_weights(model_path, tmp_p
 def test_predict_agrees_with_evaluation_on_the_same_images(run_dir, model_path, tmp_path):
     """Every validation image, through files: the same top-1 and top-5 errors as the run's
     evaluation, and probabilities equal to the eval step's within 1e-6."""
-    from lsgd_jax.model_file import load_model
-    from lsgd_jax.predict import classify, load_images, make_predict
+    from lsgd_jax.artifacts.predict import classify, load_images, make_predict
+    from lsgd_jax.training.model_file import load_model
 
     paths, labels = _validation_images(str(tmp_path / "images"))
     model, variables, meta = load_model(model_path)
@@ -388,10 +387,10 @@ def test_predict_agrees_with_evaluation_on_the_same_images(run_dir, model_path, 
     source = open_source(TrainConfig(**TINY), "validation")
     images = source.get_batch(np.arange(40), seed=0, epoch=0, train=False)["image"]
     np.testing.assert_array_equal(load_images(paths, meta), images)
-    from lsgd_jax.readback import restore_run
+    from lsgd_jax.artifacts.readback import restore_run
 
     state = restore_run(run_dir, log=lambda m: None).state
-    from lsgd_jax.step import _normalize
+    from lsgd_jax.engine.step import _normalize
 
     logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
                          _normalize(images, source.pixel_mean, source.pixel_std, np.float32),
@@ -402,7 +401,7 @@ def test_predict_agrees_with_evaluation_on_the_same_images(run_dir, model_path, 
 
 def test_predict_reads_jpeg_png_cmyk_and_grayscale_and_names_a_non_image(model_path, tmp_path,
                                                                       capsys):
-    from lsgd_jax.commands import predict_main
+    from lsgd_jax.cli.main import predict_main
 
     rng = np.random.default_rng(0)
     rgb = Image.fromarray(rng.integers(0, 256, (300, 400, 3), np.uint8))
@@ -444,7 +443,7 @@ def _tamper(model_path, tmp_path, edit_meta=None, edit_bytes=None):
 
 
 def test_a_damaged_or_foreign_model_file_gets_a_clear_error(model_path, tmp_path):
-    from lsgd_jax.model_file import ModelFileError, load_model
+    from lsgd_jax.training.model_file import ModelFileError, load_model
 
     def flip(data):  # one byte in the middle of the arrays
         data[len(data) // 2] ^= 0x01
@@ -468,7 +467,7 @@ def test_a_damaged_or_foreign_model_file_gets_a_clear_error(model_path, tmp_path
 def test_a_model_file_whose_arrays_do_not_fit_names_the_layer(model_path, tmp_path):
     from flax import serialization
 
-    from lsgd_jax.model_file import ModelFileError, load_model
+    from lsgd_jax.training.model_file import ModelFileError, load_model
 
     content = serialization.msgpack_restore(open(model_path, "rb").read())
     kernel = content["variables"]["params"]["stem_conv"]["kernel"]
@@ -513,9 +512,9 @@ def test_a_model_file_with_non_finite_weights_is_refused_naming_the_layer(
     """load_model refuses it, so predict exits 2 before anything is compiled (and
     --init-from too: test_a_bad_init_from_file_is_refused_before_anything_is_compiled);
     the training command says so in one line."""
-    import lsgd_jax.predict as predict
-    from lsgd_jax.commands import predict_main
-    from lsgd_jax.model_file import ModelFileError, load_model
+    import lsgd_jax.artifacts.predict as predict
+    from lsgd_jax.cli.main import predict_main
+    from lsgd_jax.training.model_file import ModelFileError, load_model
 
     bad = _non_finite(model_path, tmp_path)
     with pytest.raises(ModelFileError, match=NON_FINITE):
@@ -540,7 +539,7 @@ def test_a_model_file_with_non_finite_weights_is_refused_naming_the_layer(
 
 # ---------------------------------------------------------------- --init-from
 def _prepared(tmp_path, name, **changes):
-    from lsgd_jax.train import _prepare
+    from lsgd_jax.training.loop import _prepare
 
     run = _prepare(TrainConfig(**TINY | changes), str(tmp_path / name), lambda msg: None)
     run.ckpts.close()
@@ -548,7 +547,7 @@ def _prepared(tmp_path, name, **changes):
 
 
 def test_init_from_reproduces_the_exported_parameters_at_step_0(model_path, tmp_path):
-    from lsgd_jax.model_file import load_model
+    from lsgd_jax.training.model_file import load_model
 
     _, variables, _ = load_model(model_path)
     run = _prepared(tmp_path, "same", init_from=model_path, seed=3)
@@ -562,7 +561,7 @@ def test_init_from_reproduces_the_exported_parameters_at_step_0(model_path, tmp_
 
 
 def test_init_from_with_other_classes_keeps_a_fresh_classifier(model_path, tmp_path):
-    from lsgd_jax.model_file import load_model
+    from lsgd_jax.training.model_file import load_model
 
     _, variables, _ = load_model(model_path)
     run = _prepared(tmp_path, "seven", init_from=model_path, num_classes=7)
@@ -576,7 +575,7 @@ def test_init_from_with_other_classes_keeps_a_fresh_classifier(model_path, tmp_p
 
 
 def test_init_from_refuses_another_model_naming_it(model_path, tmp_path):
-    from lsgd_jax.model_file import ModelFileError
+    from lsgd_jax.training.model_file import ModelFileError
 
     with pytest.raises(ModelFileError, match="holds a resnet8 but this run trains a resnet20"):
         _prepared(tmp_path, "other", init_from=model_path, model="resnet20")
@@ -594,9 +593,9 @@ def test_a_bad_init_from_file_is_refused_before_anything_is_compiled(model_path,
     class count is no error: the check passes and the run goes on to compile."""
     from flax import serialization
 
-    import lsgd_jax.init_from as init_from
-    import lsgd_jax.train as train
-    from lsgd_jax.model_file import ModelFileError
+    import lsgd_jax.training.init_from as init_from
+    import lsgd_jax.training.loop as train
+    from lsgd_jax.training.model_file import ModelFileError
 
     class Compiled(Exception):
         pass
@@ -692,8 +691,8 @@ def test_evaluate_and_export_on_two_processes(run_dir, model_path, tmp_path):
 def test_the_eval_transform_of_a_one_channel_model_and_of_imagenet(tmp_path):
     """Fashion-MNIST-sized files come back as their pixels; ImageNet's is resize 256, crop
     224 (decode_eval), made RGB from CMYK."""
+    from lsgd_jax.artifacts.predict import load_image
     from lsgd_jax.data.augment import decode_eval
-    from lsgd_jax.predict import load_image
 
     pixels = np.random.default_rng(1).integers(0, 256, (28, 28), np.uint8)
     Image.fromarray(pixels).save(tmp_path / "item.png")
@@ -740,7 +739,7 @@ def test_predict_says_what_the_model_expects_and_warns_once_on_unlike_images(mod
                                                                              tmp_path, capsys):
     """A model of Fashion-MNIST (its description says so) given photos: one line of what it
     expects, the answers, and one warning for all the photos that differ a lot."""
-    from lsgd_jax.commands import predict_main
+    from lsgd_jax.cli.main import predict_main
 
     fashion = _tamper(model_path, tmp_path, edit_meta=lambda m: m.update(data="fashion_mnist"))
     photo = np.full((600, 450, 3), 230, np.uint8)  # a dark T-shirt on a light background
@@ -769,7 +768,7 @@ def test_predict_says_what_the_model_expects_and_warns_once_on_unlike_images(mod
 
 
 def test_images_unlike_the_training_data_are_told_apart():
-    from lsgd_jax.predict import load_image, unlike_training
+    from lsgd_jax.artifacts.predict import load_image, unlike_training
 
     meta = dict(model="resnet20", data="fashion_mnist", image_size=28, eval_resize=28,
                 channels=1, pixel_mean=[72.94], pixel_std=[90.021])

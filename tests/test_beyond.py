@@ -4,11 +4,10 @@ import dataclasses
 import json
 
 import pytest
+from test_small_scale import _config, _fake_metrics, _paths, _plan
 
 import lsgd_jax.study as ss
 from lsgd_jax.study import beyond, runner
-
-from test_small_scale import _config, _fake_metrics, _paths, _plan
 
 
 def _finish(run, error):

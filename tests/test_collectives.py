@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import mesh_of
 from jax.sharding import PartitionSpec as P
 
 from lsgd_jax.collectives import ALLREDUCE_NAMES, get_allreduce, plan_buckets
-from helpers import mesh_of
 
 try:
     shard_map = jax.shard_map
@@ -26,7 +26,9 @@ UNIT_ROUNDOFF = {np.dtype(np.float32): 2.0**-24, np.dtype(jnp.bfloat16): 2.0**-8
 def _per_device_tree(p, seed=0, bfloat16=False):
     """Leaves of odd sizes, tiny and large; leading axis = device."""
     rng = np.random.default_rng(seed)
-    normal = lambda *shape: rng.standard_normal((p, *shape))
+    def normal(*shape):
+        return rng.standard_normal((p, *shape))
+
     tree = {
         "conv": {"kernel": normal(3, 3, 5, 7).astype(np.float32)},  # 315
         "bn": {"bias": normal(7).astype(np.float32), "scale": normal().astype(np.float32)},
@@ -151,7 +153,9 @@ def _ppermutes(jaxpr):
 
 def _traced_ppermutes(allreduce, p, n, leaves=1):
     tree = [np.zeros((p, n), np.float32) for _ in range(leaves)]
-    body = lambda t: jax.tree.map(lambda x: x[None], allreduce(jax.tree.map(lambda x: x[0], t), "data"))
+    def body(t):
+        return jax.tree.map(lambda x: x[None], allreduce(jax.tree.map(lambda x: x[0], t), "data"))
+
     f = shard_map(body, mesh=mesh_of(p), in_specs=P("data"), out_specs=P("data"))
     return _ppermutes(jax.make_jaxpr(f)(tree).jaxpr)
 

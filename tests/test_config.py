@@ -5,15 +5,15 @@ import math
 import numpy as np
 import pytest
 
-from lsgd_jax.config import TrainConfig, evaluation_steps
-from lsgd_jax.plan import make_plan
+from lsgd_jax.rules.schedules import goyal_schedule, warmup_steps
+from lsgd_jax.training.config import TrainConfig, evaluation_steps
+from lsgd_jax.training.metrics import MetricsWriter, eval_history
+from lsgd_jax.training.plan import make_plan
 
 
 def derived(config, num_train_examples, num_devices=8, num_processes=1):
     return make_plan(config, num_train_examples=num_train_examples, num_devices=num_devices,
                      num_processes=num_processes).to_dict()
-from lsgd_jax.metrics import MetricsWriter, eval_history
-from lsgd_jax.schedules import goyal_schedule, warmup_steps
 
 
 def test_defaults_are_the_papers_recipe():
@@ -111,7 +111,7 @@ def test_a_paper_length_run_warms_up_over_five_epochs():
 
 
 def test_counts_read_in_the_right_number():
-    from lsgd_jax.metrics import plural
+    from lsgd_jax.training.metrics import plural
 
     assert [plural(1, "process"), plural(2, "process"), plural(1, "microbatch"),
             plural(4, "microbatch"), plural(0, "warmup step"), plural(1, "device")] == [
@@ -153,7 +153,7 @@ def test_the_plan_names_the_flag_to_change(changes, devices, processes, text):
 def test_every_config_field_is_one_flag_and_round_trips():
     import dataclasses
 
-    from lsgd_jax.cli import build_parser, config_flag, config_from_args
+    from lsgd_jax.cli.train import build_parser, config_flag, config_from_args
 
     fields = dataclasses.fields(TrainConfig)
     parser = build_parser()
@@ -177,7 +177,7 @@ def test_every_config_field_is_one_flag_and_round_trips():
 def test_help_gives_real_defaults_and_no_empty_ones():
     import re
 
-    from lsgd_jax.cli import build_parser
+    from lsgd_jax.cli.train import build_parser
 
     text = " ".join(build_parser().format_help().split())  # argparse wraps lines
     assert "(default: None)" not in text and "(default: False)" not in text
@@ -202,7 +202,7 @@ def test_recipe_flags_are_checked(changes, text):
 
 
 def test_the_default_recipe_is_the_papers_and_the_plan_names_the_recipe():
-    from lsgd_jax.recipe import build
+    from lsgd_jax.training.recipe import build
 
     c = TrainConfig()
     assert (c.optimizer, c.schedule, c.label_smoothing) == ("sgd", "steps", 0.0)
@@ -232,7 +232,7 @@ def test_the_default_recipe_is_the_papers_and_the_plan_names_the_recipe():
 
 
 def test_a_decay_at_or_past_the_end_is_a_warning_and_left_out_of_the_start_line():
-    from lsgd_jax.plan import plan_warnings
+    from lsgd_jax.training.plan import plan_warnings
 
     # 117 steps per epoch; 2 epochs = 234 steps. A decay at step 234 would apply from the
     # 235th step on, which the run does not have.

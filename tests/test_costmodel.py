@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from lsgd_jax.collectives import get_allreduce
-from lsgd_jax.costmodel import (
+from lsgd_jax.collectives.costmodel import (
     PAPER_ETHERNET,
     RESNET50_BACKPROP_S,
     RESNET50_PARAMETERS,
@@ -61,7 +61,9 @@ def _ppermute_sizes(name, p, n):
                     yield from found(inner)
 
     fn = get_allreduce(name)
-    body = lambda x: fn(x[0], "data")[None]
+    def body(x):
+        return fn(x[0], "data")[None]
+
     mesh = Mesh(np.array(jax.devices()[:p]), ("data",))
     f = shard_map(body, mesh=mesh, in_specs=P("data"), out_specs=P("data"))
     return list(found(jax.make_jaxpr(f)(np.zeros((p, n), np.float32)).jaxpr))

@@ -199,7 +199,7 @@ def test_jitter_and_lighting_are_off_by_default_and_keep_the_crop():
 
 
 def test_jitter_and_lighting_settings_are_checked():
-    from lsgd_jax.config import TrainConfig
+    from lsgd_jax.training.config import TrainConfig
 
     with pytest.raises(ValueError, match="--color-jitter must be a number in \\[0, 1\\).*got 1.5"):
         TrainConfig(color_jitter=1.5)
@@ -239,7 +239,7 @@ def test_opencv_resize_takes_the_same_crop_box_from_the_same_draws(width, height
 @pytest.mark.parametrize("kind, mean, p99", [("smooth", 0.5, 2), ("photo", 2.5, 16),
                                               ("hard", 4.0, 26)])
 def test_opencv_resize_on_dct_scaled_jpegs_stays_within_tolerance_of_pil(kind, mean, p99):
-    from lsgd_jax.data.samples import sample_jpegs
+    from lsgd_jax.bench.samples import sample_jpegs
 
     if kind == "smooth":
         blobs = [jpeg_bytes(smooth_image(500, 375, s), quality=95) for s in range(8)]
@@ -259,8 +259,8 @@ def test_opencv_resize_on_dct_scaled_jpegs_stays_within_tolerance_of_pil(kind, m
 
 
 def test_eval_transform_is_pil_whatever_the_resizer():
+    from lsgd_jax.bench.samples import sample_jpegs
     from lsgd_jax.data.imagenet import ImageNetSource
-    from lsgd_jax.data.samples import sample_jpegs
 
     data = sample_jpegs("photo", 1, seed=4)[0]  # 500x375: the eval crop needs no DCT scaling
     side = 375 * 224 / 256
@@ -284,9 +284,9 @@ def test_resizer_names_are_checked():
 
 
 def test_opencv_decodes_jpegs_to_pils_pixels_and_leaves_the_rest_to_pil():
+    from lsgd_jax.bench.samples import sample_jpegs
     from lsgd_jax.data import augment
     from lsgd_jax.data.augment import DECODE_ERRORS, _crop_resize
-    from lsgd_jax.data.samples import sample_jpegs
 
     rotated = io.BytesIO()  # EXIF orientation 6: OpenCV would rotate it unless told not to
     exif = Image.Exif()

@@ -319,8 +319,8 @@ def test_the_folder_path_runs_where_importing_tensorflow_raises(tmp_path):
 
 # ---------------------------------------------------------------------------- the run
 def test_the_run_opens_the_folder_keeps_its_index_and_names_its_classes(data_dir, tmp_path):
-    from lsgd_jax.config import TrainConfig
     from lsgd_jax.data import class_names, open_source
+    from lsgd_jax.training.config import TrainConfig
 
     config = TrainConfig(data="folder", data_dir=data_dir, image_size=16, max_bad_fraction=0.1)
     lines = []
@@ -335,7 +335,7 @@ def test_the_run_opens_the_folder_keeps_its_index_and_names_its_classes(data_dir
 
 
 def test_process_zero_opens_first_and_its_error_is_every_processs(monkeypatch):
-    import lsgd_jax.parallel
+    import lsgd_jax.parallel.distributed
     from lsgd_jax.data import _opened_in_turn
 
     calls = []
@@ -348,7 +348,7 @@ def test_process_zero_opens_first_and_its_error_is_every_processs(monkeypatch):
         calls.append("opened")
         return "source"
 
-    monkeypatch.setattr(lsgd_jax.parallel, "exchange", fake_exchange)
+    monkeypatch.setattr(lsgd_jax.parallel.distributed, "exchange", fake_exchange)
     first_error = ""
     assert _opened_in_turn(open_it, "open_train", 1, 2) == "source"
     assert calls == [("data_open_train", ""), "opened"]  # after process 0's answer

@@ -11,7 +11,7 @@ import pytest
 from helpers import free_port, run_together
 from tiny_images import CLASSES, write_folder
 
-from lsgd_jax.parallel import cpu_device_env
+from lsgd_jax.parallel.distributed import cpu_device_env
 
 REPO = Path(__file__).parent.parent
 ENTRY = REPO / "experiments" / "imagenet_resnet50.py"
@@ -55,7 +55,7 @@ def test_a_folder_without_classes_stops_every_process_with_the_same_line(tmp_pat
     os.makedirs(data / "val")
     statuses, outputs = _two_processes(tmp_path, data, timeout=180)
     expected = f"{data / 'train'} holds no class folders"
-    for index, (status, out) in enumerate(zip(statuses, outputs)):
+    for status, out in zip(statuses, outputs):
         assert status == 2, out[-3000:]
         errors = [line for line in out.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and expected in errors[0], out[-3000:]

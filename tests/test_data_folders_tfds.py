@@ -93,9 +93,9 @@ def test_evaluation_batches_are_the_tfds_paths(both):
 def test_training_on_the_folder_with_workers_equals_training_on_tfds(both, tmp_path):
     """The trainer end to end: the same losses at every step, evaluation and final state,
     whether the images come from tfds (threads) or from the folder (decoding workers)."""
-    from lsgd_jax.config import TrainConfig
-    from lsgd_jax.metrics import read_metrics
-    from lsgd_jax.train import train_and_evaluate
+    from lsgd_jax.training.config import TrainConfig
+    from lsgd_jax.training.loop import train_and_evaluate
+    from lsgd_jax.training.metrics import read_metrics
 
     tfds_dir, folder = both
     common = dict(model="resnet20", image_size=16, batch_size=16, bn_group_size=2,

@@ -16,7 +16,7 @@ from helpers import free_port, run_together
 
 from lsgd_jax.data import get_source
 from lsgd_jax.data.fashion_mnist import DEFAULT_DIR, write_subset
-from lsgd_jax.parallel import cpu_device_env
+from lsgd_jax.parallel.distributed import cpu_device_env
 
 HERE = Path(__file__).parent
 REPO = HERE.parent

@@ -27,6 +27,7 @@ from tiny_imagenet import (  # noqa: E402
 
 from lsgd_jax.data import Position, TrainIterator, eval_batches, get_source  # noqa: E402
 
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return build(tmp_path_factory.mktemp("tfds"))

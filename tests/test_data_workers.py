@@ -310,8 +310,8 @@ def test_default_workers_share_the_allowed_cores_among_the_hosts_processes():
 
 
 def test_train_stream_chooses_and_says_how_it_decodes(data_dir):
-    from lsgd_jax.config import TrainConfig
     from lsgd_jax.data import train_stream
+    from lsgd_jax.training.config import TrainConfig
 
     lines = []
     with open_imagenet(data_dir) as src:
@@ -331,10 +331,11 @@ def test_train_stream_chooses_and_says_how_it_decodes(data_dir):
 @pytest.mark.slow
 def test_training_with_workers_equals_training_with_threads(data_dir, tmp_path):
     """The trainer end to end: the same losses at every step, and the same final state."""
-    from lsgd_jax.config import TrainConfig
-    from lsgd_jax.metrics import read_metrics
-    from lsgd_jax.train import train_and_evaluate
     from tiny_imagenet import BUILDER
+
+    from lsgd_jax.training.config import TrainConfig
+    from lsgd_jax.training.loop import train_and_evaluate
+    from lsgd_jax.training.metrics import read_metrics
 
     config = TrainConfig(data="imagenet", data_dir=data_dir, tfds_name=BUILDER, model="resnet20",
                          image_size=16, batch_size=16, bn_group_size=2, eval_batch_size=16,

@@ -13,7 +13,7 @@ WITH_EXAMPLES = sorted(
 
 
 def test_the_package_has_examples_to_run():
-    assert {"lsgd_jax.schedules", "lsgd_jax.optim", "lsgd_jax.lars"} <= set(WITH_EXAMPLES)
+    assert {"lsgd_jax.rules.schedules", "lsgd_jax.rules.optim", "lsgd_jax.rules.lars"} <= set(WITH_EXAMPLES)
 
 
 @pytest.mark.parametrize("name", WITH_EXAMPLES)

@@ -2,7 +2,12 @@
 
 import subprocess
 
-from lsgd_jax.environment import XLA_CPU_FLAGS, cpu_description, git_commit, package_versions
+from lsgd_jax.training.environment import (
+    XLA_CPU_FLAGS,
+    cpu_description,
+    git_commit,
+    package_versions,
+)
 
 
 def test_cpu_description_keeps_the_model_and_only_the_flags_xla_uses(tmp_path):

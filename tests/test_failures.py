@@ -1,6 +1,6 @@
 """One process's failure stops every process of the run with that failure's message.
 
-Processes on 127.0.0.1 with Gloo. Without lsgd_jax.failures, the peer waiting in a
+Processes on 127.0.0.1 with Gloo. Without lsgd_jax.parallel.failures, the peer waiting in a
 collective ends in a Gloo error or abort that hides the cause (or hangs under NCCL).
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from helpers import free_port, run_together
 
-from lsgd_jax.parallel import cpu_device_env
+from lsgd_jax.parallel.distributed import cpu_device_env
 
 HERE = Path(__file__).parent
 REPO = HERE.parent
@@ -30,7 +30,7 @@ def _env(devices: int = 1) -> dict:
 
 
 def test_a_single_process_publishes_nothing():
-    from lsgd_jax import failures
+    from lsgd_jax.parallel import failures
 
     assert failures.publish("x", 2) is False and not failures.failed()
     failures.fail_and_exit("x", 2)  # returns: no peers to tell, the caller exits itself
@@ -67,7 +67,7 @@ def _watch_briefly(monkeypatch, failures, seconds=0.3):
 def test_a_check_every_process_makes_alike_is_reported_by_each_not_as_the_peers(monkeypatch):
     """Inside decided_together, a peer's failure is deferred (that peer reached the same
     verdict first); when the check raises, this process reports its own error."""
-    from lsgd_jax import failures
+    from lsgd_jax.parallel import failures
 
     monkeypatch.setattr(failures._State, "deciding_since", None)
     assert _watch_briefly(monkeypatch, failures) == [2]  # outside: the peer's failure stops it

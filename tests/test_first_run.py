@@ -11,11 +11,10 @@ import types
 
 import numpy as np
 import pytest
-
-from lsgd_jax.config import TrainConfig
-from lsgd_jax.metrics import MetricsWriter
-
 from helpers import env_without
+
+from lsgd_jax.training.config import TrainConfig
+from lsgd_jax.training.metrics import MetricsWriter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,8 +60,8 @@ def test_curves_without_the_plot_extra_is_one_line_naming_the_install(tmp_path):
         assert "matplotlib" in line
     assert not os.path.exists(os.path.join(run, "curves.png"))
     # The library's own entry point says the same, as an error the caller can catch.
-    code = ("import sys; from lsgd_jax.extras import MissingExtraError; "
-            "from lsgd_jax.plotting import plot_runs\n"
+    code = ("import sys; from lsgd_jax.training.extras import MissingExtraError; "
+            "from lsgd_jax.artifacts.plotting import plot_runs\n"
             "try:\n    plot_runs([sys.argv[1]])\n"
             "except MissingExtraError as e:\n    print(e)")
     result = _python(env, "-c", code, run)
@@ -89,11 +88,11 @@ def test_imagenet_without_the_data_extra_is_one_line_before_anything_starts(tmp_
     # ImageNet from its folders needs no tfds: the same check lets it through.
     folders = tmp_path / "imagenet"
     (folders / "train" / "n01440764").mkdir(parents=True)
-    result = _python(env, "-c", "import sys; from lsgd_jax.extras import check_for_data; "
+    result = _python(env, "-c", "import sys; from lsgd_jax.training.extras import check_for_data; "
                      "check_for_data('imagenet', sys.argv[1]); print('ok')", str(folders))
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
     # With the extra there (it is, for the tests), the same check passes.
-    from lsgd_jax.extras import check_for_data
+    from lsgd_jax.training.extras import check_for_data
 
     check_for_data("imagenet")
     check_for_data("fashion_mnist")
@@ -103,7 +102,7 @@ def test_the_last_line_names_the_tensorboard_install_only_when_the_viewer_is_mis
     workdir = tmp_path / "w"
     workdir.mkdir()
     (workdir / "metrics.jsonl").write_text("")
-    code = ("import sys; from lsgd_jax.train import outputs_line; "
+    code = ("import sys; from lsgd_jax.training.loop import outputs_line; "
             "print(outputs_line(sys.argv[1]))")
     without = _python(env_without(tmp_path, "tensorboard"), "-c", code, str(workdir))
     assert without.returncode == 0, without.stderr
@@ -120,7 +119,7 @@ def test_the_last_line_names_the_tensorboard_install_only_when_the_viewer_is_mis
 
 
 def test_tensorboardx_missing_is_one_warning_naming_the_install(tmp_path):
-    code = ("import sys; from lsgd_jax.metrics import MetricsWriter; "
+    code = ("import sys; from lsgd_jax.training.metrics import MetricsWriter; "
             "MetricsWriter(sys.argv[1]).write('train', 1, loss=1.0)")
     result = _python(env_without(tmp_path, "tensorboardX"), "-c", code, str(tmp_path))
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
@@ -150,8 +149,8 @@ def _fake_live_run(tmp_path, log):
 
 
 def test_every_printed_top1_figure_says_it_is_an_error(tmp_path):
-    from lsgd_jax.recording import LogWindow
-    from lsgd_jax.train import _log_eval, _result
+    from lsgd_jax.training.loop import _log_eval, _result
+    from lsgd_jax.training.recording import LogWindow
 
     lines = []
     run = _fake_live_run(tmp_path, lines.append)
@@ -188,7 +187,7 @@ def test_every_printed_top1_figure_says_it_is_an_error(tmp_path):
 def test_the_evaluate_and_export_lines_say_error():
     import inspect
 
-    from lsgd_jax import commands
+    from lsgd_jax.cli import main as commands
 
     source = inspect.getsource(commands)
     for pattern in re.findall(r'f"[^"]*%[^"]*"', source):
@@ -198,12 +197,12 @@ def test_the_evaluate_and_export_lines_say_error():
 
 # ---------------------------------------------------------------- help
 def test_lsgd_jax_help_lists_each_command_with_what_it_does(capsys):
-    from lsgd_jax.commands import COMMANDS, main
+    from lsgd_jax.cli.main import COMMANDS, main
 
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     for name in ("train", *COMMANDS):
-        line = next((l for l in out.splitlines() if l.split()[:1] == [name]), None)
+        line = next((t for t in out.splitlines() if t.split()[:1] == [name]), None)
         assert line is not None, f"{name} has no line in:\n{out}"
         assert len(line.split()) >= 5, line  # the name and what it does
     assert main(["nonsense"]) == 2
@@ -211,7 +210,7 @@ def test_lsgd_jax_help_lists_each_command_with_what_it_does(capsys):
 
 
 def test_train_help_puts_the_essentials_first_with_a_short_usage_and_typed_defaults(capsys):
-    from lsgd_jax.commands import main
+    from lsgd_jax.cli.main import main
 
     with pytest.raises(SystemExit):
         main(["train", "--help"])
@@ -231,7 +230,7 @@ def test_train_help_puts_the_essentials_first_with_a_short_usage_and_typed_defau
 
 
 def test_evaluate_help_says_what_it_writes_and_counts_devices_in_words(capsys):
-    from lsgd_jax.commands import evaluate_parser, evaluating_line
+    from lsgd_jax.cli.main import evaluate_parser, evaluating_line
 
     text = " ".join(evaluate_parser().format_help().split())
     assert "Writes one thing: an `eval` record" in text and "metrics.jsonl" in text
@@ -243,12 +242,12 @@ def test_evaluate_help_says_what_it_writes_and_counts_devices_in_words(capsys):
 # ---------------------------------------------------------------- the paper's defaults
 def test_a_small_data_set_on_the_papers_defaults_says_so_in_one_line(tmp_path, monkeypatch,
                                                                      capsys):
-    import lsgd_jax.parallel
-    import lsgd_jax.train
-    from lsgd_jax.cli import build_parser, given_flags, main, recipe_notice
+    import lsgd_jax.parallel.distributed
+    import lsgd_jax.training.loop
+    from lsgd_jax.cli.train import build_parser, given_flags, main, recipe_notice
 
-    monkeypatch.setattr(lsgd_jax.parallel, "initialize_distributed", lambda *a, **k: None)
-    monkeypatch.setattr(lsgd_jax.train, "train_and_evaluate", lambda *a, **k: None)
+    monkeypatch.setattr(lsgd_jax.parallel.distributed, "initialize_distributed", lambda *a, **k: None)
+    monkeypatch.setattr(lsgd_jax.training.loop, "train_and_evaluate", lambda *a, **k: None)
     w = str(tmp_path / "w")
     assert main(["--workdir", w, "--data", "fashion_mnist"]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -267,7 +266,7 @@ def test_a_small_data_set_on_the_papers_defaults_says_so_in_one_line(tmp_path, m
         assert recipe_notice(TrainConfig(data="fashion_mnist"), given) == ""
     # --epochs given: the data set's own model is no ImageNet recipe; ResNet-50 would be.
     assert recipe_notice(TrainConfig(data="fashion_mnist", epochs=2), {"epochs", "data"}) == ""
-    monkeypatch.setitem(__import__("lsgd_jax.config").config.DEFAULT_MODELS, "fashion_mnist",
+    monkeypatch.setitem(__import__("lsgd_jax.training.config").config.DEFAULT_MODELS, "fashion_mnist",
                         "resnet50")
     paper_model = recipe_notice(TrainConfig(data="fashion_mnist", epochs=2), {"epochs", "data"})
     assert "resnet50 (--model not given)" in paper_model
@@ -279,7 +278,7 @@ def test_a_small_data_set_on_the_papers_defaults_says_so_in_one_line(tmp_path, m
 
 # ---------------------------------------------------------------- checkpoints, last line
 def test_a_checkpoint_line_gives_its_time_only_past_a_second():
-    from lsgd_jax.recording import saved_line
+    from lsgd_jax.training.recording import saved_line
 
     assert saved_line("w/checkpoints", 117, 0.4) == "checkpoint saved: step 117 (w/checkpoints/117)"
     assert saved_line("w/checkpoints", 234, 2.26) == (
@@ -287,7 +286,7 @@ def test_a_checkpoint_line_gives_its_time_only_past_a_second():
 
 
 def test_the_outputs_line_names_what_the_workdir_holds_and_the_curves_command(tmp_path):
-    from lsgd_jax.train import outputs_line
+    from lsgd_jax.training.loop import outputs_line
 
     for name in ("checkpoints", "tensorboard"):
         (tmp_path / name).mkdir()

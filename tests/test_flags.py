@@ -14,9 +14,9 @@ import sys
 
 import pytest
 
-from lsgd_jax.cli import _bool, build_parser, parse_flags, train_flags
-from lsgd_jax.commands import curves_parser, evaluate_parser, export_parser, predict_parser
-from lsgd_jax.config import FREE_FIELDS, TrainConfig
+from lsgd_jax.cli.main import curves_parser, evaluate_parser, export_parser, predict_parser
+from lsgd_jax.cli.train import _bool, build_parser, parse_flags, train_flags
+from lsgd_jax.training.config import FREE_FIELDS, TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VALUES = ("nan", "inf", "-1", "0", "1e30", "abc")
@@ -189,13 +189,13 @@ def test_implausible_values_warn_in_one_line():
 
 
 def test_the_training_command_prints_the_warning_and_goes_on(tmp_path, monkeypatch, capsys):
-    import lsgd_jax.parallel
-    import lsgd_jax.train
-    from lsgd_jax.cli import main
+    import lsgd_jax.parallel.distributed
+    import lsgd_jax.training.loop
+    from lsgd_jax.cli.train import main
 
     runs = []
-    monkeypatch.setattr(lsgd_jax.parallel, "initialize_distributed", lambda *a, **k: None)
-    monkeypatch.setattr(lsgd_jax.train, "train_and_evaluate", lambda *a, **k: runs.append(a))
+    monkeypatch.setattr(lsgd_jax.parallel.distributed, "initialize_distributed", lambda *a, **k: None)
+    monkeypatch.setattr(lsgd_jax.training.loop, "train_and_evaluate", lambda *a, **k: runs.append(a))
     assert main(["--workdir", str(tmp_path / "w"), "--base-lr", "50"]) == 0
     assert len(runs) == 1 and runs[0][0].base_lr == 50
     assert ("warning: --base-lr 50 is above the usual range (at most 10)"
@@ -203,12 +203,12 @@ def test_the_training_command_prints_the_warning_and_goes_on(tmp_path, monkeypat
 
 
 def test_a_refusal_comes_before_any_device_or_process(tmp_path, monkeypatch, capsys):
-    import lsgd_jax.parallel
-    from lsgd_jax.commands import main
+    import lsgd_jax.parallel.distributed
+    from lsgd_jax.cli.main import main
 
     started = []
-    monkeypatch.setattr(lsgd_jax.parallel, "use_cpu_devices", lambda n: started.append(n))
-    monkeypatch.setattr(lsgd_jax.parallel, "initialize_distributed",
+    monkeypatch.setattr(lsgd_jax.parallel.distributed, "use_cpu_devices", lambda n: started.append(n))
+    monkeypatch.setattr(lsgd_jax.parallel.distributed, "initialize_distributed",
                         lambda *a, **k: started.append(a))
     for command, bad in (("train", "--seed"), ("evaluate", "--step"), ("export", "--step"),
                          ("predict", "--batch-size")):
@@ -220,7 +220,7 @@ def test_a_refusal_comes_before_any_device_or_process(tmp_path, monkeypatch, cap
 
 
 def test_the_plan_keeps_every_length_within_the_step_counter():
-    from lsgd_jax.plan import make_plan
+    from lsgd_jax.training.plan import make_plan
 
     kw = dict(batch_size=32, bn_group_size=4)
     big = dict(num_train_examples=32 * 10**6, num_devices=8)  # a million steps per epoch

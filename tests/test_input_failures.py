@@ -14,7 +14,7 @@ import sys
 import pytest
 from helpers import in_small_dev_shm, run_bounded
 
-from lsgd_jax.parallel import cpu_device_env
+from lsgd_jax.parallel.distributed import cpu_device_env
 
 pytest.importorskip("tensorflow_datasets")
 from tiny_imagenet import (  # noqa: E402

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lsgd_jax.data import prefetch_to_mesh
-from lsgd_jax.metrics import MetricsWriter
-from lsgd_jax.recording import LogWindow
+from lsgd_jax.parallel.prefetch import prefetch_to_mesh
+from lsgd_jax.training.metrics import MetricsWriter
+from lsgd_jax.training.recording import LogWindow
 
 
 @pytest.fixture(scope="module")

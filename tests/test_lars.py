@@ -1,17 +1,17 @@
-"""LARS (lsgd_jax.lars): hand-computed steps, the mask, and optax.lars where the two agree."""
+"""LARS (lsgd_jax.rules.lars): hand-computed steps, the mask, and optax.lars where the two agree."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from helpers import max_rel_diff
-from lsgd_jax import default_weight_decay_mask, goyal_sgd, lars, scale_by_lars
 
 # The schedule, parameters and gradients of the SGD tests, so the two compare alike.
 from test_optim import SCHEDULE, STEPS, _params  # noqa: E402
 from test_optim import _grads as _random_grads  # noqa: E402
+
+from lsgd_jax import default_weight_decay_mask, goyal_sgd, lars, scale_by_lars
 
 
 def _parallel_grads(step, params):

@@ -268,7 +268,7 @@ def test_resnet_with_lever_equals_default(default_steps, lever, group):
 # --- the trainer's flags for the switches ---
 
 def test_the_switches_are_flags_checked_before_anything_runs():
-    from lsgd_jax.config import FREE_FIELDS, TrainConfig
+    from lsgd_jax.training.config import FREE_FIELDS, TrainConfig
 
     with pytest.raises(ValueError, match=r"bn_impl must be one of \('plain', 'split', "
                                          r"'custom_vjp'\), got 'fused'"):
@@ -286,9 +286,9 @@ def test_the_trainer_builds_its_model_with_the_switches_and_gets_the_same_losses
         tmp_path, monkeypatch):
     """Four steps of the tiny run with every switch against the default code: the model
     gets the flags' values, and the logged losses agree to float32 rounding."""
-    import lsgd_jax.train as train
-    from lsgd_jax.config import TrainConfig
-    from lsgd_jax.metrics import read_metrics
+    import lsgd_jax.training.loop as train
+    from lsgd_jax.training.config import TrainConfig
+    from lsgd_jax.training.metrics import read_metrics
 
     built = []
     real = train.get_model

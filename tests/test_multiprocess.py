@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from lsgd_jax.parallel import cpu_device_env
+
+from lsgd_jax.parallel.distributed import cpu_device_env
 
 WORKER = Path(__file__).with_name("multiprocess_worker.py")
 REPO = WORKER.parent.parent

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import compilations, max_rel_diff
 from hypothesis import given, settings
 
-from helpers import compilations, max_rel_diff
 from lsgd_jax import (
     MomentumState,
     default_weight_decay_mask,
@@ -208,7 +208,7 @@ def test_chains_with_clipping_and_multisteps():
     for g in grads:
         u_c, s_c = chained.update(g, s_c, params)
         norm = optax.tree.norm(g)
-        u_p, s_p = plain.update(jax.tree.map(lambda x: x / jnp.maximum(norm, 1.0), g), s_p, params)
+        u_p, s_p = plain.update(jax.tree.map(lambda x, norm=norm: x / jnp.maximum(norm, 1.0), g), s_p, params)
         assert max_rel_diff(u_c, u_p) < 1e-6  # tolerance: float32 rounding
     # MultiSteps(every 4) equals goyal_sgd on the mean of each 4 gradients; the
     # schedule advances once per real update.

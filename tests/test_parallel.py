@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from lsgd_jax.parallel import (
+from lsgd_jax.parallel.distributed import (
     data_sharding,
     host_to_global,
     initialize_distributed,
@@ -91,7 +91,7 @@ def test_initialize_distributed_rejects_bad_arguments(args, kwargs, match):
 
 
 def test_cpu_device_env_replaces_an_earlier_device_count():
-    from lsgd_jax.parallel import cpu_device_env
+    from lsgd_jax.parallel.distributed import cpu_device_env
 
     env = cpu_device_env(2, {"XLA_FLAGS": "--xla_dump_to=/tmp/x "
                                           "--xla_force_host_platform_device_count=8"})
@@ -114,7 +114,7 @@ def _free_port() -> int:
 @pytest.mark.parametrize("address", ["localhost", "localhost:", ":1234", "host:99999",
                                      "host:http"])
 def test_coordinator_address_must_be_host_port(address):
-    from lsgd_jax.parallel import check_coordinator
+    from lsgd_jax.parallel.distributed import check_coordinator
 
     with pytest.raises(ValueError, match=f"--coordinator-address must be HOST:PORT.*{address!r}"):
         check_coordinator(address, 1, 2, timeout=0.1)
@@ -123,7 +123,7 @@ def test_coordinator_address_must_be_host_port(address):
 def test_process_0_needs_its_coordinator_port_free():
     import socket
 
-    from lsgd_jax.parallel import check_coordinator
+    from lsgd_jax.parallel.distributed import check_coordinator
 
     port = _free_port()
     check_coordinator(f"127.0.0.1:{port}", 0, 2, timeout=0.1)  # free: nothing to say
@@ -140,7 +140,7 @@ def test_other_processes_wait_for_the_coordinator_then_say_who_they_could_not_re
     import threading
     import time
 
-    from lsgd_jax.parallel import check_coordinator
+    from lsgd_jax.parallel.distributed import check_coordinator
 
     port = _free_port()
     t0 = time.monotonic()
@@ -172,7 +172,7 @@ def test_an_unreachable_coordinator_is_one_line_and_status_2(tmp_path, command):
     import subprocess
     import sys
 
-    from lsgd_jax.parallel import cpu_device_env
+    from lsgd_jax.parallel.distributed import cpu_device_env
 
     port = _free_port()
     flags = {"train": ["--data", "fashion_mnist", "--model", "resnet8"], "evaluate": []}

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from lsgd_jax.metrics import paper_error
-from lsgd_jax.plotting import curves
+from lsgd_jax.artifacts.plotting import curves
+from lsgd_jax.training.metrics import paper_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,7 +63,7 @@ def _config_json(path, **config):
 
 
 def test_the_rate_is_drawn_from_the_schedule_at_every_step(tmp_path):
-    from lsgd_jax.plotting import schedule_curve
+    from lsgd_jax.artifacts.plotting import schedule_curve
 
     run = _fake_run(tmp_path / "a", [0.5])
     _config_json(tmp_path / "a")
@@ -79,8 +79,8 @@ def test_the_rate_is_drawn_from_the_schedule_at_every_step(tmp_path):
 
 def test_a_poly_run_s_rate_is_drawn_from_its_poly_schedule(tmp_path):
     """--schedule poly: the curve is the run's own schedule, not the paper's steps."""
-    from lsgd_jax.plotting import schedule_curve
-    from lsgd_jax.schedules import poly_schedule
+    from lsgd_jax.artifacts.plotting import schedule_curve
+    from lsgd_jax.rules.schedules import poly_schedule
 
     run = _fake_run(tmp_path / "a", [0.5])
     _config_json(tmp_path / "a", schedule="poly", epochs=4, poly_power=2, end_lr=1e-3)
@@ -95,7 +95,7 @@ def test_a_poly_run_s_rate_is_drawn_from_its_poly_schedule(tmp_path):
 
 def test_the_png_goes_into_the_first_run_and_the_reference_is_drawn_once(tmp_path,
                                                                         monkeypatch):
-    from lsgd_jax import plotting
+    from lsgd_jax.artifacts import plotting
 
     a = _fake_run(tmp_path / "a", [0.5, 0.4])
     b = _fake_run(tmp_path / "b", [0.6, 0.45])
@@ -127,7 +127,7 @@ def test_a_short_window_at_an_epoch_end_is_folded_into_its_neighbour(tmp_path):
 
 
 def test_evaluations_are_joined_only_where_they_are_consecutive():
-    from lsgd_jax.plotting import consecutive_segments
+    from lsgd_jax.artifacts.plotting import consecutive_segments
 
     # A 2-epoch run: epoch 1, then the median's 5 (one 90th apart, in whole steps).
     assert consecutive_segments([1.0, 1.91, 1.93, 1.96, 1.98, 2.0]) == [
@@ -142,7 +142,7 @@ def _drawn_figure(monkeypatch, workdirs, **kwargs):
     """The matplotlib figure ``plot_runs`` draws (kept from its ``plt.close``)."""
     import matplotlib.pyplot as plt
 
-    from lsgd_jax.plotting import plot_runs
+    from lsgd_jax.artifacts.plotting import plot_runs
 
     kept = []
     close = plt.close

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from lsgd_jax import profiling
+from lsgd_jax.bench import profiling
 
 
 def test_step_flops_of_a_matrix_product_is_two_m_n_k():

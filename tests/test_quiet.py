@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from lsgd_jax.config import TrainConfig
-from lsgd_jax.quiet import NOISY_LOGGERS, diverted
+from lsgd_jax.training.config import TrainConfig
+from lsgd_jax.training.library_logs import NOISY_LOGGERS, diverted
 
 TINY = dict(data="synthetic", model="resnet8", image_size=32, batch_size=32, bn_group_size=4,
             synthetic_examples=64, synthetic_eval_examples=16, eval_batch_size=16,
@@ -27,7 +27,7 @@ def _process_state():
 
 
 def test_a_run_from_python_leaves_the_hooks_loggers_and_asyncio_as_they_were(tmp_path):
-    from lsgd_jax.train import train_and_evaluate
+    from lsgd_jax.training.loop import train_and_evaluate
 
     before = _process_state()
     seen = {}
@@ -42,7 +42,7 @@ def test_a_run_from_python_leaves_the_hooks_loggers_and_asyncio_as_they_were(tmp
 
 
 def test_a_run_that_raises_leaves_the_process_as_it_was_too(tmp_path):
-    from lsgd_jax.train import NonFiniteError, train_and_evaluate
+    from lsgd_jax.training.loop import NonFiniteError, train_and_evaluate
 
     config = TrainConfig(**TINY | dict(checkpoint_every_steps=1))
     object.__setattr__(config, "base_lr", 1e38)  # past the flag's range: the run diverges

@@ -5,10 +5,10 @@ import re
 
 import jax
 import numpy as np
-
-import lsgd_jax
 import optax
 import pytest
+
+import lsgd_jax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -145,7 +145,7 @@ def test_the_quickstart_sets_up_once_then_trains_with_lsgd_jax_train_which_also_
     assert "Resuming is the train command alone" in intro
     assert "lsgd-jax curves runs/fashion_mnist" in first
     # The same recipe as ever: every flag given, so no default of the data set applies.
-    from lsgd_jax.cli import build_parser, config_from_args, given_flags, recipe_notice
+    from lsgd_jax.cli.train import build_parser, config_from_args, given_flags, recipe_notice
 
     parser = build_parser("lsgd-jax train")
     config = config_from_args(parser.parse_args(QUICKSTART))
@@ -183,7 +183,7 @@ def test_the_readme_lists_the_files_a_run_writes():
 
 
 def test_every_training_command_in_the_readme_parses_into_a_config():
-    from lsgd_jax.cli import build_parser, config_from_args
+    from lsgd_jax.cli.train import build_parser, config_from_args
 
     commands = _command_lines() + _train_commands()
     assert len(commands) >= 7, commands  # demo, fine-tuning, 1 GPU, 8 GPUs, SLURM, MPI, LARS
@@ -205,11 +205,11 @@ def test_every_study_command_in_the_results_readme_parses():
 
 def _untrained_model_file(tmp_path) -> str:
     """An exported model file of a fresh ResNet-8 (10 classes, 32 pixels)."""
-    from lsgd_jax.config import TrainConfig
-    from lsgd_jax.model_file import export_model
-    from lsgd_jax.optim import goyal_sgd
-    from lsgd_jax.readback import RestoredRun, run_facts
-    from lsgd_jax.step import create_train_state
+    from lsgd_jax.artifacts.readback import RestoredRun, run_facts
+    from lsgd_jax.engine.step import create_train_state
+    from lsgd_jax.rules.optim import goyal_sgd
+    from lsgd_jax.training.config import TrainConfig
+    from lsgd_jax.training.model_file import export_model
 
     config = TrainConfig(data="synthetic", model="resnet8", image_size=32, num_classes=10,
                          dtype="float32")
@@ -229,9 +229,9 @@ def test_the_model_file_example_runs_as_written(tmp_path):
     """The four lines of the README, with a real model file and two real image files."""
     from PIL import Image
 
-    from lsgd_jax.predict import make_predict
+    from lsgd_jax.artifacts.predict import make_predict
 
-    path = _untrained_model_file(tmp_path)
+    _untrained_model_file(tmp_path)  # model.msgpack, which the README example reads
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (60, 80, 3), np.uint8)).save(tmp_path / "shirt.jpg")
     Image.fromarray(rng.integers(0, 256, (50, 40), np.uint8)).save(tmp_path / "boot.png")
@@ -253,8 +253,8 @@ def test_the_model_file_example_runs_as_written(tmp_path):
 def test_every_lsgd_jax_command_in_the_readme_parses():
     import shlex
 
-    from lsgd_jax.cli import build_parser
-    from lsgd_jax.commands import curves_parser, evaluate_parser, export_parser, predict_parser
+    from lsgd_jax.cli.main import curves_parser, evaluate_parser, export_parser, predict_parser
+    from lsgd_jax.cli.train import build_parser
 
     parsers = {"train": build_parser, "evaluate": evaluate_parser, "export": export_parser,
                "predict": predict_parser, "curves": curves_parser}

@@ -8,9 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
-from lsgd_jax.metrics import read_metrics
-
 from test_train import (
     TINY_FLAGS,
     TOTAL_STEPS,
@@ -20,6 +17,8 @@ from test_train import (
     _start,
     _wait_for,
 )
+
+from lsgd_jax.training.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = os.path.join(ROOT, "experiments", "imagenet_resnet50.py")

@@ -13,12 +13,12 @@ import sys
 import time
 
 import pytest
-
-from lsgd_jax.config import FREE_FIELDS, RESUME_FIELDS, TrainConfig
-from lsgd_jax.metrics import current_records, eval_history, read_metrics
-from lsgd_jax.workdir import LOCK_NAME, LockLostError, WorkdirError, WorkdirLock
-from test_train import ENTRY, TINY, TINY_FLAGS, _env, _run, _wait_for
 from helpers import small_tmpfs
+from test_train import ENTRY, TINY, TINY_FLAGS, _env, _run, _wait_for
+
+from lsgd_jax.training.config import FREE_FIELDS, RESUME_FIELDS, TrainConfig
+from lsgd_jax.training.metrics import current_records, eval_history, read_metrics
+from lsgd_jax.training.workdir import LOCK_NAME, LockLostError, WorkdirError, WorkdirLock
 
 # TINY with a checkpoint every 2 steps and a one-evaluation median (fast).
 BASE = TrainConfig(**TINY | dict(checkpoint_every_steps=2, median_evals=1))
@@ -33,7 +33,7 @@ def _files(root):
 @pytest.fixture(scope="module")
 def stopped_at_6(tmp_path_factory):
     """A run of BASE stopped after step 6: checkpoints 2, 4 and 6."""
-    from lsgd_jax.train import train_and_evaluate
+    from lsgd_jax.training.loop import train_and_evaluate
 
     root = tmp_path_factory.mktemp("stopped")
     train_and_evaluate(BASE.replace(num_steps=6), str(root / "run"), log=lambda m: None)
@@ -49,7 +49,7 @@ def workdir(tmp_path, stopped_at_6):
 
 @pytest.fixture
 def fast_retries(monkeypatch):
-    from lsgd_jax import checkpoint
+    from lsgd_jax.training import checkpoint
 
     monkeypatch.setattr(checkpoint, "RESTORE_BACKOFF_S", 0.01)
 
@@ -64,8 +64,8 @@ def test_a_read_error_that_persists_stops_the_run_and_moves_nothing(
         workdir, monkeypatch, fast_retries, error):
     import orbax.checkpoint as ocp
 
-    from lsgd_jax.checkpoint import CheckpointReadError
-    from lsgd_jax.train import train_and_evaluate
+    from lsgd_jax.training.checkpoint import CheckpointReadError
+    from lsgd_jax.training.loop import train_and_evaluate
 
     calls = []
 
@@ -91,7 +91,7 @@ def test_a_read_error_that_persists_stops_the_run_and_moves_nothing(
 def test_a_transient_read_error_is_retried_and_the_run_resumes(workdir, monkeypatch, fast_retries):
     import orbax.checkpoint as ocp
 
-    from lsgd_jax.train import train_and_evaluate
+    from lsgd_jax.training.loop import train_and_evaluate
 
     original, failures = ocp.CheckpointManager.restore, []
 
@@ -111,7 +111,7 @@ def test_a_transient_read_error_is_retried_and_the_run_resumes(workdir, monkeypa
 
 
 def test_only_proven_damage_counts_as_damage():
-    from lsgd_jax.checkpoint import CorruptCheckpointError, proven_damage
+    from lsgd_jax.training.checkpoint import CorruptCheckpointError, proven_damage
 
     def wrapped(inner):
         try:
@@ -141,8 +141,8 @@ def _flip(step_dir):
 
 
 def test_all_checkpoints_damaged_refuses_then_restart_from_scratch_keeps_the_records(workdir):
-    from lsgd_jax.checkpoint import NoUsableCheckpointError
-    from lsgd_jax.train import train_and_evaluate
+    from lsgd_jax.training.checkpoint import NoUsableCheckpointError
+    from lsgd_jax.training.loop import train_and_evaluate
 
     ckpts = workdir / "checkpoints"
     for step in ("2", "4", "6"):
@@ -173,8 +173,8 @@ def test_all_checkpoints_damaged_refuses_then_restart_from_scratch_keeps_the_rec
 
 
 def test_the_only_checkpoint_damaged_refuses(tmp_path):
-    from lsgd_jax.checkpoint import NoUsableCheckpointError
-    from lsgd_jax.train import train_and_evaluate
+    from lsgd_jax.training.checkpoint import NoUsableCheckpointError
+    from lsgd_jax.training.loop import train_and_evaluate
 
     config = BASE.replace(keep_checkpoints=1, num_steps=4, keep_every_epochs=0)
     train_and_evaluate(config, str(tmp_path), log=lambda m: None)
@@ -186,7 +186,7 @@ def test_the_only_checkpoint_damaged_refuses(tmp_path):
 
 
 def test_a_finished_run_without_its_checkpoints_says_already_finished(tmp_path):
-    from lsgd_jax.train import train_and_evaluate
+    from lsgd_jax.training.loop import train_and_evaluate
 
     config = BASE.replace(num_steps=2)
     first = train_and_evaluate(config, str(tmp_path), log=lambda m: None)
@@ -204,8 +204,8 @@ def test_a_finished_run_without_its_checkpoints_says_already_finished(tmp_path):
 def test_an_attempt_that_saved_nothing_is_restarted_and_marked(tmp_path):
     """Records but no checkpoint ever (a crash before the first save): starting over
     loses nothing, so the run goes on, and says so."""
-    from lsgd_jax.metrics import MetricsWriter
-    from lsgd_jax.train import train_and_evaluate
+    from lsgd_jax.training.loop import train_and_evaluate
+    from lsgd_jax.training.metrics import MetricsWriter
 
     writer = MetricsWriter(str(tmp_path), tensorboard=False)
     writer.write("start", 0)
@@ -222,8 +222,8 @@ def test_a_save_that_did_not_complete_is_an_error_and_has_no_record(tmp_path, mo
     """Orbax logs a failed save and goes on; here the save of step 4 writes nothing."""
     import orbax.checkpoint as ocp
 
-    from lsgd_jax.checkpoint import CheckpointSaveError
-    from lsgd_jax.train import train_and_evaluate
+    from lsgd_jax.training.checkpoint import CheckpointSaveError
+    from lsgd_jax.training.loop import train_and_evaluate
 
     original = ocp.CheckpointManager.save
 
@@ -270,7 +270,7 @@ def test_a_disk_that_fills_mid_save_is_one_line_and_no_false_record(small_disk):
     dict(momentum_form="eq10"), dict(momentum_correction=False), dict(color_jitter=0.4),
 ], ids=lambda c: next(iter(c)))
 def test_resuming_with_another_recipe_is_refused_naming_the_field(workdir, change):
-    from lsgd_jax.checkpoint import CheckpointMismatchError, check_resumable
+    from lsgd_jax.training.checkpoint import CheckpointMismatchError, check_resumable
 
     config = BASE.replace(**change)
     name, value = next(iter(change.items()))
@@ -282,7 +282,7 @@ def test_resuming_with_another_recipe_is_refused_naming_the_field(workdir, chang
 
 
 def test_fields_that_do_not_change_the_math_may_change(workdir):
-    from lsgd_jax.checkpoint import check_resumable
+    from lsgd_jax.training.checkpoint import check_resumable
 
     config = BASE.replace(log_every_steps=7, eval_every_epochs=2, keep_checkpoints=5,
                           decode_threads=3, num_steps=10, checkpoint_every_steps=3,
@@ -295,7 +295,7 @@ def test_fields_that_do_not_change_the_math_may_change(workdir):
 
 def test_epochs_are_part_of_a_poly_recipe(workdir):
     """Poly decay runs to the last epoch: a longer run would change every rate."""
-    from lsgd_jax.checkpoint import _compare, CheckpointMismatchError
+    from lsgd_jax.training.checkpoint import CheckpointMismatchError, _compare
 
     steps = BASE.to_dict()
     poly = BASE.replace(schedule="poly", end_lr=0.0).to_dict()
@@ -344,7 +344,7 @@ def test_a_lock_whose_pid_is_now_a_younger_process_is_stale(tmp_path):
         assert "is now another process" in lock.acquire()
         lock.release()
         # A lock that this very process holds (its start time matches) is live.
-        from lsgd_jax.workdir import process_start_time
+        from lsgd_jax.training.workdir import process_start_time
 
         _write_lock(tmp_path / LOCK_NAME, pid=younger.pid,
                     process_started=process_start_time(younger.pid))
@@ -387,7 +387,7 @@ def test_a_lock_taken_over_is_noticed_and_never_kept_fresh(tmp_path):
 
 # ---------------------------------------------------------------- 6. a torn last line
 def test_a_torn_last_line_is_ended_before_the_resumed_run_appends(workdir):
-    from lsgd_jax.train import train_and_evaluate
+    from lsgd_jax.training.loop import train_and_evaluate
 
     path = workdir / "metrics.jsonl"
     with open(path, "a") as f:
@@ -403,7 +403,7 @@ def test_a_torn_last_line_is_ended_before_the_resumed_run_appends(workdir):
 
 # ---------------------------------------------------------------- 7. a holder that lost its lock
 def test_a_run_that_lost_its_lock_stops_and_writes_nothing_more(tmp_path):
-    from lsgd_jax.train import train_and_evaluate
+    from lsgd_jax.training.loop import train_and_evaluate
 
     lock_path = tmp_path / LOCK_NAME
 

@@ -9,20 +9,20 @@ import sys
 import pytest
 
 import lsgd_jax.study as ss
-from lsgd_jax.metrics import read_metrics
 from lsgd_jax.study import runner
+from lsgd_jax.training.metrics import read_metrics
 
 HAVE_FMNIST = os.path.exists(os.path.join(ss.FMNIST_DIR, "train-labels-idx1-ubyte.gz"))
 
 
 def _config(run):
-    from lsgd_jax.cli import build_parser, config_from_args
+    from lsgd_jax.cli.train import build_parser, config_from_args
 
     return config_from_args(build_parser().parse_args(ss.command(run)[1:]))
 
 
 def _plan(run, scale):
-    from lsgd_jax.plan import make_plan
+    from lsgd_jax.training.plan import make_plan
 
     return make_plan(_config(run), num_train_examples=scale.train_examples,
                      num_devices=scale.devices(int(run.flag("--batch-size")))).to_dict()
@@ -258,15 +258,15 @@ def test_the_claims_of_both_modes_side_by_side_in_the_results_readme(tmp_path):
     ss.write_reports(studies, long, paths["long"], plots=False)
     readme = (tmp_path / "results" / "README.md").read_text()
     assert readme.startswith("intro\n<!-- claims start -->\n| claim | CPU mode (")
-    header = next(l for l in readme.splitlines() if l.startswith("| claim"))
+    header = next(t for t in readme.splitlines() if t.startswith("| claim"))
     assert header.endswith("| GPU mode (2 epochs) | long mode (6 epochs) |")
-    line = next(l for l in readme.splitlines() if l.startswith("| no warmup is worse"))
+    line = next(t for t in readme.splitlines() if t.startswith("| no warmup is worse"))
     assert line.endswith(" | – |")  # no ablations in the long mode
     assert "old" not in readme and readme.endswith("<!-- claims end -->\nrest\n")
-    line = next(l for l in readme.splitlines() if l.startswith("| no warmup is worse"))
+    line = next(t for t in readme.splitlines() if t.startswith("| no warmup is worse"))
     cpu, gpu = line.split(" | ")[1:3]
     assert cpu.startswith("**reproduces**: 14.00") and gpu.startswith("**does not reproduce**")
-    line = next(l for l in readme.splitlines() if l.startswith("| The reference"))
+    line = next(t for t in readme.splitlines() if t.startswith("| The reference"))
     assert "**yes**: 9.60 ± 0.30 (3/3 seeds)" in line and "**yes**: 8.50 ± 0.10" in line
 
 

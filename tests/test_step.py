@@ -8,23 +8,23 @@ meshes: one plain ``jax.grad`` per worker of n images on one device.
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 import optax
 import pytest
-
 from helpers import compilations, max_tree_diff, mesh_of, tiny_resnet, tree_allclose
-from lsgd_jax.optim import goyal_sgd
-from lsgd_jax.parallel import host_to_global, make_mesh, replicated_sharding
-from lsgd_jax.schedules import scaled_learning_rate
-from lsgd_jax.step import (
+
+from lsgd_jax.engine.step import (
     create_train_state,
     make_eval_step,
     make_train_step,
     validate_batch_layout,
 )
+from lsgd_jax.parallel.distributed import host_to_global, make_mesh, replicated_sharding
+from lsgd_jax.rules.optim import goyal_sgd
+from lsgd_jax.rules.schedules import scaled_learning_rate
 
 SHAPE = (8, 8, 3)  # H, W, C
 CLASSES = 10
@@ -436,7 +436,7 @@ def test_paper_allreduce_in_the_step_equals_psum(name):
 
 
 def test_smoothed_cross_entropy_by_hand():
-    from lsgd_jax.step import cross_entropy
+    from lsgd_jax.engine.step import cross_entropy
 
     # logits (2, 0, −1), label 0, α = 0.3, 3 classes: targets (0.8, 0.1, 0.1), and
     # −Σ q·log p = Σ q·(lse − z) = lse − (0.8·2 + 0.1·0 − 0.1·1) = lse − 1.5.

@@ -12,11 +12,10 @@ import time
 import jax
 import numpy as np
 import pytest
-
-from lsgd_jax.config import TrainConfig
-from lsgd_jax.metrics import read_metrics
-
 from helpers import small_tmpfs
+
+from lsgd_jax.training.config import TrainConfig
+from lsgd_jax.training.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = os.path.join(ROOT, "experiments", "imagenet_resnet50.py")
@@ -94,7 +93,7 @@ def _launch_and_interrupt(command, env, workdir, interrupt):
 
 # ---------------------------------------------------------------- in process
 def test_end_to_end_trains_evaluates_and_checkpoints(tmp_path):
-    from lsgd_jax.train import train_and_evaluate
+    from lsgd_jax.training.loop import train_and_evaluate
 
     config = TrainConfig(**TINY, checkpoint_every_steps=0)
     summary = train_and_evaluate(config, str(tmp_path))
@@ -134,8 +133,8 @@ def test_end_to_end_trains_evaluates_and_checkpoints(tmp_path):
 
 def test_gradual_warmup_inside_the_loop_follows_the_schedule(tmp_path):
     """k = 4 (kn 32 against a reference of 8): every logged rate is goyal_schedule's."""
-    from lsgd_jax.schedules import goyal_schedule
-    from lsgd_jax.train import train_and_evaluate
+    from lsgd_jax.rules.schedules import goyal_schedule
+    from lsgd_jax.training.loop import train_and_evaluate
 
     config = TrainConfig(**TINY | dict(reference_batch_size=8, base_lr=0.05, epochs=2,
                                        warmup_epochs=0.625, decay_epochs=(1.5,)))
@@ -186,7 +185,7 @@ def test_config_errors_name_the_value():
 
 
 def test_help_explains_every_flag():
-    from lsgd_jax.cli import build_parser
+    from lsgd_jax.cli.train import build_parser
 
     parser = build_parser()
     assert [a.option_strings for a in parser._actions if not a.help] == []
@@ -211,8 +210,8 @@ def test_help_explains_every_flag():
 def test_the_usage_names_the_command_that_was_run(capsys):
     """The experiments script and `lsgd-jax train` share the parser; each is named in its
     usage and in argparse's errors."""
-    from lsgd_jax.cli import main
-    from lsgd_jax.commands import main as lsgd_jax
+    from lsgd_jax.cli.main import main as lsgd_jax
+    from lsgd_jax.cli.train import main
 
     for run, usage in ((lambda: main(["--help"]), "usage: imagenet_resnet50.py "),
                        (lambda: lsgd_jax(["train", "--help"]), "usage: lsgd-jax train ")):
@@ -345,7 +344,7 @@ def test_two_processes_preempted_through_the_local_launcher_then_resumed(tmp_pat
     import jax
     import numpy as np
 
-    from lsgd_jax.checkpoint import Checkpoints
+    from lsgd_jax.training.checkpoint import Checkpoints
 
     states = []
     for w in (workdir, single):
@@ -366,7 +365,7 @@ def test_two_processes_preempted_through_the_local_launcher_then_resumed(tmp_pat
 
 
 def test_unfinished_checkpoints_are_ignored_and_cleaned(tmp_path):
-    from lsgd_jax.train import train_and_evaluate
+    from lsgd_jax.training.loop import train_and_evaluate
 
     config = TrainConfig(**TINY | dict(num_steps=4))
     train_and_evaluate(config, str(tmp_path))
@@ -394,8 +393,8 @@ def test_non_finite_loss_stops_the_run_without_saving_it(tmp_path):
     import jax
     import numpy as np
 
-    from lsgd_jax.checkpoint import Checkpoints
-    from lsgd_jax.train import NonFiniteError, train_and_evaluate
+    from lsgd_jax.training.checkpoint import Checkpoints
+    from lsgd_jax.training.loop import NonFiniteError, train_and_evaluate
 
     # A rate of 1e12 blows the loss up within a few steps. The declared range of --base-lr
     # refuses it at the flag; what is tested here is the trainer's own guard, which must also
@@ -424,7 +423,7 @@ def test_trains_on_a_real_tfds_imagenet_data_set(tmp_path):
     pytest.importorskip("tensorflow_datasets")
     from tiny_imagenet import BUILDER, NUM, build
 
-    from lsgd_jax.train import train_and_evaluate
+    from lsgd_jax.training.loop import train_and_evaluate
 
     data_dir = build(tmp_path / "tfds")
     config = TrainConfig(data="imagenet", data_dir=data_dir, tfds_name=BUILDER, model="resnet20",
@@ -448,7 +447,7 @@ def test_trains_on_a_host_without_tensorflow(tmp_path):
         "import sys\n"
         "for name in ('tensorflow', 'tensorflow_datasets', 'grain'):\n"
         "    sys.modules[name] = None  # any import of them now fails\n"
-        "from lsgd_jax.cli import main\n"
+        "from lsgd_jax.cli.train import main\n"
         f"sys.exit(main(['--workdir', {str(tmp_path)!r}, *{TINY_FLAGS!r}, '--num-steps', '2',"
         " '--cpu-devices', '2']))\n"
     )
@@ -506,7 +505,7 @@ def _garbage(item):
 def six_steps(tmp_path_factory):
     """A run of TINY stopped after step 6 (checkpoints 2, 4, 6), and the state hash of an
     uninterrupted run at step 8."""
-    from lsgd_jax.train import train_and_evaluate
+    from lsgd_jax.training.loop import train_and_evaluate
 
     root = tmp_path_factory.mktemp("six")
     config = TrainConfig(**TINY | dict(checkpoint_every_steps=2, median_evals=1))
@@ -526,7 +525,7 @@ def test_a_damaged_checkpoint_is_moved_aside_and_the_previous_one_resumed(
         tmp_path, six_steps, damage):
     import shutil
 
-    from lsgd_jax.train import train_and_evaluate
+    from lsgd_jax.training.loop import train_and_evaluate
 
     config, run, ref_sha = six_steps
     workdir = tmp_path / "w"
@@ -537,7 +536,7 @@ def test_a_damaged_checkpoint_is_moved_aside_and_the_previous_one_resumed(
     messages = []
     summary = train_and_evaluate(config.replace(num_steps=8), str(workdir), log=messages.append)
     text = "\n".join(messages)
-    assert f"checkpoint step 6 is damaged" in text and expected in text, text
+    assert "checkpoint step 6 is damaged" in text and expected in text, text
     assert f"Moved it to {ckpts / 'corrupt-6'}" in text
     assert f"resuming from {ckpts / '4'}" in text
     # Nothing was deleted: the damaged step is kept aside, file for file.
@@ -551,7 +550,7 @@ def test_a_damaged_checkpoint_is_moved_aside_and_the_previous_one_resumed(
 
 
 def test_no_checkpoint_says_it_starts_from_scratch(tmp_path):
-    from lsgd_jax.train import train_and_evaluate
+    from lsgd_jax.training.loop import train_and_evaluate
 
     messages = []
     train_and_evaluate(TrainConfig(**TINY | dict(num_steps=1, median_evals=1)), str(tmp_path),
@@ -567,8 +566,8 @@ def test_no_checkpoint_says_it_starts_from_scratch(tmp_path):
 def test_an_overflowing_rate_stops_before_any_bad_checkpoint_and_a_sane_rerun_works(tmp_path):
     """--base-lr 1e38 --reference-batch-size 1 --warmup none: the rate overflows at the
     first step; nothing non-finite is saved, and a rerun with a sane rate trains on."""
-    from lsgd_jax.checkpoint import Checkpoints
-    from lsgd_jax.train import NonFiniteError, train_and_evaluate
+    from lsgd_jax.training.checkpoint import Checkpoints
+    from lsgd_jax.training.loop import NonFiniteError, train_and_evaluate
 
     bad = _past_the_range_check(
         TrainConfig(**TINY | dict(reference_batch_size=1, warmup="none",
@@ -606,7 +605,7 @@ def test_a_second_run_on_a_busy_workdir_refuses_at_once_and_the_first_finishes(t
         config_before = (tmp_path / "config.json").read_bytes()
         second = _run(["--workdir", workdir, *TINY_FLAGS], timeout=120)
         assert second.returncode == 2
-        assert f"is in use by another run (host " in second.stderr
+        assert "is in use by another run (host " in second.stderr
         assert f"pid {first.pid}" in second.stderr and len(second.stderr.splitlines()) == 1
         # The second run touched nothing: no file gone, the config and the lock still the
         # first run's. (checkpoints/ is left out: the first run rotates its own saves there.)
@@ -662,7 +661,7 @@ def test_a_damaged_fashion_mnist_file_is_named(tmp_path, damage, text):
 
 
 def test_a_warmup_longer_than_the_run_is_reported(tmp_path):
-    from lsgd_jax.train import train_and_evaluate
+    from lsgd_jax.training.loop import train_and_evaluate
 
     messages = []
     config = TrainConfig(**TINY | dict(reference_batch_size=8, warmup_epochs=5, num_steps=1,
@@ -673,7 +672,7 @@ def test_a_warmup_longer_than_the_run_is_reported(tmp_path):
 
 
 def test_rerunning_a_finished_run_changes_nothing(tmp_path):
-    from lsgd_jax.train import train_and_evaluate
+    from lsgd_jax.training.loop import train_and_evaluate
 
     config = TrainConfig(**TINY | dict(num_steps=2, median_evals=1))
     said = []
@@ -705,8 +704,8 @@ def test_a_bad_value_is_one_line_without_the_usage(tmp_path):
 
 def test_checkpoint_records_are_written_once_the_save_is_on_disk(tmp_path, monkeypatch):
     """A save still in progress has no record; once committed it has, with its hash."""
-    from lsgd_jax import checkpoint
-    from lsgd_jax.train import train_and_evaluate
+    from lsgd_jax.training import checkpoint
+    from lsgd_jax.training.loop import train_and_evaluate
 
     seen = []
     original = checkpoint.Checkpoints.save
@@ -769,7 +768,7 @@ def tiny_disk(tmp_path):
 
 def test_a_disk_too_small_for_a_checkpoint_is_one_clear_error_every_time(tiny_disk):
     args = ["--workdir", str(tiny_disk / "w"), *TINY_FLAGS]
-    for attempt in range(2):  # the first run and the rerun alike
+    for _ in range(2):  # the first run and the rerun alike
         result = _run(args, timeout=120)
         assert result.returncode == 2, result.stderr[-2000:]
         lines = result.stderr.strip().splitlines()

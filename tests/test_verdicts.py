@@ -5,7 +5,7 @@ import statistics
 
 import pytest
 
-from lsgd_jax import verdicts
+from lsgd_jax.study import verdicts
 
 
 def test_aggregate_counts_seeds_and_uses_the_sample_std():

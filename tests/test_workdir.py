@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from lsgd_jax.workdir import LOCK_NAME, WorkdirError, WorkdirLock
+from lsgd_jax.training.workdir import LOCK_NAME, WorkdirError, WorkdirLock
 
 
 def test_a_second_holder_is_refused_with_the_first_named(tmp_path):

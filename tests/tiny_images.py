@@ -62,7 +62,7 @@ def write_folder(root, *, flat_val: bool = False, extras: bool = True) -> str:
     lines); with ``extras``, a hidden file and a text file that the listing skips."""
     root = str(root)
     for split in ("train", "val"):
-        for i, label, rel in sorted_examples():
+        for i, _, rel in sorted_examples():
             path = os.path.join(root, split, os.path.basename(rel) if flat_val and split == "val"
                                 else rel)
             os.makedirs(os.path.dirname(path), exist_ok=True)

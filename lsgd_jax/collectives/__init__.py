@@ -13,7 +13,7 @@ devices' pytrees, as with `lax.psum`:
   (binary blocks by default), broadcast inside the host.
 
 The custom algorithms are written with `lax.ppermute` so that they can be
-read, tested and compared; `lsgd_jax.costmodel` predicts their time.
+read, tested and compared; `lsgd_jax.collectives.costmodel` predicts their time.
 
 Inputs must be the per-device values (e.g. gradients of each worker's own
 loss); passing values that are already summed sums them again.

@@ -115,7 +115,7 @@ def halving_reduce_scatter(
         keep_lower = (pos // d) % 2 == 0
         send = jnp.where(keep_lower, upper, lower)
         keep = jnp.where(keep_lower, lower, upper)
-        x = keep + lax.ppermute(send, axis_name, pairs(groups, lambda i: i ^ d))
+        x = keep + lax.ppermute(send, axis_name, pairs(groups, lambda i, d=d: i ^ d))
         d //= 2
     return x
 
@@ -130,7 +130,7 @@ def doubling_all_gather(
         pos = lookup(axis_name, positions(groups, axis_size(axis_name)))
     d = 1
     while d < q:
-        other = lax.ppermute(chunk, axis_name, pairs(groups, lambda i: i ^ d))
+        other = lax.ppermute(chunk, axis_name, pairs(groups, lambda i, d=d: i ^ d))
         is_lower = (pos // d) % 2 == 0
         chunk = jnp.where(
             is_lower,

@@ -1,15 +1,17 @@
-"""Input pipeline: Remark 4's global shuffle per epoch, sources, device prefetch.
+"""Host-side input, no jax: Remark 4's sampler, the sources, transforms, decoding workers.
 
-Importing this package never imports TensorFlow, tfds or grain: the ImageNet reader
+Importing this package never imports jax, TensorFlow, tfds or grain: the ImageNet reader
 (``lsgd_jax.data.imagenet``) is imported by ``get_source("imagenet", ...)`` only, so
-the synthetic and Fashion-MNIST sources work on hosts without them.
+the synthetic and Fashion-MNIST sources work on hosts without them, and the decoding
+workers start without jax. Batches reach the devices through ``lsgd_jax.parallel.prefetch``.
 """
 
 import os
+from typing import Any, Callable
 
 from lsgd_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from lsgd_jax.data.pipeline import TrainIterator, eval_batches, num_eval_batches
-from lsgd_jax.data.prefetch import DevicePrefetcher, prefetch_to_mesh
+from lsgd_jax.data.registry import get_source
 from lsgd_jax.data.sampler import (
     Position,
     eval_indices,
@@ -17,18 +19,22 @@ from lsgd_jax.data.sampler import (
     shard_indices,
     steps_per_epoch,
 )
-from lsgd_jax.data.source import SOURCE_NAMES, BadDataError, Source, get_source
+from lsgd_jax.data.source import SOURCE_NAMES, BadDataError, Source
+
+# Every process's value of one name, in process order (the coordination service's store).
+Exchange = Callable[[str, Any], list]
 
 
 
 def open_source(config, split: str, *, workdir: str | None = None, process_index: int = 0,
-                process_count: int = 1, log=None) -> Source:
+                process_count: int = 1, log=None, exchange: Exchange | None = None) -> Source:
     """Split ``split`` ("train" or "validation") of ``config.data``, with the config's options.
 
     A data set read from its folders keeps its index of files in ``workdir``. With several
     processes, process 0 opens it first (listing the files if need be, and keeping the
     index where the others find it on a shared workdir); the others open it after, or
-    raise process 0's error.
+    raise process 0's error. ``exchange`` (``lsgd_jax.parallel.distributed.exchange``: this
+    layer imports no jax) carries that error to every process.
     """
     options: dict = {"data_dir": config.data_dir, "image_size": config.image_size}
     if config.data == "synthetic":
@@ -46,7 +52,7 @@ def open_source(config, split: str, *, workdir: str | None = None, process_index
         if split == "train":
             options.update(color_jitter=config.color_jitter, lighting=config.lighting)
     source = _opened_in_turn(lambda: get_source(config.data, split=split, **options),
-                             f"open_{split}", process_index, process_count)
+                             f"open_{split}", process_index, process_count, exchange)
     if log is not None and config.data in ("imagenet", "folder") and split == "train":
         how = ("read from its folders (no TensorFlow)" if hasattr(source, "index")
                else f"tfds {config.tfds_name}")
@@ -60,12 +66,20 @@ def open_source(config, split: str, *, workdir: str | None = None, process_index
     return source
 
 
-def _opened_in_turn(open_it, name: str, process_index: int, process_count: int):
+def _needs(exchange: Exchange | None, process_count: int) -> Exchange:
+    if exchange is None:
+        raise ValueError(f"with {process_count} processes, the data layer needs exchange= "
+                         "(lsgd_jax.parallel.distributed.exchange) to agree across them")
+    return exchange
+
+
+def _opened_in_turn(open_it, name: str, process_index: int, process_count: int,
+                    exchange: Exchange | None):
     """``open_it()`` on process 0 first, then on the others; an error of process 0 is raised
     by every process, in the same words."""
     if process_count == 1:
         return open_it()
-    from lsgd_jax.parallel import exchange  # the coordination service: no collective
+    exchange = _needs(exchange, process_count)
 
     error, source = "", None
     if process_index == 0:
@@ -82,12 +96,17 @@ def _opened_in_turn(open_it, name: str, process_index: int, process_count: int):
 
 
 def train_stream(source: Source, config, *, global_batch_size: int, process_index: int = 0,
-                 process_count: int = 1, position=None, log=print) -> TrainIterator:
+                 process_count: int = 1, position=None, log=print,
+                 exchange: Exchange | None = None) -> TrainIterator:
     """This process's training batches: decoded by worker processes (``workers.py``) when
     ``config.decode_workers`` (default: ``workers.default_decode_workers()``) is above 0
     and the source supports it, else in this process. Logs the choice; ``close()`` it."""
-    from lsgd_jax.data.workers import (WorkerTrainIterator, default_decode_workers,
-                                       local_process_count, usable_cores)
+    from lsgd_jax.data.workers import (
+        WorkerTrainIterator,
+        default_decode_workers,
+        local_process_count,
+        usable_cores,
+    )
 
     kwargs = dict(global_batch_size=global_batch_size, seed=config.seed,
                   process_index=process_index, process_count=process_count, position=position)
@@ -106,7 +125,8 @@ def train_stream(source: Source, config, *, global_batch_size: int, process_inde
         log(f"input: {workers} decoding worker processes per process ({share}; "
             f"--decode-workers {flag}), resize {resize}")
         return _started_everywhere(lambda: WorkerTrainIterator(source, decode_workers=workers,
-                                                               **kwargs), process_count)
+                                                               **kwargs), process_count,
+                                  exchange)
     log(f"input: in the training process ({getattr(source, 'decode_threads', '?')} decoding "
         f"threads, resize {resize}; --decode-workers {flag})")
     return TrainIterator(source, **kwargs)
@@ -139,7 +159,7 @@ def eval_stream(source: Source, *, global_batch_size: int, process_index: int = 
     return eval_batches(source, **kwargs)
 
 
-def _started_everywhere(start, process_count: int):
+def _started_everywhere(start, process_count: int, exchange: Exchange | None):
     """``start()``, or on every process the ``ValueError`` of the first process whose
     ``start()`` raised one (its /dev/shm share refused): the others would otherwise wait
     for it at the first step."""
@@ -149,9 +169,8 @@ def _started_everywhere(start, process_count: int):
     except ValueError as e:
         error = str(e)
     if process_count > 1:
-        from lsgd_jax.parallel import exchange  # the coordination service: no collective
-
-        error = next((e for e in exchange("decode_workers_started", error) if e), "")
+        error = next((e for e in _needs(exchange, process_count)("decode_workers_started", error)
+                      if e), "")
     if error:
         if started is not None:
             started.close()
@@ -188,7 +207,6 @@ def class_names(config) -> list[str] | None:
 
 __all__ = [
     "BadDataError",
-    "DevicePrefetcher",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "Position",
@@ -204,7 +222,6 @@ __all__ = [
     "local_batch_size",
     "num_eval_batches",
     "open_source",
-    "prefetch_to_mesh",
     "shard_indices",
     "steps_per_epoch",
     "train_stream",

@@ -58,8 +58,8 @@ def _cv2():
 RESIZERS = ("auto", "opencv", "pil")
 
 # Per-channel RGB statistics of ImageNet in 0-255 units (fb.resnet.torch's values x 255).
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
+IMAGENET_MEAN: tuple[float, ...] = (123.675, 116.28, 103.53)
+IMAGENET_STD: tuple[float, ...] = (58.395, 57.12, 57.375)
 
 AREA_RANGE = (0.08, 1.0)
 RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)

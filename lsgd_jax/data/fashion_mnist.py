@@ -29,8 +29,8 @@ FILES = {
     "validation": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 # Mean and standard deviation of all training pixels, 0-255 units (checked by a test).
-PIXEL_MEAN = (72.940,)
-PIXEL_STD = (90.021,)
+PIXEL_MEAN: tuple[float, ...] = (72.940,)
+PIXEL_STD: tuple[float, ...] = (90.021,)
 PAD = 4
 # The labels 0-9 (the data set's documentation).
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+from typing import Any
 
 import numpy as np
 
@@ -193,7 +194,7 @@ def read_val_labels(path: str, files: list[str]) -> list[str]:
     if missing:
         raise ValueError(f"{path} gives no class for {len(missing):,} of the validation "
                          f"folder's files, e.g. {missing[:3]}")
-    return classes
+    return [c for c in classes if c is not None]  # all of them, as checked above
 
 
 # ---------------------------------------------------------------------------- index
@@ -254,7 +255,7 @@ def build_index(data_dir: str, split: str, *, classes: list[str], val_labels: st
     ``classes``, the train split's sorted folder names)."""
     root = os.path.abspath(split_dir(data_dir, split))
     folders = _subdirs(root)
-    stamps = {".": _stamp(root)}
+    stamps: dict[str, Any] = {".": _stamp(root)}
     if folders:
         extra = sorted(set(folders) - set(classes))
         if extra or (imagenet and set(folders) != set(classes)):
@@ -342,7 +343,7 @@ def open_index(data_dir: str, split: str, *, index_dir: str | None = None,
         + (f" (skipped {skipped['hidden']:,} hidden and {skipped['other']:,} other entries)"
            if skipped["hidden"] or skipped["other"] else ""))
     if kept:
-        os.makedirs(index_dir, exist_ok=True)
+        os.makedirs(os.path.dirname(kept), exist_ok=True)
         index.save(kept)
     return index
 
@@ -399,6 +400,7 @@ class FolderSource(ImageNetSource):
 
     def _read_one(self, j: int):
         name = self.index.paths[j].decode()
+        data: bytes | OSError
         try:
             with open(os.path.join(self.index.root, name), "rb") as f:
                 data = f.read()

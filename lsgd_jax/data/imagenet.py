@@ -447,7 +447,7 @@ class ImageNetSource:
             raise IndexError(f"example ids must lie in [0, {self.num_examples}), got {ids}")
         records = self._read(ids.tolist())
         unreadable = [isinstance(r, UnreadableRecord) for r in records]
-        for k in np.flatnonzero(unreadable):  # counted as they are read, before any decoding
+        for k in np.flatnonzero(unreadable).tolist():  # counted as they are read, before any decoding
             self._mark_bad(int(ids[k]), None, records[k])
         if train:
             uniforms = list(example_uniforms(seed, epoch, ids, NUM_TRAIN_UNIFORMS))

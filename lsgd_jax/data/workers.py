@@ -175,7 +175,7 @@ def _create_ring(layout: _Layout) -> shared_memory.SharedMemory:
     if not hasattr(os, "posix_fallocate"):  # not Linux: pages come as they are touched
         return shm
     try:
-        os.posix_fallocate(shm._fd, 0, layout.size)
+        os.posix_fallocate(shm._fd, 0, layout.size)  # type: ignore[attr-defined]
     except OSError as e:
         shm.close()
         shm.unlink()
@@ -231,7 +231,7 @@ def _worker_main(index, opener, options, shm_name, layout, conn, trainer_pid) ->
     def serial_map(fn, *iterables):
         for args in zip(*iterables):
             out = fn(*args)
-            progress[index] += 1
+            progress[index] += 1  # noqa: F821 (deleted only after the last batch)
             yield out
 
     conn.send(("ready", os.getpid(), "", ""))
@@ -328,7 +328,8 @@ class WorkerTrainIterator(TrainIterator):
         self._progress, self._slots = self._layout.views(self._shm.buf)
         self._progress[:] = 0
         ctx = _context()
-        self._procs, self._conns = [], []
+        self._procs: list = []
+        self._conns: list = []
         self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._conns, self._shm)
         for i in range(decode_workers):
             parent, child = ctx.Pipe()
@@ -369,7 +370,7 @@ class WorkerTrainIterator(TrainIterator):
                 continue
             w = self._conns.index(obj)
             try:
-                kind, seq, a, b = obj.recv()
+                kind, seq, a, b = self._conns[w].recv()
             except (EOFError, OSError):
                 continue  # it exited: its sentinel says how
             if kind == "failed":
@@ -462,7 +463,7 @@ class WorkerTrainIterator(TrainIterator):
         self._seq_out += 1
         try:
             for i, name, error, shard in found:
-                self.source.note_bad(i, name, error, shard)
+                self.source.note_bad(i, name, error, shard)  # type: ignore[attr-defined]
         except BadDataError:
             self.close()
             raise

@@ -3,7 +3,7 @@
 ``experiments/small_scale.py`` is its command line (``lsgd_jax.study.cli.main``). The
 modules: ``definitions`` (how the recipe is shrunk, the studies and their runs),
 ``runner`` (a run's status, its process, its record; several at once), ``report``
-(tables, verdicts from ``lsgd_jax.verdicts``, plots, the results README's snapshot),
+(tables, verdicts from ``lsgd_jax.study.verdicts``, plots, the results README's snapshot),
 ``beyond`` (LARS and the later large-batch recipe where the paper's recipe breaks).
 """
 

@@ -16,7 +16,7 @@ then runs seeds 1 and 2. The centre is linear scaling, η·k, for ``paper`` and
 as momentum SGD with weight decay does in its equilibrium, √(2·η·k·λ / (1 + m)) per
 step (Wan et al. 2021, spherical motion dynamics), i.e. η_L = √(2ηkλ/(1+m)) / η_tc:
 about 18 at kn = 512 and 26 at kn = 1,024. The verdict rules are the study's
-(``lsgd_jax.verdicts``); the reference is the sweep's kn = 16 (3 seeds).
+(``lsgd_jax.study.verdicts``); the reference is the sweep's kn = 16 (3 seeds).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import os
 
 from lsgd_jax.study.definitions import Paths, Row, Run, Scale, Study, _run
 from lsgd_jax.study.runner import metrics_dir, run_error
-from lsgd_jax.verdicts import aggregate, format_cell, verdict_matches, verdict_worse
+from lsgd_jax.study.verdicts import aggregate, format_cell, verdict_matches, verdict_worse
 
 ARMS = ("paper", "nado", "lars")
 ARM_LABELS = {"paper": "the paper's recipe",
@@ -215,9 +215,9 @@ def beyond_claim_lines(items: list[dict]) -> list[str]:
 def write_beyond_reports(studies: list[Study], scale: Scale, paths: Paths,
                          plots: bool = True) -> list[str]:
     """The section's tables, claims and plot, and its part of the results README."""
-    from lsgd_jax.metrics import read_metrics
-    from lsgd_jax.plotting import plot_runs
+    from lsgd_jax.artifacts.plotting import plot_runs
     from lsgd_jax.study.report import study_table, update_readme
+    from lsgd_jax.training.metrics import read_metrics
 
     os.makedirs(paths.results, exist_ok=True)
     written, tables = [], []

@@ -36,8 +36,8 @@ import dataclasses
 import os
 import time
 
-from lsgd_jax.cli import HelpFormatter
 import lsgd_jax.study.runner as runner
+from lsgd_jax.cli.train import HelpFormatter
 from lsgd_jax.study.definitions import (
     FMNIST_DIR,
     MODES,
@@ -50,10 +50,10 @@ from lsgd_jax.study.definitions import (
     command,
     define_studies,
     order,
+    store_large_kn,
     unique_runs,
     write_subset,
 )
-from lsgd_jax.study.definitions import store_large_kn
 from lsgd_jax.study.report import write_reports
 from lsgd_jax.study.runner import Pool, choose_large_kn, run_error, status
 

@@ -6,7 +6,6 @@ import json
 import math
 import os
 
-from lsgd_jax.metrics import read_metrics
 from lsgd_jax.study.definitions import (
     PAPER_EPOCHS,
     PAPER_REFERENCE_KN,
@@ -14,17 +13,19 @@ from lsgd_jax.study.definitions import (
     Paths,
     Scale,
     Study,
+    stored_large_kn,
     unique_runs,
 )
-from lsgd_jax.study.definitions import stored_large_kn
 from lsgd_jax.study.runner import metrics_dir, run_error, run_seconds, status
-from lsgd_jax.verdicts import (
+from lsgd_jax.study.verdicts import (
     aggregate,
     difference,
     format_cell,
     verdict_matches,
     verdict_worse,
 )
+from lsgd_jax.training.metrics import read_metrics
+
 
 def study_table(study: Study, scale: Scale) -> tuple[str, dict]:
     """Markdown table and JSON record of one study from the runs finished so far."""
@@ -201,7 +202,7 @@ def write_reports(studies: list[Study], scale: Scale, paths: Paths,
                   only: set[str] | None = None, plots: bool = True) -> list[str]:
     """Rewrite the tables (and plots) of ``only`` (default: every study), summary.md,
     claims.md, and the snapshot section of the results README next to ``paths.results``."""
-    from lsgd_jax.plotting import plot_runs
+    from lsgd_jax.artifacts.plotting import plot_runs
 
     results = paths.results
     os.makedirs(results, exist_ok=True)
@@ -243,7 +244,7 @@ def write_reports(studies: list[Study], scale: Scale, paths: Paths,
     root = os.path.dirname(os.path.abspath(results))
     readme = os.path.join(root, "README.md")
     if plots and any(p["diff"] is not None for p in budget_points(root)):
-        from lsgd_jax.plotting import plot_budget
+        from lsgd_jax.artifacts.plotting import plot_budget
 
         written.append(plot_budget(budget_points(root), os.path.join(root, "critical_kn.png"),
                                    tolerance=scale.tolerance))

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-from lsgd_jax.metrics import eval_history, paper_error, read_metrics
 from lsgd_jax.study.definitions import (
     DIVERGED,
     ROOT,
@@ -20,7 +19,9 @@ from lsgd_jax.study.definitions import (
     Study,
     command,
 )
-from lsgd_jax.verdicts import aggregate, verdict_matches
+from lsgd_jax.study.verdicts import aggregate, verdict_matches
+from lsgd_jax.training.metrics import eval_history, paper_error, read_metrics
+
 
 def status(run: Run) -> str:
     """"done", "diverged", "partial" (has metrics, resumes) or "missing".
@@ -167,7 +168,7 @@ class Pool:
 
     def stop(self) -> None:
         """SIGTERM every run (each saves a checkpoint and resumes on the next call)."""
-        for run, proc, _ in self.running.values():
+        for _, proc, _ in self.running.values():
             proc.terminate()
         for run, proc, _ in self.running.values():
             proc.wait()

@@ -2,7 +2,7 @@
 
 Every hyper-parameter of a run lives in :class:`TrainConfig`; step functions
 receive values from it and hard-code none. Durations are in epochs (as in the
-paper) and turned into steps by :func:`lsgd_jax.plan.make_plan`, once the mesh and
+paper) and turned into steps by :func:`lsgd_jax.training.plan.make_plan`, once the mesh and
 the size of the training set are known, so one configuration holds at every minibatch.
 Validation is pure Python on the configuration, so every process raises the
 same error before anything is compiled.
@@ -19,10 +19,10 @@ from lsgd_jax.models.grouped_bn import BN_IMPLS, DEFAULT_SPLIT_ROWS
 from lsgd_jax.models.pooling import POOL_IMPLS
 from lsgd_jax.models.resnet import CIFAR_STEM_MODELS
 from lsgd_jax.models.stem import STEM_IMPLS
-from lsgd_jax.optim import MOMENTUM_FORMS
-from lsgd_jax.schedules import SCHEDULE_KINDS, WARMUP_KINDS
+from lsgd_jax.rules.optim import MOMENTUM_FORMS
+from lsgd_jax.rules.schedules import SCHEDULE_KINDS, WARMUP_KINDS
 
-OPTIMIZERS = ("sgd", "lars")  # goyal_sgd, lsgd_jax.lars.lars
+OPTIMIZERS = ("sgd", "lars")  # goyal_sgd, lsgd_jax.rules.lars.lars
 
 # Model per data set when --model is not given.
 DEFAULT_MODELS = {"imagenet": "resnet50", "folder": "resnet50", "synthetic": "resnet50",
@@ -51,6 +51,24 @@ PAPER_EPOCHS = 90  # the paper's budget; the median's evaluations are 90ths of a
 
 def _number_text(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+# The flags' groups in --help and in the start-up config, essentials first.
+GROUPS = {"essentials": "essentials", "run": "run", "data": "data", "model": "model",
+          "minibatch": "minibatch (kn = k workers × n images)", "schedule": "schedule",
+          "optimizer": "optimizer", "checkpoints and logging": "checkpoints and logging",
+          "speed": "speed (the same results computed another way; see the README)"}
+
+
+def as_typed(value: Any) -> str:
+    """A flag's value as it is typed on the command line: ``30,60,80``, ``true``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return ",".join(as_typed(v) for v in value)
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return str(int(value))  # 2, not 2.0
+    return str(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +123,7 @@ def _ints(low: int, high: int) -> Range:
 
 def _field(default: Any, group: str, help: str, *, choices: Any = None, flag: str | None = None,
            default_text: str | None = None, valid: Range | None = None) -> Any:
-    """A config field with its command-line help: ``lsgd_jax.cli`` makes one flag of each.
+    """A config field with its command-line help: ``lsgd_jax.cli.train`` makes one flag of each.
 
     ``choices``: the valid values (a tuple, or a function returning the owner's tuple);
     ``flag``: the flag's name when it is not ``--field-name``; ``default_text``: what the
@@ -127,7 +145,7 @@ class TrainConfig:
     """A training run; defaults are the paper's ImageNet recipe (section 5.1).
 
     Each field's help (``dataclasses.fields(TrainConfig)[i].metadata["help"]``) is also
-    the ``--help`` of its flag, which ``lsgd_jax.cli`` generates from these fields.
+    the ``--help`` of its flag, which ``lsgd_jax.cli.train`` generates from these fields.
     """
 
     seed: int = _field(0, "run", "initialization, shuffles, augmentation", valid=_ints(0, MAX_SEED))
@@ -369,8 +387,6 @@ class TrainConfig:
         """The start-up config in a few lines, one per group of flags, as they are typed:
         only the fields that matter to this run's data set, schedule and optimizer (the
         speed switches have a line of their own). ``config.json`` keeps every field."""
-        from lsgd_jax.cli import GROUPS, as_typed  # the CLI's groups and spelling
-
         lines: dict[str, list[str]] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)

@@ -43,7 +43,7 @@ def sidecar_path(path: str) -> str:
 
 
 def export_model(run, out: str) -> dict:
-    """Write ``run``'s (a :class:`lsgd_jax.readback.RestoredRun`) parameters and BN averages
+    """Write ``run``'s (a :class:`lsgd_jax.artifacts.readback.RestoredRun`) parameters and BN averages
     to ``out`` and its description to ``sidecar_path(out)`` (:func:`write_pair`); returns
     the description.
 
@@ -53,8 +53,8 @@ def export_model(run, out: str) -> dict:
     from flax import serialization
 
     from lsgd_jax._version import __version__
-    from lsgd_jax.metrics import eval_history, read_metrics
-    from lsgd_jax.preemption import same_on_every_process
+    from lsgd_jax.training.metrics import eval_history, read_metrics
+    from lsgd_jax.training.preemption import same_on_every_process
 
     host = jax.tree.map(lambda x: np.asarray(jax.device_get(
         x.addressable_data(0) if isinstance(x, jax.Array) else x)),
@@ -199,7 +199,7 @@ def load_model(path: str, *, dtype: Any = None) -> tuple[Any, dict, dict]:
     """The model of an exported file, ready for ``model.apply(variables, x, train=False)``.
 
     ``x``: images normalized with ``meta["pixel_mean"]``/``meta["pixel_std"]`` (see
-    :func:`lsgd_jax.predict.normalize`). ``dtype`` overrides the compute dtype saved in
+    :func:`lsgd_jax.artifacts.predict.normalize`). ``dtype`` overrides the compute dtype saved in
     ``meta["dtype"]``. The variables are host (numpy) arrays; ``jax.device_put`` them
     replicated to run on several devices.
 

@@ -2,7 +2,7 @@
 
 ``WORKDIR/checkpoints/<step>/`` holds three items:
 
-* ``state``: the :class:`lsgd_jax.step.TrainState` (parameters, BN averages,
+* ``state``: the :class:`lsgd_jax.engine.step.TrainState` (parameters, BN averages,
   optimizer state, step);
 * ``data``: the input pipeline's position (epoch and step of the next batch)
   and the seed that, with it, fixes every later batch and augmentation;
@@ -38,7 +38,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lsgd_jax.config import resume_fields
+from lsgd_jax.training.config import resume_fields
 
 
 class CheckpointMismatchError(ValueError):

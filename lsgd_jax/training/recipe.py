@@ -4,7 +4,7 @@
 ``--schedule poly`` the polynomial decay of the later large-batch recipes
 (:func:`lsgd_jax.poly_schedule`); ``--optimizer sgd`` is the paper's
 (:func:`lsgd_jax.goyal_sgd`), ``--optimizer lars`` adds the per-tensor trust ratio
-(:func:`lsgd_jax.lars`). Both optimizers share the momentum form, Nesterov, λ and
+(:func:`lsgd_jax.rules.lars`). Both optimizers share the momentum form, Nesterov, λ and
 the mask of the config, so choosing one changes only the trust ratio.
 """
 
@@ -14,11 +14,11 @@ from typing import Callable
 
 import optax
 
-from lsgd_jax.config import TrainConfig
-from lsgd_jax.lars import lars
-from lsgd_jax.optim import goyal_sgd
-from lsgd_jax.plan import Plan
-from lsgd_jax.schedules import goyal_schedule, poly_schedule
+from lsgd_jax.rules.lars import lars
+from lsgd_jax.rules.optim import goyal_sgd
+from lsgd_jax.rules.schedules import goyal_schedule, poly_schedule
+from lsgd_jax.training.config import TrainConfig
+from lsgd_jax.training.plan import Plan
 
 
 def build_schedule(config: TrainConfig, plan: Plan) -> optax.Schedule:

@@ -22,7 +22,8 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 CPU_COLLECTIVES = ("gloo", "mpi")
@@ -177,7 +178,7 @@ _EXCHANGES: collections.Counter = collections.Counter()
 def exchange(name: str, value: Any, *, timeout: float = 300.0) -> list[Any]:
     """Every process's ``value`` (JSON-serialisable), in process order, through the
     coordination service's key-value store: no collective, so a process that fails
-    before it arrives stops the others through ``lsgd_jax.failures``, not a collective
+    before it arrives stops the others through ``lsgd_jax.parallel.failures``, not a collective
     mismatch. Every process must call it with the same ``name``, in the same order."""
     import json
 

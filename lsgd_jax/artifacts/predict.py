@@ -1,4 +1,4 @@
-"""Classify image files with an exported model (:mod:`lsgd_jax.model_file`).
+"""Classify image files with an exported model (:mod:`lsgd_jax.training.model_file`).
 
 Each file goes through the eval transform of the model's data set
 (:func:`lsgd_jax.data.augment.decode_eval`: shorter side to ``meta["eval_resize"]``,
@@ -102,7 +102,7 @@ def load_images(paths: Sequence[str], meta: dict) -> np.ndarray:
 def normalize(images: Any, meta: dict) -> jax.Array:
     """uint8 images -> ``(x − mean) / std`` in float32, the model's input (the same
     arithmetic as the train and eval steps)."""
-    from lsgd_jax.step import _normalize
+    from lsgd_jax.engine.step import _normalize
 
     return _normalize(jnp.asarray(images), tuple(meta["pixel_mean"]), tuple(meta["pixel_std"]),
                       jnp.float32)

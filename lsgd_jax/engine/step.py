@@ -7,7 +7,7 @@ Per worker w of n images (n = ``bn_group_size``), with kn images in all:
 * The worker's loss is its summed cross-entropy divided by kn, not n
   (Remark 3), so that summing the gradients over all workers (the all-reduce)
   gives the gradient of the mean loss over kn; L2 weight decay, momentum and
-  the learning rate come from the optimizer (``lsgd_jax.optim.goyal_sgd``),
+  the learning rate come from the optimizer (``lsgd_jax.rules.optim.goyal_sgd``),
   applied once to the summed gradient.
 * Gradient accumulation: each device runs K microbatches in turn (a
   ``lax.scan``), each with its own BN groups, and adds their gradients before
@@ -38,16 +38,17 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from lsgd_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from lsgd_jax.layout import (
+from lsgd_jax.engine.layout import (
     BatchLayout,
     check_batch,
     check_pixel_stats,
     validate_batch_layout,
 )
-from lsgd_jax.parallel import (
+from lsgd_jax.parallel.distributed import (
     DATA_AXIS,
     data_sharding,
     replicated_sharding,
@@ -273,7 +274,7 @@ def make_train_step(
         ``bn_group_size`` (e.g. by :func:`lsgd_jax.models.get_model`).
       tx: the optimizer, e.g. ``goyal_sgd(schedule)``; it sees the summed
         gradient of the mean loss over kn and adds the weight decay itself.
-      mesh: a ``("data",)`` mesh (:func:`lsgd_jax.parallel.make_mesh`).
+      mesh: a ``("data",)`` mesh (:func:`lsgd_jax.parallel.distributed.make_mesh`).
       global_batch_size: kn, images per step over all devices and microbatches.
       bn_group_size: the paper's n, images per BN worker; the model's must be the same.
       grad_accum_steps: K microbatches per device per step.
@@ -396,5 +397,5 @@ def make_eval_step(
         check_batch(batch, ("image", "label", "mask"), num_devices, None, "eval_step")
         return jitted(state, {k: batch[k] for k in ("image", "label", "mask")})
 
-    eval_step.jitted = jitted
+    eval_step.jitted = jitted  # type: ignore[attr-defined]  # for the benchmarks
     return eval_step

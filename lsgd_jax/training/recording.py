@@ -2,7 +2,7 @@
 the console, ``metrics.jsonl``, TensorBoard) and ``Saver`` (verified asynchronous
 checkpoints, and a ``checkpoint`` record for each once it is complete on disk).
 
-Both take the run (``lsgd_jax.train._Run``) they write for; neither starts a
+Both take the run (``lsgd_jax.training.run.Run``) they write for; neither starts a
 collective except where every process calls it at the same point.
 """
 
@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
-from lsgd_jax.checkpoint import CheckpointSaveError, state_sha256
-from lsgd_jax.metrics import MetricsWriter, format_duration
-from lsgd_jax.preemption import same_on_every_process
+from lsgd_jax.training.checkpoint import CheckpointSaveError, state_sha256
+from lsgd_jax.training.metrics import MetricsWriter, format_duration
+from lsgd_jax.training.preemption import same_on_every_process
 
 if TYPE_CHECKING:
-    from lsgd_jax.train import _Run
+    from lsgd_jax.training.run import Run
 
 
 class NonFiniteError(FloatingPointError):
@@ -30,7 +30,7 @@ class NonFiniteError(FloatingPointError):
 class LogWindow:
     """Training metrics since the last log line: checked, averaged, written, printed."""
 
-    def __init__(self, run: _Run, writer: MetricsWriter, start_step: int):
+    def __init__(self, run: Run, writer: MetricsWriter, start_step: int):
         self.run, self.writer = run, writer
         self.values: list[dict] = []
         self.start_step, self.t_start, self.t_window = start_step, time.time(), time.time()
@@ -85,7 +85,7 @@ def saved_line(directory: str, step: int, seconds: float) -> str:
 class Saver:
     """Verified, asynchronous checkpoints; a ``checkpoint`` record once each is on disk."""
 
-    def __init__(self, run: _Run, writer: MetricsWriter):
+    def __init__(self, run: Run, writer: MetricsWriter):
         self.run, self.writer = run, writer
         self.pending: list[tuple[int, str, float]] = []  # step, SHA-256, start time
 

@@ -21,7 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from lsgd_jax.parallel import InFlight
+from lsgd_jax.parallel.distributed import InFlight
 
 # Settings a variant may change; the others are the same for every variant.
 VARIANT_KEYS = ("bn_group_size", "bn_impl", "bn_split_rows", "pool_impl", "stem_impl",

@@ -12,7 +12,7 @@ import errno
 import sys
 from typing import Any, Callable
 
-from lsgd_jax.config import MAX_THREADS, Range, TrainConfig, flag_of
+from lsgd_jax.training.config import GROUPS, MAX_THREADS, Range, TrainConfig, as_typed, flag_of
 
 # Bounds of the launch flags: a typo past them would reach JAX's C++ as an overflow or
 # make devices without bound.
@@ -26,11 +26,6 @@ CPU_DEVICES = Range(1, MAX_THREADS, integer=True)
 # The groups of --help, in order; each TrainConfig field names its group, except the
 # essentials, which come first.
 ESSENTIALS = ("data", "model", "batch_size", "epochs")
-GROUPS = {"essentials": "essentials", "run": "run", "data": "data", "model": "model",
-          "minibatch": "minibatch (kn = k workers × n images)", "schedule": "schedule",
-          "optimizer": "optimizer", "checkpoints and logging": "checkpoints and logging",
-          "speed": "speed (the same results computed another way; see the README)"}
-
 
 def _bool(text: str) -> bool:
     value = text.strip().lower()
@@ -106,17 +101,6 @@ def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None,
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-
-
-def as_typed(value: Any) -> str:
-    """A flag's value as it is typed on the command line: ``30,60,80``, ``true``."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (tuple, list)):
-        return ",".join(as_typed(v) for v in value)
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return str(int(value))  # 2, not 2.0
-    return str(value)
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -197,7 +181,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _checked_config(args: argparse.Namespace) -> TrainConfig:
-    from lsgd_jax.extras import check_for_data
+    from lsgd_jax.training.extras import check_for_data
 
     config = config_from_args(args)
     check_for_data(config.data, config.data_dir)  # a missing extra: one line, before any device
@@ -228,7 +212,7 @@ def recipe_notice(config: TrainConfig, given: set[str]) -> str:
     --model where the data set has no model of its own (ResNet-50). The defaults stay the
     paper's for every data set, so that a flag left out means the same thing whatever the
     data; only the model has a default per data set (``config.DEFAULT_MODELS``)."""
-    from lsgd_jax.config import DEFAULT_MODELS
+    from lsgd_jax.training.config import DEFAULT_MODELS
 
     if config.data in ("imagenet", "synthetic"):
         return ""
@@ -253,18 +237,18 @@ def main(argv: list[str] | None = None, prog: str = "imagenet_resnet50.py") -> i
     args, config = train_flags(argv, prog)
     notice = recipe_notice(config, given_flags(build_parser(prog), argv))
     if args.cpu_devices is not None:
-        from lsgd_jax.parallel import use_cpu_devices
+        from lsgd_jax.parallel.distributed import use_cpu_devices
 
         use_cpu_devices(args.cpu_devices)  # before JAX starts its backends
 
-    from lsgd_jax.failures import watch_peers
-    from lsgd_jax.parallel import initialize_distributed
-    from lsgd_jax.train import train_and_evaluate
+    from lsgd_jax.parallel.distributed import initialize_distributed
+    from lsgd_jax.parallel.failures import watch_peers
+    from lsgd_jax.training.loop import train_and_evaluate
 
     def run():
         import jax
 
-        from lsgd_jax.quiet import quiet_exit
+        from lsgd_jax.training.library_logs import quiet_exit
 
         quiet_exit()  # this process is the command's: what libraries print at exit is dropped
         initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
@@ -283,7 +267,7 @@ def main(argv: list[str] | None = None, prog: str = "imagenet_resnet50.py") -> i
 def main_guard(fn: Callable[[], Any], workdir: str | None = None) -> int:
     """Run ``fn``; turn configuration and data errors into one line and an exit status:
     2 (bad input, damaged data, no room), 3 (a non-finite step), 130 (a second Ctrl-C)."""
-    from lsgd_jax.failures import stop_watching
+    from lsgd_jax.parallel.failures import stop_watching
 
     try:
         status = _guarded(fn, workdir)
@@ -297,7 +281,7 @@ def _fail(text: str, status: int) -> int:
     tell the other processes, and return its exit status (exits when there are peers)."""
     import jax
 
-    from lsgd_jax.failures import fail_and_exit, yield_to_peer
+    from lsgd_jax.parallel.failures import fail_and_exit, yield_to_peer
 
     yield_to_peer()
     many = jax.distributed.is_initialized() and jax.process_count() > 1
@@ -308,9 +292,9 @@ def _fail(text: str, status: int) -> int:
 
 
 def _guarded(fn: Callable[[], Any], workdir: str | None) -> int:
-    from lsgd_jax.checkpoint import CheckpointError
     from lsgd_jax.data.source import BadDataError
-    from lsgd_jax.train import NonFiniteError
+    from lsgd_jax.training.checkpoint import CheckpointError
+    from lsgd_jax.training.loop import NonFiniteError
 
     try:
         fn()
@@ -326,7 +310,7 @@ def _guarded(fn: Callable[[], Any], workdir: str | None) -> int:
     except KeyboardInterrupt:
         print("aborted by a second Ctrl-C; rerun the same command to resume from the latest "
               "complete checkpoint", file=sys.stderr, flush=True)
-        from lsgd_jax.failures import fail_and_exit
+        from lsgd_jax.parallel.failures import fail_and_exit
 
         fail_and_exit("aborted by a second Ctrl-C", 130)
         return 130
@@ -349,7 +333,7 @@ def _unexpected(error: BaseException) -> None:
     wait for them."""
     import traceback
 
-    from lsgd_jax.failures import fail_and_exit, yield_to_peer
+    from lsgd_jax.parallel.failures import fail_and_exit, yield_to_peer
 
     yield_to_peer()
     traceback.print_exc()

@@ -10,7 +10,7 @@ import json
 import os
 from typing import Sequence
 
-from lsgd_jax.metrics import current_records, eval_history, read_metrics
+from lsgd_jax.training.metrics import current_records, eval_history, read_metrics
 
 
 def _label(workdir: str) -> str:
@@ -19,7 +19,7 @@ def _label(workdir: str) -> str:
 
 def schedule_curve(workdir: str) -> tuple[list[float], list[float]] | None:
     """(epochs, rates) at every step of the run, from the run's ``config.json`` and the
-    trainer's own schedule (``lsgd_jax.recipe.build_schedule``: the paper's step decay,
+    trainer's own schedule (``lsgd_jax.training.recipe.build_schedule``: the paper's step decay,
     or ``--schedule poly``); None when the run has no config.json."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
@@ -30,8 +30,8 @@ def schedule_curve(workdir: str) -> tuple[list[float], list[float]] | None:
     import jax
     import numpy as np
 
-    from lsgd_jax.config import TrainConfig
-    from lsgd_jax.recipe import build_schedule
+    from lsgd_jax.training.config import TrainConfig
+    from lsgd_jax.training.recipe import build_schedule
 
     with open(path) as f:
         saved = json.load(f)
@@ -134,7 +134,7 @@ def consecutive_segments(epochs: Sequence[float]) -> list[tuple[int, int]]:
 
 def _pyplot():
     """matplotlib's pyplot, off-screen; a missing ``plot`` extra is one line."""
-    from lsgd_jax.extras import require
+    from lsgd_jax.training.extras import require
 
     require("plot")
     import matplotlib
@@ -143,6 +143,54 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _draw_run(axes, results: list, smooth: int, workdir: str, label: str, **style) -> None:
+    """One run's four panels (``plot_runs``); its result, if any, is appended to ``results``."""
+    series = curves(workdir)
+
+    def avg(xs):
+        if smooth <= 1:
+            return xs
+        return [sum(xs[max(0, i - smooth + 1):i + 1]) / len(xs[max(0, i - smooth + 1):i + 1])
+                for i in range(len(xs))]
+
+    line, = axes[0].plot(series["train_epoch"], avg(series["train_error"]), label=label,
+                         **style)
+    style = dict(style, color=line.get_color())
+    axes[1].plot(series["train_epoch"], avg(series["train_loss"]), **style)
+    xs, ys = series["eval_epoch"], series["eval_error"]
+    axes[2].plot(xs, ys, marker="o", markersize=4, linestyle="none", **style)
+    for i, j in consecutive_segments(xs):  # no line across a gap without evaluations
+        axes[2].plot([xs[i], xs[j]], [ys[i], ys[j]], **style)
+    if series["result_error"] is not None:
+        _mark_result(axes[2], series, style, results)
+    schedule = schedule_curve(workdir)
+    if schedule is not None:
+        axes[3].plot(*schedule, **style)
+    else:  # no config.json: the logged rates, as points
+        axes[3].plot(series["train_epoch"], series["lr"], marker=".", linestyle="none",
+                     **style)
+
+
+def _mark_result(ax, series: dict, style: dict, results: list) -> None:
+    """The paper's metric on the validation panel: the evaluations it takes the median of,
+    circled, and the result drawn across them, labelled at the right."""
+    xs, ys = series["eval_epoch"], series["eval_error"]
+    marked = [(x, y) for x, y in zip(xs, ys)
+              if any(abs(x - e) < 1e-3 for e in series["result_epochs"])]
+    ax.plot([x for x, _ in marked], [y for _, y in marked], marker="o", markersize=9,
+            markerfacecolor="none", linestyle="none", color=style["color"])
+    low, high = (min(series["result_epochs"]), max(series["result_epochs"])) if (
+        series["result_epochs"]) else (xs[-1], xs[-1])
+    ax.hlines(series["result_error"], low, high, colors=style["color"], linestyles="--",
+              linewidth=1.5)
+    # Labels stacked at the right, each with a leader to its run's result.
+    ax.annotate(f"result {series['result_error']:.2f}%", (high, series["result_error"]),
+                textcoords="axes fraction", xytext=(0.97, 0.55 - 0.09 * len(results)),
+                ha="right", va="center", fontsize=9, color=style["color"],
+                arrowprops=dict(arrowstyle="-", color=style["color"], lw=0.8))
+    results.append(series["result_error"])
 
 
 def plot_runs(workdirs: Sequence[str], output: str | None = None, *,
@@ -175,56 +223,14 @@ def plot_runs(workdirs: Sequence[str], output: str | None = None, *,
         output = os.path.join(workdirs[0], "curves.png")
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.6))
 
-    def draw(workdir, label, **style):
-        series = curves(workdir)
-
-        def avg(xs):
-            if smooth <= 1:
-                return xs
-            return [sum(xs[max(0, i - smooth + 1):i + 1]) / len(xs[max(0, i - smooth + 1):i + 1])
-                    for i in range(len(xs))]
-
-        line, = axes[0].plot(series["train_epoch"], avg(series["train_error"]), label=label,
-                             **style)
-        style = dict(style, color=line.get_color())
-        axes[1].plot(series["train_epoch"], avg(series["train_loss"]), **style)
-        xs, ys = series["eval_epoch"], series["eval_error"]
-        axes[2].plot(xs, ys, marker="o", markersize=4, linestyle="none", **style)
-        for i, j in consecutive_segments(xs):  # no line across a gap without evaluations
-            axes[2].plot([xs[i], xs[j]], [ys[i], ys[j]], **style)
-        if series["result_error"] is not None:
-            # The paper's metric: the evaluations it takes the median of, and the result.
-            marked = [(x, y) for x, y in zip(xs, ys)
-                      if any(abs(x - e) < 1e-3 for e in series["result_epochs"])]
-            axes[2].plot([x for x, _ in marked], [y for _, y in marked], marker="o",
-                         markersize=9, markerfacecolor="none", linestyle="none",
-                         color=style["color"])
-            low, high = (min(series["result_epochs"]), max(series["result_epochs"])) if (
-                series["result_epochs"]) else (xs[-1], xs[-1])
-            axes[2].hlines(series["result_error"], low, high, colors=style["color"],
-                           linestyles="--", linewidth=1.5)
-            # Labels stacked at the right, each with a leader to its run's result.
-            axes[2].annotate(f"result {series['result_error']:.2f}%",
-                             (high, series["result_error"]), textcoords="axes fraction",
-                             xytext=(0.97, 0.55 - 0.09 * len(results)), ha="right",
-                             va="center", fontsize=9, color=style["color"],
-                             arrowprops=dict(arrowstyle="-", color=style["color"], lw=0.8))
-            results.append(series["result_error"])
-        schedule = schedule_curve(workdir)
-        if schedule is not None:
-            axes[3].plot(*schedule, **style)
-        else:  # no config.json: the logged rates, as points
-            axes[3].plot(series["train_epoch"], series["lr"], marker=".", linestyle="none",
-                         **style)
-
     results: list[float] = []
     if reference is not None:
-        draw(reference, f"{_label(reference)} (reference)", color="black", linewidth=2,
-             alpha=0.6)
+        _draw_run(axes, results, smooth, reference, f"{_label(reference)} (reference)",
+                  color="black", linewidth=2, alpha=0.6)
     for workdir, label in zip(workdirs, labels):
         if reference is not None and os.path.realpath(workdir) == os.path.realpath(reference):
             continue  # already drawn, once, as the reference
-        draw(workdir, label, linewidth=1.2)
+        _draw_run(axes, results, smooth, workdir, label, linewidth=1.2)
     for ax, name in zip(axes, ("training top-1 error (%)", "training loss",
                                "validation top-1 error (%)", "learning rate")):
         ax.set_xlabel("epochs")

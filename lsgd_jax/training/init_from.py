@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lsgd_jax.model_file import ModelFileError, check_tree, load_model
-from lsgd_jax.preemption import same_on_every_process
+from lsgd_jax.training.model_file import ModelFileError, check_tree, load_model
+from lsgd_jax.training.preemption import same_on_every_process
 
 CLASSIFIER = "fc"  # the last layer of every lsgd_jax ResNet
 

@@ -7,7 +7,7 @@ trust coefficient η_tc (You et al.: 0.001)::
   g ← trust · (g + λ·w)
 
 then the momentum of Goyal et al. 2017, eq. (9) or eq. (10) with the momentum
-correction (:func:`lsgd_jax.optim.momentum_sgd`), at the global rate η_t of a
+correction (:func:`lsgd_jax.rules.optim.momentum_sgd`), at the global rate η_t of a
 schedule (:func:`lsgd_jax.goyal_schedule` or :func:`lsgd_jax.poly_schedule`).
 
 Leaves outside the mask (:func:`lsgd_jax.default_weight_decay_mask`: every BatchNorm
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lsgd_jax.optim import (
+from lsgd_jax.rules.optim import (
     ScalarOrSchedule,
     _check_form,
     _check_momentum,
@@ -134,7 +134,7 @@ def lars(
       learning_rate: a float, or a schedule (:func:`lsgd_jax.goyal_schedule`,
         :func:`lsgd_jax.poly_schedule`).
       momentum, nesterov, form, momentum_correction, correction_threshold: see
-        :func:`lsgd_jax.optim.momentum_sgd`.
+        :func:`lsgd_jax.rules.optim.momentum_sgd`.
       weight_decay: λ, applied on the masked leaves only (0 disables it).
       trust_coefficient: η_tc (You et al. 2017: 0.001).
       eps: ε of the trust ratio's denominator.

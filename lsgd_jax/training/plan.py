@@ -18,10 +18,10 @@ import dataclasses
 import math
 from typing import Any
 
-from lsgd_jax.config import MAX_STEPS, TrainConfig, evaluation_steps
-from lsgd_jax.layout import BatchLayout
-from lsgd_jax.metrics import plural
-from lsgd_jax.schedules import scaled_learning_rate, warmup_steps
+from lsgd_jax.engine.layout import BatchLayout
+from lsgd_jax.rules.schedules import scaled_learning_rate, warmup_steps
+from lsgd_jax.training.config import MAX_STEPS, TrainConfig, evaluation_steps
+from lsgd_jax.training.metrics import plural
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

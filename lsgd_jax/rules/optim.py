@@ -47,7 +47,7 @@ class MomentumState(NamedTuple):
         first), which eq. (10)'s momentum correction divides by.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count; the name is in checkpoints
     momentum: optax.Updates
     last_lr: jax.Array
 

@@ -24,7 +24,8 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 
-from lsgd_jax.checkpoint import (
+from lsgd_jax.parallel.distributed import exchange
+from lsgd_jax.training.checkpoint import (
     _REQUIRED_FILES,
     CorruptCheckpointError,
     _damaged_file,
@@ -34,8 +35,8 @@ from lsgd_jax.checkpoint import (
     _worst_on_every_process,
     state_sha256,
 )
-from lsgd_jax.config import TrainConfig
-from lsgd_jax.recipe import build_optimizer
+from lsgd_jax.training.config import TrainConfig
+from lsgd_jax.training.recipe import build_optimizer
 
 # The side of a preprocessed image when --image-size is not given (the sources' defaults).
 DEFAULT_IMAGE_SIZE = {"imagenet": 224, "folder": 224, "synthetic": 224, "fashion_mnist": 28}
@@ -151,7 +152,7 @@ class RunFacts:
 
 @dataclasses.dataclass
 class RestoredRun:
-    """A run's checkpoint, verified: ``state`` is a :class:`lsgd_jax.step.TrainState`
+    """A run's checkpoint, verified: ``state`` is a :class:`lsgd_jax.engine.step.TrainState`
     replicated over ``mesh``."""
 
     workdir: str
@@ -236,9 +237,9 @@ def restore_run(workdir: str, *, step: int | None = None, mesh: Any = None,
       UnreadableCheckpointError (a ValueError): no workdir, no checkpoint, ``step``
         missing or damaged, or none that verifies; the message names the path.
     """
+    from lsgd_jax.engine.step import create_train_state
     from lsgd_jax.models import get_model
-    from lsgd_jax.parallel import make_mesh, replicated_sharding
-    from lsgd_jax.step import create_train_state
+    from lsgd_jax.parallel.distributed import make_mesh, replicated_sharding
 
     workdir = os.path.abspath(workdir)
     directory = os.path.join(workdir, "checkpoints")
@@ -279,7 +280,7 @@ def restore_run(workdir: str, *, step: int | None = None, mesh: Any = None,
 
 
 def _checkpoint_config(directory: str, step: int | None) -> TrainConfig | None:
-    from lsgd_jax.checkpoint import _read_json_item
+    from lsgd_jax.training.checkpoint import _read_json_item
 
     for candidate in [step] if step is not None else _step_dirs(directory):
         try:
@@ -295,8 +296,8 @@ def evaluate_run(run: RestoredRun, *, eval_batch_size: int | None = None,
     """Top-1/top-5 error and loss of ``run.state`` over the whole validation split, with the
     training loop's exact masked evaluation."""
     from lsgd_jax.data import decode_workers_of, open_source
-    from lsgd_jax.step import make_eval_step
-    from lsgd_jax.train import evaluate
+    from lsgd_jax.engine.step import make_eval_step
+    from lsgd_jax.training.loop import evaluate
 
     config = run.config if data_dir is None else run.config.replace(data_dir=data_dir)
     devices, processes = run.mesh.devices.size, jax.process_count()
@@ -306,7 +307,8 @@ def evaluate_run(run: RestoredRun, *, eval_batch_size: int | None = None,
                          f"{devices} devices and the {processes} processes; use a multiple "
                          f"of {devices}")
     source = open_source(config, "validation", workdir=run.workdir,
-                         process_index=jax.process_index(), process_count=processes)
+                         process_index=jax.process_index(), process_count=processes,
+                         exchange=exchange)
     try:
         if source.num_classes > run.facts.num_classes:
             raise ValueError(f"the validation split of {config.data} has {source.num_classes} "

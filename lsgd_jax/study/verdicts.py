@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import statistics
 
+
 def aggregate(values: list[float | str | None]) -> dict:
     """Mean ± sample std over the finished seeds; diverged and missing runs are counted."""
     finished = [v for v in values if isinstance(v, float)]

@@ -5,7 +5,7 @@ same config). ``_prepare`` builds the mesh, the data sources, the Plan (every ch
 before compiling), the model, the optimizer and the state (fresh or the latest
 verified checkpoint); ``_loop`` trains (metrics of step t are read while step t+1
 runs, so the devices never wait for the host; ``LogWindow`` logs, ``Saver`` saves,
-both in ``lsgd_jax.recording``; ``evaluate`` evaluates); ``_result`` records the
+both in ``lsgd_jax.training.recording``; ``evaluate`` evaluates); ``_result`` records the
 paper's figure (the median top-1 error of the last 5/90 of the run). A workdir
 with progress but no usable checkpoint is never silently restarted
 (``_start_without_checkpoint``).
@@ -22,32 +22,33 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from lsgd_jax.checkpoint import (
+from lsgd_jax.engine.step import create_train_state, make_eval_step, make_train_step
+from lsgd_jax.models import get_model
+from lsgd_jax.parallel.distributed import InFlight, data_sharding, exchange, make_mesh
+from lsgd_jax.parallel.failures import decided_together
+from lsgd_jax.training.checkpoint import (
     Checkpoints,
     NoUsableCheckpointError,
     check_data,
     check_resumable,
     list_corrupt,
 )
-from lsgd_jax.config import TrainConfig, flag_of
-from lsgd_jax.environment import describe_environment
-from lsgd_jax.failures import decided_together
-from lsgd_jax.metrics import (
+from lsgd_jax.training.config import TrainConfig, flag_of
+from lsgd_jax.training.environment import describe_environment
+from lsgd_jax.training.library_logs import LibraryLog, diverted
+from lsgd_jax.training.metrics import (
     MetricsWriter,
     current_records,
     eval_history,
     paper_error,
     plural,
 )
-from lsgd_jax.models import get_model
-from lsgd_jax.parallel import InFlight, data_sharding, exchange, make_mesh
-from lsgd_jax.plan import Plan, make_plan, plan_warnings
-from lsgd_jax.recipe import build as build_recipe
-from lsgd_jax.step import create_train_state, make_eval_step, make_train_step
-from lsgd_jax.preemption import PreemptionWatcher, same_on_every_process
-from lsgd_jax.quiet import LibraryLog, diverted
-from lsgd_jax.recording import LogWindow, NonFiniteError, Saver  # noqa: F401 (re-exported)
-from lsgd_jax.workdir import WorkdirError, WorkdirLock, check_free_space
+from lsgd_jax.training.plan import make_plan, plan_warnings
+from lsgd_jax.training.preemption import PreemptionWatcher, same_on_every_process
+from lsgd_jax.training.recipe import build as build_recipe
+from lsgd_jax.training.recording import LogWindow, NonFiniteError, Saver  # noqa: F401 (re-exported)
+from lsgd_jax.training.run import Run
+from lsgd_jax.training.workdir import WorkdirError, WorkdirLock, check_free_space
 
 
 # ------------------------------------------------------------------ the loop
@@ -103,45 +104,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *,
 
 
 # ------------------------------------------------------------------ one run
-@dataclasses.dataclass
-class _Run:
-    """What one run holds while it trains (built by ``_prepare``)."""
-
-    config: TrainConfig
-    workdir: str
-    log: Callable[[str], None]
-    plan: Plan
-    mesh: Any
-    train_source: Any
-    eval_source: Any
-    model: Any
-    schedule: Callable
-    tx: Any
-    state: Any
-    ckpts: Checkpoints
-    lock: WorkdirLock | None = None
-    position: dict | None = None
-    finished: dict | None = None  # the result record, when the run had finished
-    restart: str = ""  # why this attempt starts over, recorded in metrics.jsonl
-    data: dict | None = None  # each split's identity, recorded with every checkpoint
-    library_log: LibraryLog | None = None  # orbax's errors, quoted when a save fails
-    resuming: str = ""  # the line that says which checkpoint the run resumes from
-
-    def check_lock(self) -> None:
-        """Stop every process, writing nothing, when process 0 lost the workdir's lock."""
-        error = ""
-        if self.lock is not None:
-            self.lock.lost_reason()
-            error = self.lock.lost
-        error = same_on_every_process(error)
-        if error:
-            from lsgd_jax.workdir import LockLostError
-
-            raise LockLostError(error)
-
-
 def _prepare(config: TrainConfig, workdir: str, log: Callable[[str], None],
-             lock: WorkdirLock | None = None, restart_from_scratch: bool = False) -> _Run:
+             lock: WorkdirLock | None = None, restart_from_scratch: bool = False) -> Run:
     """Mesh, data, plan, model, optimizer and state (fresh or resumed); checks first."""
     from lsgd_jax.data import open_source
 
@@ -149,7 +113,7 @@ def _prepare(config: TrainConfig, workdir: str, log: Callable[[str], None],
     _agree("recipe", {k: v for k, v in config.to_dict().items() if k not in PER_PROCESS})
     resumable = check_resumable(os.path.join(workdir, "checkpoints"), config.to_dict())
     where = dict(workdir=workdir, process_index=jax.process_index(),
-                 process_count=jax.process_count(), log=log)
+                 process_count=jax.process_count(), log=log, exchange=exchange)
     train_source = open_source(config, "train", **where)
     eval_source = open_source(config, "validation", **where)
     data = {s.identity["split"]: s.identity for s in (train_source, eval_source)
@@ -169,7 +133,7 @@ def _prepare(config: TrainConfig, workdir: str, log: Callable[[str], None],
     checked = None
     if config.init_from and (resumable is None or restart_from_scratch):
         # A run that starts at step 0 reads the model file: check it before compiling.
-        from lsgd_jax.init_from import check_init_from
+        from lsgd_jax.training.init_from import check_init_from
 
         checked = check_init_from(config.init_from, model, model_name=config.model, log=log,
                                   input_shape=(1, *train_source.image_shape))
@@ -183,7 +147,7 @@ def _prepare(config: TrainConfig, workdir: str, log: Callable[[str], None],
         raise WorkdirError(error)
     ckpts = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
                         keep_period=config.keep_every_epochs * plan.steps_per_epoch)
-    run = _Run(config=config, workdir=workdir, log=log, plan=plan, mesh=mesh,
+    run = Run(config=config, workdir=workdir, log=log, plan=plan, mesh=mesh,
                train_source=train_source, eval_source=eval_source, model=model,
                schedule=schedule, tx=tx, state=state, ckpts=ckpts, lock=lock, data=data)
     had_steps = ckpts.latest_step() is not None
@@ -209,7 +173,7 @@ def _prepare(config: TrainConfig, workdir: str, log: Callable[[str], None],
     _start_without_checkpoint(run, had_steps, restart_from_scratch)
     if config.init_from and run.finished is None:
         # Fine-tuning: the file's weights, a fresh optimizer and schedule.
-        from lsgd_jax.init_from import start_from_model
+        from lsgd_jax.training.init_from import start_from_model
 
         run.log(f"initialising from {config.init_from}")
         run.state = start_from_model(run.state, config.init_from, model_name=config.model,
@@ -253,7 +217,7 @@ def _compare(what: str, values: list[dict]) -> None:
                 "is fine); nothing was written")
 
 
-def _start_without_checkpoint(run: _Run, had_steps: bool, restart_from_scratch: bool) -> None:
+def _start_without_checkpoint(run: Run, had_steps: bool, restart_from_scratch: bool) -> None:
     """No checkpoint can be resumed: start from scratch only when that loses nothing.
 
     Progress was saved when the run had checkpoints, ``checkpoint`` or ``result``
@@ -353,7 +317,7 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, log: Callable[[str], 
         writer.close()  # also on errors: TensorBoard's files are closed by us, not at exit
 
 
-def _already_finished(run: _Run, step: int, result: dict) -> dict:
+def _already_finished(run: Run, step: int, result: dict) -> dict:
     """A rerun of a finished run: nothing to do, nothing to record."""
     figure = result.get("median_top1_error")
     run.log(f"already finished at step {step} of {run.plan.total_steps}"
@@ -381,7 +345,7 @@ def evaluate(eval_step: Callable, state, source, *, global_batch_size: int, mesh
 
 
 def _evaluate(eval_step: Callable, state, batches, mesh) -> dict:
-    from lsgd_jax.data import prefetch_to_mesh
+    from lsgd_jax.parallel.prefetch import prefetch_to_mesh
 
     sums = None
     # Each eval step holds an all-reduce: at most two in flight (see InFlight).
@@ -398,12 +362,9 @@ def _evaluate(eval_step: Callable, state, batches, mesh) -> dict:
 
 
 # ------------------------------------------------------------------ the loop
-def _loop(run: _Run, writer: MetricsWriter, step: int) -> tuple[int, bool]:
-    """Train from ``step`` to the end (or a preemption); returns the last step and whether
-    the run was preempted. Metrics of step t are read while step t+1 runs."""
-    from lsgd_jax.data import decode_workers_of, prefetch_to_mesh, train_stream
-
-    config, plan, state = run.config, run.plan, run.state
+def _steps(run: Run):
+    """The run's train and eval steps, from its plan's kn, n and K and its config."""
+    config, plan = run.config, run.plan
     pixel_stats = dict(pixel_mean=run.train_source.pixel_mean,
                        pixel_std=run.train_source.pixel_std)
     train_step = make_train_step(run.model, run.tx, run.mesh,
@@ -412,11 +373,21 @@ def _loop(run: _Run, writer: MetricsWriter, step: int) -> tuple[int, bool]:
                                  grad_accum_steps=plan.grad_accum_steps,
                                  allreduce=config.allreduce, dtype=config.dtype,
                                  label_smoothing=config.label_smoothing, **pixel_stats)
-    eval_step = make_eval_step(run.model, run.mesh, **pixel_stats)
+    return train_step, make_eval_step(run.model, run.mesh, **pixel_stats)
+
+
+def _loop(run: Run, writer: MetricsWriter, step: int) -> tuple[int, bool]:
+    """Train from ``step`` to the end (or a preemption); returns the last step and whether
+    the run was preempted. Metrics of step t are read while step t+1 runs."""
+    from lsgd_jax.data import decode_workers_of, train_stream
+    from lsgd_jax.parallel.prefetch import prefetch_to_mesh
+
+    config, plan, state = run.config, run.plan, run.state
+    train_step, eval_step = _steps(run)
     iterator = train_stream(run.train_source, config, global_batch_size=plan.global_batch_size,
                             process_index=jax.process_index(),
                             process_count=jax.process_count(), position=run.position,
-                            log=run.log)
+                            log=run.log, exchange=exchange)
     prefetch = prefetch_to_mesh(iterator, data_sharding(run.mesh), size=2)
     preemption, saver, window = PreemptionWatcher(run.log), Saver(run, writer), LogWindow(
         run, writer, step)
@@ -466,7 +437,7 @@ def _loop(run: _Run, writer: MetricsWriter, step: int) -> tuple[int, bool]:
             window.add(*pending)
     except BaseException:
         # This process fails alone: its peers are inside the step's collectives (or on
-        # their way), so its clean-up must not enter another one (see lsgd_jax.failures).
+        # their way), so its clean-up must not enter another one (see lsgd_jax.parallel.failures).
         alone = jax.process_count() > 1
         raise
     else:
@@ -486,7 +457,7 @@ def _loop(run: _Run, writer: MetricsWriter, step: int) -> tuple[int, bool]:
     return step, preempted
 
 
-def _log_eval(run: _Run, writer: MetricsWriter, step: int, result: dict) -> None:
+def _log_eval(run: Run, writer: MetricsWriter, step: int, result: dict) -> None:
     spe = run.plan.steps_per_epoch
     writer.write("eval", step, epoch=step / spe, **result)
     run.log(f"eval at step {step} (epoch {step / spe:.2f}): top-1 error "
@@ -495,7 +466,7 @@ def _log_eval(run: _Run, writer: MetricsWriter, step: int, result: dict) -> None
 
 
 # ------------------------------------------------------------------ the result
-def _result(run: _Run, writer: MetricsWriter, step: int, preempted: bool) -> dict:
+def _result(run: Run, writer: MetricsWriter, step: int, preempted: bool) -> dict:
     """The summary; at the end of a run, its ``result`` record (the paper's figure)."""
     total, n_median = run.plan.total_steps, run.config.median_evals
     summary: dict[str, Any] = {"step": step, "total_steps": total, "preempted": preempted}
@@ -532,7 +503,7 @@ def _result(run: _Run, writer: MetricsWriter, step: int, preempted: bool) -> dic
 
 def outputs_line(workdir: str) -> str:
     """The last line of a run: what its workdir holds, and the commands that read it."""
-    from lsgd_jax.extras import available, install_command
+    from lsgd_jax.training.extras import available, install_command
 
     names = [name + ("/" if os.path.isdir(os.path.join(workdir, name)) else "")
              for name in ("metrics.jsonl", "config.json", "checkpoints", "tensorboard",

@@ -1,7 +1,7 @@
 """The ``lsgd-jax`` command: ``train``, ``curves``, ``evaluate``, ``export`` and ``predict``.
 
 ``lsgd-jax train`` takes the flags of ``experiments/imagenet_resnet50.py``
-(:mod:`lsgd_jax.cli`); the others take those of ``experiments/plot_curves.py``,
+(:mod:`lsgd_jax.cli.train`); the others take those of ``experiments/plot_curves.py``,
 ``evaluate.py``, ``export.py`` and ``predict.py``, which call the functions here. ``python -m
 lsgd_jax`` is the same command. Bad input (a flag, a workdir without checkpoints, a
 damaged checkpoint or model file) is one line on stderr and exit status 2.
@@ -14,10 +14,18 @@ import os
 import sys
 from typing import Callable
 
-from lsgd_jax.cli import (CPU_DEVICES, PROCESS_ID, PROCESSES, TIMEOUT, Parser, main_guard,
-                          numeric, parse_flags)
-from lsgd_jax.config import MAX_BATCH, MAX_STEPS, Range
-from lsgd_jax.metrics import plural
+from lsgd_jax.cli.train import (
+    CPU_DEVICES,
+    PROCESS_ID,
+    PROCESSES,
+    TIMEOUT,
+    Parser,
+    main_guard,
+    numeric,
+    parse_flags,
+)
+from lsgd_jax.training.config import MAX_BATCH, MAX_STEPS, Range
+from lsgd_jax.training.metrics import plural
 
 BATCH = Range(1, MAX_BATCH, integer=True)
 
@@ -48,7 +56,7 @@ def _start(args) -> None:
     """Sets up fake CPU devices (the flags are checked); the processes start in
     :func:`_launched`."""
     if getattr(args, "cpu_devices", None) is not None:
-        from lsgd_jax.parallel import use_cpu_devices
+        from lsgd_jax.parallel.distributed import use_cpu_devices
 
         use_cpu_devices(args.cpu_devices)  # before JAX starts its backends
 
@@ -59,9 +67,9 @@ def _launched(args, fn: Callable[[], None]) -> int:
     def run():
         import os
 
-        from lsgd_jax.failures import watch_peers
-        from lsgd_jax.parallel import initialize_distributed
-        from lsgd_jax.quiet import diverted, quiet_exit
+        from lsgd_jax.parallel.distributed import initialize_distributed
+        from lsgd_jax.parallel.failures import watch_peers
+        from lsgd_jax.training.library_logs import diverted, quiet_exit
 
         # A reader writes nothing into the workdir: orbax's and asyncio's tracebacks of a
         # damaged checkpoint are dropped; the command's own line says what happened.
@@ -90,7 +98,7 @@ def _log(msg: str) -> None:
 
 # ------------------------------------------------------------------ evaluate
 def evaluating_line(workdir: str, step: int, num_devices: int) -> str:
-    from lsgd_jax.metrics import plural
+    from lsgd_jax.training.metrics import plural
 
     return (f"evaluating {workdir}/checkpoints/{step} (state SHA-256 verified) on "
             f"{plural(num_devices, 'device')}")
@@ -119,8 +127,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     def run():
         import jax
 
-        from lsgd_jax.metrics import MetricsWriter
-        from lsgd_jax.readback import evaluate_run, restore_run
+        from lsgd_jax.artifacts.readback import evaluate_run, restore_run
+        from lsgd_jax.training.metrics import MetricsWriter
 
         restored = restore_run(args.workdir, step=args.step, log=_log)
         _log(evaluating_line(restored.workdir, restored.step, restored.mesh.devices.size))
@@ -162,8 +170,8 @@ def export_main(argv: list[str] | None = None) -> int:
     _start(args)
 
     def run():
-        from lsgd_jax.model_file import export_model, sidecar_path
-        from lsgd_jax.readback import restore_run
+        from lsgd_jax.artifacts.readback import restore_run
+        from lsgd_jax.training.model_file import export_model, sidecar_path
 
         restored = restore_run(args.workdir, step=args.step, log=_log)
         meta = export_model(restored, args.out)
@@ -196,8 +204,8 @@ def predict_main(argv: list[str] | None = None) -> int:
     status = [0]
 
     def run():
-        from lsgd_jax.model_file import load_model
-        from lsgd_jax.predict import classify, expectation
+        from lsgd_jax.artifacts.predict import classify, expectation
+        from lsgd_jax.training.model_file import load_model
 
         model, variables, meta = load_model(args.model)
         print(expectation(meta), file=sys.stderr, flush=True)
@@ -253,10 +261,10 @@ def curves_main(argv: list[str] | None = None, prog: str = "lsgd-jax curves") ->
         return _fail(f"no metrics.jsonl in {', '.join(missing)}; give a training run's "
                      "--workdir")
     try:
-        from lsgd_jax.extras import require
+        from lsgd_jax.training.extras import require
 
         require("plot")
-        from lsgd_jax.plotting import plot_runs
+        from lsgd_jax.artifacts.plotting import plot_runs
 
         path = plot_runs(args.workdirs, args.output,
                          labels=args.labels.split(",") if args.labels else None,
@@ -300,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"expected a command, one of {', '.join(names)}; got "
                      f"{argv[0] if argv else 'none'} (lsgd-jax --help says what each does)")
     if argv[0] == "train":
-        from lsgd_jax.cli import main as train_main
+        from lsgd_jax.cli.train import main as train_main
 
         return train_main(argv[1:], prog="lsgd-jax train")
     return COMMANDS[argv[0]](argv[1:])

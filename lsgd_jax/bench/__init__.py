@@ -1,0 +1,2 @@
+"""Benchmark helpers: the interleaved A/B timer, trace profiling, sample JPEGs.
+"""
