@@ -177,3 +177,20 @@ def env_without(tmp_path, *modules: str) -> dict:
     env = dict(os.environ, LSGD_TEST_WITHOUT=",".join(modules))
     env["PYTHONPATH"] = os.pathsep.join([str(folder), root, env.get("PYTHONPATH", "")])
     return env
+
+
+def global_batches(iterators, steps):
+    """``steps`` global batches: the local batches of all processes' iterators, concatenated."""
+    out = []
+    for _ in range(steps):
+        parts = [next(it) for it in iterators]
+        out.append({k: np.concatenate([p[k] for p in parts]) for k in ("image", "label")})
+    return out
+
+
+def assert_same_batches(a, b):
+    """Bit-identical images and labels, batch by batch."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["label"], y["label"])

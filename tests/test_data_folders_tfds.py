@@ -7,6 +7,7 @@ workers, 2 processes' shards), the same evaluation batches, the same bad files.
 
 import numpy as np
 import pytest
+from helpers import assert_same_batches, global_batches
 
 pytest.importorskip("tensorflow_datasets")
 from tiny_imagenet import SORTED_BUILDER, build_sorted  # noqa: E402
@@ -32,40 +33,25 @@ def open_both(both, split="train"):
             get_source("folder", split=split, data_dir=folder, **OPTIONS))
 
 
-def stream(iterators, steps):
-    out = []
-    for _ in range(steps):
-        batches = [next(it) for it in iterators]
-        out.append({k: np.concatenate([b[k] for b in batches]) for k in ("image", "label")})
-    return out
-
-
-def assert_same(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        np.testing.assert_array_equal(x["image"], y["image"])
-        np.testing.assert_array_equal(x["label"], y["label"])
-
-
 def test_train_batches_are_the_tfds_paths_in_process_with_workers_and_two_processes(both):
     tfds_src, folder_src = open_both(both)
     kw = dict(global_batch_size=8, seed=11)
     try:
         assert tfds_src.num_examples == folder_src.num_examples
-        reference = stream([TrainIterator(tfds_src, **kw)], 12)  # 5 steps an epoch: 3 epochs
-        assert_same(stream([TrainIterator(folder_src, **kw)], 12), reference)
+        reference = global_batches([TrainIterator(tfds_src, **kw)], 12)  # 5 steps an epoch: 3 epochs
+        assert_same_batches(global_batches([TrainIterator(folder_src, **kw)], 12), reference)
         assert folder_src.bad_examples.keys() == tfds_src.bad_examples.keys()
         for workers, processes in ((2, 1), (2, 2)):
             its = [WorkerTrainIterator(folder_src, decode_workers=workers, process_index=p,
                                        process_count=processes, **kw) for p in range(processes)]
             try:
-                assert_same(stream(its, 12), reference)
+                assert_same_batches(global_batches(its, 12), reference)
             finally:
                 for it in its:
                     it.close()
         shards = [TrainIterator(folder_src, process_index=p, process_count=2, **kw)
                   for p in range(2)]
-        assert_same(stream(shards, 12), reference)
+        assert_same_batches(global_batches(shards, 12), reference)
     finally:
         tfds_src.close()
         folder_src.close()
@@ -81,7 +67,7 @@ def test_evaluation_batches_are_the_tfds_paths(both):
             b = [b for p in range(processes) for b in
                  eval_batches(folder_src, global_batch_size=16, process_index=p,
                               process_count=processes)]
-            assert_same(a, b)
+            assert_same_batches(a, b)
             for x, y in zip(a, b):
                 np.testing.assert_array_equal(x["mask"], y["mask"])
     finally:

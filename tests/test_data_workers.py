@@ -11,8 +11,8 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
+from helpers import assert_same_batches, global_batches
 from workers_fake import FakeSource
 
 from lsgd_jax.data import BadDataError, Position, TrainIterator, get_source
@@ -20,22 +20,6 @@ from lsgd_jax.data.workers import DecodeWorkerError, WorkerTrainIterator, defaul
 
 pytestmark = pytest.mark.timeout(120)
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def stream(iterators, steps):
-    """``steps`` global batches: the local batches of all processes, concatenated."""
-    out = []
-    for _ in range(steps):
-        parts = [next(it) for it in iterators]
-        out.append({k: np.concatenate([p[k] for p in parts]) for k in ("image", "label")})
-    return out
-
-
-def assert_same(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        np.testing.assert_array_equal(x["image"], y["image"])
-        np.testing.assert_array_equal(x["label"], y["label"])
 
 
 def gone(pid):
@@ -67,7 +51,7 @@ def test_workers_give_the_batches_of_in_process_decoding_bit_for_bit(data_dir, c
     per epoch), with the corrupt and truncated files of the data set replaced alike."""
     kw = dict(global_batch_size=8, seed=5)
     with open_imagenet(data_dir) as src:
-        reference = stream([TrainIterator(src, **kw)], 12)
+        reference = global_batches([TrainIterator(src, **kw)], 12)
         bad_threads = src.bad_examples
     assert len(bad_threads) == 2  # the stream did meet both bad files
     for workers, processes in ((1, 1), (3, 1), (2, 2)):
@@ -76,7 +60,7 @@ def test_workers_give_the_batches_of_in_process_decoding_bit_for_bit(data_dir, c
             its = [WorkerTrainIterator(src, decode_workers=workers, process_index=p,
                                        process_count=processes, **kw) for p in range(processes)]
             try:
-                assert_same(stream(its, 12), reference)
+                assert_same_batches(global_batches(its, 12), reference)
                 # Found by the workers, logged and counted by the training process.
                 assert src.bad_examples == bad_threads
                 assert all(f"id={i}" in caplog.text for i in bad_threads)
@@ -91,14 +75,14 @@ def test_workers_resume_at_the_data_position(data_dir):
     kw = dict(global_batch_size=8, seed=9, decode_workers=2)
     with open_imagenet(data_dir) as src:
         with _closing(WorkerTrainIterator(src, **kw)) as it:
-            reference = stream([it], 8)
+            reference = global_batches([it], 8)
         with _closing(WorkerTrainIterator(src, **kw)) as it:
-            first = stream([it], 3)
+            first = global_batches([it], 3)
             position = it.position
         assert position == Position(0, 3)
         with _closing(WorkerTrainIterator(src, position=position.to_dict(), **kw)) as it:
-            rest = stream([it], 5)
-    assert_same(first + rest, reference)
+            rest = global_batches([it], 5)
+    assert_same_batches(first + rest, reference)
 
 
 def test_too_many_bad_files_fail_as_in_process(data_dir):
@@ -131,10 +115,10 @@ def _wait_gone(pids, seconds=5.0):
 
 def test_fake_source_through_workers_equals_in_process():
     src = FakeSource()
-    reference = stream([TrainIterator(src, global_batch_size=4, seed=2)], 25)
+    reference = global_batches([TrainIterator(src, global_batch_size=4, seed=2)], 25)
     with _closing(WorkerTrainIterator(src, decode_workers=2, global_batch_size=4, seed=2,
                                       slots=3)) as it:
-        assert_same(stream([it], 25), reference)
+        assert_same_batches(global_batches([it], 25), reference)
 
 
 @pytest.mark.parametrize("failure, match", [
@@ -432,12 +416,12 @@ def test_workers_count_a_damaged_block_as_in_process_decoding(data_dir, tmp_path
     copy, shard = damaged_copy(data_dir, tmp_path / "tfds", "block")
     kw = dict(global_batch_size=8, seed=5)
     with open_imagenet(copy, max_bad_fraction=0.4) as src:
-        reference = stream([TrainIterator(src, **kw)], 5)
+        reference = global_batches([TrainIterator(src, **kw)], 5)
         bad = src.bad_examples
     assert {i for i, name in bad.items() if name == shard} == set(unreadable_ids(shard))
     with open_imagenet(copy, max_bad_fraction=0.4) as src:
         with _closing(WorkerTrainIterator(src, decode_workers=2, **kw)) as it:
-            assert_same(stream([it], 5), reference)
+            assert_same_batches(global_batches([it], 5), reference)
         assert src.bad_examples == bad
 
 
