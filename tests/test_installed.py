@@ -74,4 +74,4 @@ def test_the_installed_command_trains_evaluates_exports_and_predicts(tmp_path):
     assert predicted.stdout.startswith("black.png: ") and predicted.stdout.count("%") == 5
     bad = subprocess.run([command, "frobnicate"], cwd=work, env=env, capture_output=True,
                          text=True, timeout=60)
-    assert bad.returncode == 2 and "train, evaluate, export, predict" in bad.stderr
+    assert bad.returncode == 2 and "train, curves, evaluate, export, predict" in bad.stderr
