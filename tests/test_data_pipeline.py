@@ -14,8 +14,8 @@ from lsgd_jax.data import (
     eval_batches,
     get_source,
     num_eval_batches,
-    prefetch_to_mesh,
 )
+from lsgd_jax.parallel.prefetch import prefetch_to_mesh
 
 
 class RecordingSource:

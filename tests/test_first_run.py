@@ -266,7 +266,9 @@ def test_a_small_data_set_on_the_papers_defaults_says_so_in_one_line(tmp_path, m
         assert recipe_notice(TrainConfig(data="fashion_mnist"), given) == ""
     # --epochs given: the data set's own model is no ImageNet recipe; ResNet-50 would be.
     assert recipe_notice(TrainConfig(data="fashion_mnist", epochs=2), {"epochs", "data"}) == ""
-    monkeypatch.setitem(__import__("lsgd_jax.training.config").config.DEFAULT_MODELS, "fashion_mnist",
+    import lsgd_jax.training.config as config_module
+
+    monkeypatch.setitem(config_module.DEFAULT_MODELS, "fashion_mnist",
                         "resnet50")
     paper_model = recipe_notice(TrainConfig(data="fashion_mnist", epochs=2), {"epochs", "data"})
     assert "resnet50 (--model not given)" in paper_model

@@ -131,19 +131,23 @@ QUICKSTART = ["--workdir", "runs/fashion_mnist", "--data", "fashion_mnist", "--c
               "--warmup-epochs", "0.5", "--decay-epochs", "1.5", "--log-every-steps", "20"]
 
 
-def test_the_quickstart_sets_up_once_then_trains_with_lsgd_jax_train_which_also_resumes():
+def test_the_quickstart_sets_up_and_trains_then_tests_and_its_bare_train_line_resumes():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         text = f.read()
-    first = re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M)[0]
-    lines = [line for line in first.splitlines() if not line.startswith("#")]
-    setup = next(line for line in lines if "pip install -e ." in line)
-    assert "apt-get" in setup and "lsgd-jax" not in setup and "experiments/" not in setup
-    train = [line for line in lines if "lsgd-jax train" in line]
-    assert train == ["lsgd-jax train " + " ".join(QUICKSTART)], train  # alone on its line
-    assert "experiments/imagenet_resnet50.py" not in first
+    blocks = re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M)
+    first = [line for line in blocks[0].splitlines() if not line.startswith("#")]
+    # Command 1 sets up, then trains; command 2 runs the tests.
+    assert len(first) == 2 and "python -m pytest -q" in first[1], first
+    setup, _, train = first[0].partition(" && lsgd-jax train ")
+    assert "apt-get" in setup and "pip install -e ." in setup and "experiments/" not in setup
+    assert train == " ".join(QUICKSTART), train
+    # Resuming: the same train command alone on its line, without the set-up.
+    then = [line for line in blocks[1].splitlines() if not line.startswith("#")]
+    assert "lsgd-jax train " + " ".join(QUICKSTART) in then, then
+    assert any(line.endswith("lsgd-jax curves runs/fashion_mnist") for line in then)
+    assert "experiments/imagenet_resnet50.py" not in blocks[0] + blocks[1]
     intro = text.split("## What it implements")[0]
     assert "Resuming is the train command alone" in intro
-    assert "lsgd-jax curves runs/fashion_mnist" in first
     # The same recipe as ever: every flag given, so no default of the data set applies.
     from lsgd_jax.cli.train import build_parser, config_from_args, given_flags, recipe_notice
 
