@@ -335,7 +335,6 @@ def test_the_run_opens_the_folder_keeps_its_index_and_names_its_classes(data_dir
 
 
 def test_process_zero_opens_first_and_its_error_is_every_processs(monkeypatch):
-    import lsgd_jax.parallel.distributed
     from lsgd_jax.data import _opened_in_turn
 
     calls = []
@@ -348,9 +347,8 @@ def test_process_zero_opens_first_and_its_error_is_every_processs(monkeypatch):
         calls.append("opened")
         return "source"
 
-    monkeypatch.setattr(lsgd_jax.parallel.distributed, "exchange", fake_exchange)
     first_error = ""
-    assert _opened_in_turn(open_it, "open_train", 1, 2) == "source"
+    assert _opened_in_turn(open_it, "open_train", 1, 2, fake_exchange) == "source"
     assert calls == [("data_open_train", ""), "opened"]  # after process 0's answer
 
     def fail():
@@ -358,9 +356,13 @@ def test_process_zero_opens_first_and_its_error_is_every_processs(monkeypatch):
 
     first_error = "--data-dir '/x' is not a folder"
     with pytest.raises(ValueError, match=r"^--data-dir '/x' is not a folder$"):
-        _opened_in_turn(lambda: pytest.fail("opened after process 0 failed"), "open_train", 1, 2)
+        _opened_in_turn(lambda: pytest.fail("opened after process 0 failed"), "open_train", 1, 2,
+                        fake_exchange)
     with pytest.raises(ValueError, match=r"^--data-dir '/x' is not a folder$"):
-        _opened_in_turn(fail, "open_train", 0, 2)
+        _opened_in_turn(fail, "open_train", 0, 2, fake_exchange)
+    # Several processes and no exchange to agree through: refused, never guessed.
+    with pytest.raises(ValueError, match="needs exchange="):
+        _opened_in_turn(open_it, "open_train", 1, 2, None)
     assert calls[-1] == ("data_open_train", "--data-dir '/x' is not a folder")
 
 

@@ -51,7 +51,11 @@ def _watch_briefly(monkeypatch, failures, seconds=0.3):
     import threading
 
     left = []
-    monkeypatch.setattr(failures, "_leave", lambda client, status: left.append(status))
+    def leave(client, status):  # the real one exits the process: this one ends the watcher
+        left.append(status)
+        failures._State.stop.set()
+
+    monkeypatch.setattr(failures, "_leave", leave)
     monkeypatch.setattr(failures._State, "stop", threading.Event())
     monkeypatch.setattr(failures._State, "peer_failed", threading.Event())
     watcher = threading.Thread(target=failures._watch, args=(_Peers(), 0, 0.01))
