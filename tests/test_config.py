@@ -269,7 +269,7 @@ def test_the_start_up_config_shows_only_what_matters_to_the_run():
     text = "\n".join(lines)
     for absent in ("imagenet2012", "--synthetic-examples", "--trust-coefficient",
                    "--tfds-name", "--decode-workers", "--poly-power", "--end-lr",
-                   "--momentum-correction", "--bn-impl", "--color-jitter"):
+                   "--momentum-correction", "--bn-impl", "--color-jitter", "--relist"):
         assert absent not in text, absent
     for present in ("data: --data fashion_mnist", "--model resnet20", "--batch-size 512",
                     "--decay-epochs 1.5", "--epochs 2 ", "--warmup-epochs 0.5",
@@ -284,3 +284,5 @@ def test_the_start_up_config_shows_only_what_matters_to_the_run():
     assert "--decay-epochs" not in text and "--synthetic-examples" not in text
     assert "--synthetic-examples 1281167" in "\n".join(TrainConfig().summary())
     assert "--decay-epochs 30,60,80" in "\n".join(TrainConfig().summary())
+    folder = TrainConfig(data="folder", data_dir="/data/x", model="resnet50")
+    assert "--relist false" in "\n".join(folder.summary())

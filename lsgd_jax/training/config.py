@@ -441,6 +441,7 @@ _RELEVANT = {
     "decode_threads": _reads_images, "decode_workers": _reads_images,
     "resizer": _reads_images, "max_bad_fraction": _reads_images,
     "color_jitter": _reads_images, "lighting": _reads_images,
+    "relist": lambda c: c.data == "folder" or (c.data == "imagenet" and c.data_dir is not None),
     "synthetic_examples": lambda c: c.data == "synthetic",
     "synthetic_eval_examples": lambda c: c.data == "synthetic",
     "decay_epochs": lambda c: c.schedule == "steps",
