@@ -606,11 +606,11 @@ def test_a_bad_init_from_file_is_refused_before_anything_is_compiled(model_path,
     monkeypatch.setattr(train, "create_train_state", create_train_state)
     verdicts = []
 
-    def same_on_every_process(text):  # one process: the verdict it would share
+    def from_process_0(text):  # one process: the verdict it would share
         verdicts.append(text)
         return text
 
-    monkeypatch.setattr(init_from, "same_on_every_process", same_on_every_process)
+    monkeypatch.setattr(init_from, "from_process_0", from_process_0)
 
     def flip(data):
         data[len(data) // 2] ^= 0x01

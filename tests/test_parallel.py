@@ -189,3 +189,60 @@ def test_an_unreachable_coordinator_is_one_line_and_status_2(tmp_path, command):
     assert lines[-1].startswith("error: process 1 of 2 could not reach the coordinator at "
                                 f"--coordinator-address 127.0.0.1:{port} within 1 s"), lines
     assert "Check failure" not in proc.stderr
+
+
+class _Store:
+    """The coordination service's key-value store, as the agreement sees it, with the
+    other process's posts made in advance."""
+
+    def __init__(self, others: dict):
+        self.keys = dict(others)
+        self.deleted: list[str] = []
+
+    def key_value_set(self, key, value):
+        self.keys[key] = value
+
+    def blocking_key_value_get(self, key, timeout_ms):
+        return self.keys[key]
+
+    def key_value_delete(self, key):
+        self.deleted.append(key)
+        del self.keys[key]
+
+
+def test_agreement_on_two_processes_and_its_store_stays_small(monkeypatch):
+    import json
+
+    from jax._src import distributed
+
+    from lsgd_jax.parallel import agreement
+
+    # Process 0 of two; process 1's values are posted already.
+    theirs = {"verdict": ["", "refuse"], "outcome": [2, 0, 1], "ok": [True, False]}
+    store = _Store({f"lsgd_jax/agree/{name}/{call}/1": json.dumps(value)
+                    for name, values in theirs.items()
+                    for call, value in enumerate(values, start=1)})
+    monkeypatch.setattr(distributed.global_state, "client", store)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    monkeypatch.setattr(agreement, "_CALLS", agreement.collections.Counter())
+
+    assert agreement.from_process_0("stop", "verdict") == "stop"  # process 0's, not 1's
+    assert agreement.from_process_0("", "verdict") == ""
+    assert agreement.worst(0, "outcome") == 2
+    assert agreement.worst(1, "outcome") == 1
+    assert agreement.worst(0, "outcome") == 1
+    assert agreement.everywhere(True, "ok") is True
+    assert agreement.everywhere(True, "ok") is False  # process 1 said no
+    # Each name's own keys are removed two calls later, when every process has read them.
+    assert store.deleted == ["lsgd_jax/agree/outcome/1/0"]
+    assert "lsgd_jax/agree/outcome/3/0" in store.keys
+
+
+def test_agreement_on_one_process_needs_no_runtime():
+    from lsgd_jax.parallel import agreement
+
+    assert agreement.exchange("anything", {"a": 1}) == [{"a": 1}]
+    assert agreement.from_process_0("x") == "x"
+    assert agreement.worst(3) == 3
+    assert agreement.everywhere(False) is False

@@ -17,23 +17,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 
-from lsgd_jax.parallel.distributed import exchange
+from lsgd_jax.parallel.agreement import everywhere, exchange
 from lsgd_jax.training.checkpoint import (
-    _REQUIRED_FILES,
     CorruptCheckpointError,
-    _damaged_file,
-    _first_line,
-    _read_json_item,
-    _step_dirs,
-    _worst_on_every_process,
-    state_sha256,
+    first_line,
+    quiet_item_metadata,
+    read_checkpoint,
+    read_json_item,
+    step_dirs,
 )
 from lsgd_jax.training.config import TrainConfig
 from lsgd_jax.training.recipe import build_optimizer
@@ -47,11 +44,6 @@ IMAGENET_EVAL_RESIZE = 256
 
 class UnreadableCheckpointError(ValueError):
     """No checkpoint can be read (for readers that change nothing on disk)."""
-
-
-def _all_processes_agree(ok: bool) -> bool:
-    """True when ``ok`` holds on every process (a collective on several processes)."""
-    return _worst_on_every_process(0 if ok else 1) == 0
 
 
 def read_verified(directory: str, target: Any, *, step: int | None = None,
@@ -71,28 +63,27 @@ def read_verified(directory: str, target: Any, *, step: int | None = None,
       UnreadableCheckpointError: ``step`` is missing or damaged, or no checkpoint verifies.
     """
     directory = os.path.abspath(directory)
-    steps = [step] if step is not None else _step_dirs(directory)
+    steps = [step] if step is not None else step_dirs(directory)
     if step is not None and not os.path.isdir(os.path.join(directory, str(step))):
         raise UnreadableCheckpointError(
             f"{os.path.join(directory, str(step))} does not exist; the complete checkpoints "
-            f"are steps {sorted(_step_dirs(directory)) or 'none'}")
+            f"are steps {sorted(step_dirs(directory)) or 'none'}")
     skipped = []
     for candidate in steps:
         step_dir = os.path.join(directory, str(candidate))
         problem = None
         try:
-            state, meta = _read_one(directory, candidate, target)
+            state, _, meta = read_checkpoint(directory, candidate, target)
         except CorruptCheckpointError as e:
             problem = e
-        except Exception as e:  # orbax and tensorstore raise many kinds
-            problem = CorruptCheckpointError(
-                candidate, _damaged_file(e, step_dir) or step_dir, _first_line(e))
-        if not _all_processes_agree(problem is None):  # every process takes the same one
+        except Exception as e:  # not proven damage, but this reader cannot use it either
+            problem = CorruptCheckpointError(candidate, step_dir, first_line(e))
+        if not everywhere(problem is None, "readback"):  # every process takes the same one
             problem = problem or CorruptCheckpointError(
                 candidate, step_dir, "another process could not read it")
         if problem is None:
             return state, meta, candidate
-        if not _all_processes_agree(os.path.isdir(step_dir)) and step is None:
+        if not everywhere(os.path.isdir(step_dir), "readback_exists") and step is None:
             continue  # removed meanwhile by the run's retention: not damage
         if step is not None:
             raise UnreadableCheckpointError(f"{problem}; nothing was changed") from None
@@ -105,33 +96,6 @@ def read_verified(directory: str, target: Any, *, step: int | None = None,
     raise UnreadableCheckpointError(
         f"{directory} holds no checkpoint: give the --workdir of a training run that has "
         "saved one (a checkpoint is saved at the end of every epoch)")
-
-
-def _quiet_metadata(record: logging.LogRecord) -> bool:
-    return "_CHECKPOINT_METADATA" not in record.getMessage()
-
-
-def _read_one(directory: str, step: int, target: Any) -> tuple[Any, dict]:
-    step_dir = os.path.join(directory, str(step))
-    for name in _REQUIRED_FILES:
-        if not os.path.exists(os.path.join(step_dir, name)):
-            raise CorruptCheckpointError(step, os.path.join(step_dir, name), "the file is missing")
-    meta = _read_json_item(directory, step, "meta")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    checkpointer = ocp.StandardCheckpointer()
-    absl = logging.getLogger("absl")
-    absl.addFilter(_quiet_metadata)  # a checkpoint's item has no metadata file of its own
-    try:
-        state = checkpointer.restore(os.path.join(step_dir, "state"), abstract)
-    finally:
-        absl.removeFilter(_quiet_metadata)
-        checkpointer.close()
-    digest = state_sha256(state)
-    if "state_sha256" in meta and digest != meta["state_sha256"]:
-        raise CorruptCheckpointError(
-            step, os.path.join(step_dir, "state"), f"the restored state's SHA-256 "
-            f"{digest[:12]}… differs from the {meta['state_sha256'][:12]}… saved with it")
-    return state, meta
 
 
 @dataclasses.dataclass
@@ -185,17 +149,12 @@ def pixel_stats(data: str, channels: int) -> tuple[tuple[float, ...], tuple[floa
 
 def _checkpoint_shapes(directory: str, step: int | None) -> dict | None:
     """``{"classes": C, "channels": c}`` from the newest checkpoint whose metadata reads."""
-
-    absl = logging.getLogger("absl")
-    absl.addFilter(_quiet_metadata)  # a checkpoint's item has no metadata file of its own
-    try:
+    with quiet_item_metadata():
         return _shapes(ocp, directory, step)
-    finally:
-        absl.removeFilter(_quiet_metadata)
 
 
 def _shapes(ocp, directory: str, only: int | None) -> dict | None:
-    for step in [only] if only is not None else _step_dirs(directory):
+    for step in [only] if only is not None else step_dirs(directory):
         checkpointer = ocp.StandardCheckpointer()
         try:
             metadata = checkpointer.metadata(os.path.join(directory, str(step), "state"))
@@ -280,11 +239,11 @@ def restore_run(workdir: str, *, step: int | None = None, mesh: Any = None,
 
 
 def _checkpoint_config(directory: str, step: int | None) -> TrainConfig | None:
-    from lsgd_jax.training.checkpoint import _read_json_item
+    from lsgd_jax.training.checkpoint import read_json_item
 
-    for candidate in [step] if step is not None else _step_dirs(directory):
+    for candidate in [step] if step is not None else step_dirs(directory):
         try:
-            meta = _read_json_item(directory, candidate, "meta")
+            meta = read_json_item(directory, candidate, "meta")
             return TrainConfig.from_dict(meta["config"])
         except Exception:
             continue

@@ -33,7 +33,7 @@ def open_source(config, split: str, *, workdir: str | None = None, process_index
     A data set read from its folders keeps its index of files in ``workdir``. With several
     processes, process 0 opens it first (listing the files if need be, and keeping the
     index where the others find it on a shared workdir); the others open it after, or
-    raise process 0's error. ``exchange`` (``lsgd_jax.parallel.distributed.exchange``: this
+    raise process 0's error. ``exchange`` (``lsgd_jax.parallel.agreement.exchange``: this
     layer imports no jax) carries that error to every process.
     """
     options: dict = {"data_dir": config.data_dir, "image_size": config.image_size}
@@ -69,7 +69,7 @@ def open_source(config, split: str, *, workdir: str | None = None, process_index
 def _needs(exchange: Exchange | None, process_count: int) -> Exchange:
     if exchange is None:
         raise ValueError(f"with {process_count} processes, the data layer needs exchange= "
-                         "(lsgd_jax.parallel.distributed.exchange) to agree across them")
+                         "(lsgd_jax.parallel.agreement.exchange) to agree across them")
     return exchange
 
 

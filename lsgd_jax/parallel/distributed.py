@@ -172,28 +172,6 @@ def check_coordinator(address: str, process_id: int, num_processes: int, *,
         time.sleep(max(0.0, min(retry_every, deadline - time.monotonic())))
 
 
-_EXCHANGES: collections.Counter = collections.Counter()
-
-
-def exchange(name: str, value: Any, *, timeout: float = 300.0) -> list[Any]:
-    """Every process's ``value`` (JSON-serialisable), in process order, through the
-    coordination service's key-value store: no collective, so a process that fails
-    before it arrives stops the others through ``lsgd_jax.parallel.failures``, not a collective
-    mismatch. Every process must call it with the same ``name``, in the same order."""
-    import json
-
-    if jax.process_count() == 1:
-        return [value]
-    from jax._src import distributed
-
-    client = distributed.global_state.client
-    _EXCHANGES[name] += 1  # the same count on every process: one key per call
-    prefix = f"lsgd_jax/exchange/{name}/{_EXCHANGES[name]}/"
-    client.key_value_set(f"{prefix}{jax.process_index()}", json.dumps(value, sort_keys=True))
-    return [json.loads(client.blocking_key_value_get(f"{prefix}{i}", int(timeout * 1000)))
-            for i in range(jax.process_count())]
-
-
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-D ``("data",)`` mesh over ``devices`` (default: every device of every process).
 

@@ -26,18 +26,20 @@ and nothing is moved. A save is recorded only once its step is complete on disk
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lsgd_jax.parallel.agreement import worst
 from lsgd_jax.training.config import resume_fields
 
 
@@ -56,7 +58,7 @@ class CheckpointReadError(CheckpointError):
         self.step, self.path, self.error = step, path, error
         super().__init__(
             f"could not read checkpoint step {step} ({path}) in {attempts} attempts: "
-            f"{_first_line(error)}. It is not known to be damaged, so nothing was moved or "
+            f"{first_line(error)}. It is not known to be damaged, so nothing was moved or "
             "written; fix the cause (the file system, its permissions, the memory) and rerun "
             "the same command")
 
@@ -116,7 +118,7 @@ def proven_damage(error: BaseException) -> bool:
     return False
 
 
-def _first_line(error: BaseException, limit: int = 240) -> str:
+def first_line(error: BaseException, limit: int = 240) -> str:
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return f"{type(error).__name__}: {text[:limit]}"
 
@@ -146,14 +148,14 @@ def state_sha256(state: Any, *, require_finite: bool = False) -> str:
     return digest.hexdigest()
 
 
-def _step_dirs(directory: str) -> list[int]:
+def step_dirs(directory: str) -> list[int]:
     """Steps of the complete checkpoints (orbax renames a finished save to its step)."""
     if not os.path.isdir(directory):
         return []
     return sorted((int(n) for n in os.listdir(directory) if n.isdigit()), reverse=True)
 
 
-def _read_json_item(directory: str, step: int, item: str) -> dict:
+def read_json_item(directory: str, step: int, item: str) -> dict:
     """The JSON item ``item`` of checkpoint ``step``, read directly (no orbax manager)."""
     path = os.path.join(directory, str(step), item, "metadata")
     with open(path) as f:
@@ -181,9 +183,9 @@ def check_resumable(directory: str, config: dict) -> int | None:
       CheckpointMismatchError: naming each differing field and both values.
     """
     directory = os.path.abspath(directory)
-    for step in _step_dirs(directory):
+    for step in step_dirs(directory):
         try:
-            meta = _read_json_item(directory, step, "meta")
+            meta = read_json_item(directory, step, "meta")
         except (OSError, CorruptCheckpointError):
             continue
         _compare(os.path.join(directory, str(step)), meta.get("config", {}), config)
@@ -201,9 +203,9 @@ def check_data(directory: str, data: dict, data_dir: str | None = None) -> None:
         fingerprint.
     """
     directory = os.path.abspath(directory)
-    for step in _step_dirs(directory):
+    for step in step_dirs(directory):
         try:
-            saved = _read_json_item(directory, step, "meta").get("data") or {}
+            saved = read_json_item(directory, step, "meta").get("data") or {}
         except (OSError, CorruptCheckpointError):
             continue
         for split, new in data.items():
@@ -234,6 +236,89 @@ def _compare(where: str, saved: dict, config: dict) -> None:
             + "; ".join(diffs) + "). Use the checkpoint's values, or a new --workdir to "
             "start a fresh run; nothing was changed on disk."
         )
+
+
+def read_checkpoint(directory: str, step: int, target: Any, *, config: dict | None = None,
+                    restore: Callable[[Any], Any] | None = None) -> tuple[Any, dict, dict]:
+    """Read checkpoint ``step`` of ``directory`` onto ``target`` and verify it.
+
+    The one verification of a checkpoint, for the trainer's resume
+    (:meth:`Checkpoints.restore_latest`) and for the readers of a finished run
+    (``lsgd_jax.artifacts.readback``): every file of a complete checkpoint is there, its
+    ``data`` and ``meta`` items parse, its configuration is ``config``'s (when given), and
+    the restored state's SHA-256 is the one saved with it.
+
+    Args:
+      restore: reads the state given its abstract tree (shapes, dtypes, shardings);
+        default: an orbax checkpointer on the ``state`` item, with no manager (it would
+        remove a save in progress).
+
+    Returns:
+      (state, data position, meta).
+
+    Raises:
+      CorruptCheckpointError: proven damage (:func:`proven_damage`), naming the file.
+      CheckpointMismatchError: the checkpoint is of another configuration.
+      Exception: any other error of orbax or the file system, as raised (it says
+        nothing about the checkpoint).
+    """
+    step_dir = os.path.join(directory, str(step))
+    try:
+        for name in _REQUIRED_FILES:  # name the file when a known one is missing
+            try:
+                os.stat(os.path.join(step_dir, name))
+            except FileNotFoundError:
+                raise CorruptCheckpointError(step, os.path.join(step_dir, name),
+                                             "the file is missing") from None
+        position = read_json_item(directory, step, "data")
+        meta = read_json_item(directory, step, "meta")
+        if config is not None:
+            _compare(step_dir, meta.get("config", {}), config)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        state = (restore or _reader(step_dir))(abstract)
+        digest = state_sha256(state)
+    except (CheckpointMismatchError, CorruptCheckpointError):
+        raise
+    except Exception as e:
+        if not proven_damage(e):
+            raise
+        path = _damaged_file(e, step_dir)
+        if path is None and isinstance(e, FileNotFoundError) and e.filename:
+            path = str(e.filename)
+        raise CorruptCheckpointError(step, path or step_dir, first_line(e)) from e
+    if "state_sha256" in meta and digest != meta["state_sha256"]:
+        raise CorruptCheckpointError(
+            step, os.path.join(step_dir, "state"),
+            f"the restored state's SHA-256 {digest[:12]}… differs from the "
+            f"{meta['state_sha256'][:12]}… saved with it")
+    return state, position, meta
+
+
+def _reader(step_dir: str) -> Callable[[Any], Any]:
+    """Restore a checkpoint's ``state`` item alone, with no orbax manager."""
+    def read(abstract: Any) -> Any:
+        checkpointer = ocp.StandardCheckpointer()
+        try:
+            with quiet_item_metadata():
+                return checkpointer.restore(os.path.join(step_dir, "state"), abstract)
+        finally:
+            checkpointer.close()
+    return read
+
+
+@contextlib.contextmanager
+def quiet_item_metadata() -> Iterator[None]:
+    """Silence orbax's warning that a checkpoint's item has no metadata file of its own
+    (true of every item read alone, as readers without a manager do)."""
+    def keep(record: logging.LogRecord) -> bool:
+        return "_CHECKPOINT_METADATA" not in record.getMessage()
+
+    absl = logging.getLogger("absl")
+    absl.addFilter(keep)
+    try:
+        yield
+    finally:
+        absl.removeFilter(keep)
 
 
 class Checkpoints:
@@ -336,12 +421,12 @@ class Checkpoints:
         """
         retries = RESTORE_RETRIES if retries is None else retries
         backoff_s = RESTORE_BACKOFF_S if backoff_s is None else backoff_s
-        for step in _step_dirs(self.directory):
+        for step in step_dirs(self.directory):
             step_dir = os.path.join(self.directory, str(step))
             for attempt in range(retries + 1):
                 outcome, value = self._try_restore(step, target, config)
                 # Every process takes the worst outcome: retry > damaged > ok.
-                agreed = _worst_on_every_process(outcome)
+                agreed = worst(outcome, "checkpoint_read")
                 if agreed == _OK:
                     return value
                 if agreed == _DAMAGED:
@@ -357,7 +442,7 @@ class Checkpoints:
                 if attempt == retries:
                     raise CheckpointReadError(step, step_dir, error, retries + 1)
                 delay = backoff_s * 2 ** attempt
-                log(f"warning: reading checkpoint step {step} failed ({_first_line(error)}); "
+                log(f"warning: reading checkpoint step {step} failed ({first_line(error)}); "
                     f"retrying in {delay:g} s")
                 time.sleep(delay)
         return None
@@ -365,43 +450,24 @@ class Checkpoints:
     def _try_restore(self, step: int, target: Any, config: dict) -> tuple[int, Any]:
         """One attempt at ``step``: (_OK, result), (_DAMAGED, CorruptCheckpointError) or
         (_FAILED, the error)."""
-        step_dir = os.path.join(self.directory, str(step))
+        def restore(abstract: Any) -> Any:
+            return self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+
         try:
-            for name in _REQUIRED_FILES:  # name the file when a known one is missing
-                try:
-                    os.stat(os.path.join(step_dir, name))
-                except FileNotFoundError:
-                    raise CorruptCheckpointError(step, os.path.join(step_dir, name),
-                                                 "the file is missing") from None
-            position = _read_json_item(self.directory, step, "data")
-            meta = _read_json_item(self.directory, step, "meta")
-            _compare(step_dir, meta.get("config", {}), config)
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-            state = self._manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-            )["state"]
-            digest = state_sha256(state)
+            state, position, meta = read_checkpoint(self.directory, step, target,
+                                                    config=config, restore=restore)
         except CheckpointMismatchError:
             raise
         except CorruptCheckpointError as e:
             return _DAMAGED, e
         except Exception as e:  # orbax and tensorstore raise many kinds
-            if not proven_damage(e):
-                return _FAILED, e
-            path = _damaged_file(e, step_dir)
-            if path is None and isinstance(e, FileNotFoundError) and e.filename:
-                path = str(e.filename)
-            return _DAMAGED, CorruptCheckpointError(step, path or step_dir, _first_line(e))
-        if "state_sha256" in meta and digest != meta["state_sha256"]:
-            return _DAMAGED, CorruptCheckpointError(
-                step, os.path.join(step_dir, "state"),
-                f"the restored state's SHA-256 {digest[:12]}… differs from the "
-                f"{meta['state_sha256'][:12]}… saved with it")
+            return _FAILED, e
         return _OK, (state, position, meta, step)
 
     def latest_complete_step(self) -> int | None:
         """The newest step that :meth:`committed` finds complete, or None."""
-        return next((s for s in _step_dirs(self.directory) if not self.committed(s)), None)
+        return next((s for s in step_dirs(self.directory) if not self.committed(s)), None)
 
     def committed(self, step: int) -> str:
         """"" when checkpoint ``step`` is complete on disk, else what is missing.
@@ -446,15 +512,6 @@ def _sync(name: str) -> None:
 
 
 _OK, _DAMAGED, _FAILED = 0, 1, 2  # outcomes of one restore attempt, in order of precedence
-
-
-def _worst_on_every_process(outcome: int) -> int:
-    """The largest ``outcome`` over all processes (a collective on several processes)."""
-    if jax.process_count() == 1:
-        return outcome
-    from jax.experimental import multihost_utils
-
-    return int(np.max(multihost_utils.process_allgather(np.asarray(outcome, np.int32))))
 
 
 def list_corrupt(directory: str) -> list[str]:

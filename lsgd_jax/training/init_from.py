@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsgd_jax.training.model_file import ModelFileError, check_tree, load_model
-from lsgd_jax.training.preemption import same_on_every_process
+from lsgd_jax.parallel.agreement import from_process_0
 
 CLASSIFIER = "fc"  # the last layer of every lsgd_jax ResNet
 
@@ -47,7 +47,7 @@ def check_init_from(path: str, model, *, input_shape: tuple[int, ...], model_nam
     except ModelFileError as e:
         text = str(e)
         error = text if text.startswith("--init-from") else f"--init-from {path}: {text}"
-    agreed = same_on_every_process(error)
+    agreed = from_process_0(error)
     if agreed or error:
         raise ModelFileError(agreed or f"process {jax.process_index()}: {error}")
     return loaded

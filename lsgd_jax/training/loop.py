@@ -24,7 +24,8 @@ import jax.numpy as jnp
 
 from lsgd_jax.engine.step import create_train_state, make_eval_step, make_train_step
 from lsgd_jax.models import get_model
-from lsgd_jax.parallel.distributed import InFlight, data_sharding, exchange, make_mesh
+from lsgd_jax.parallel.agreement import exchange, from_process_0
+from lsgd_jax.parallel.distributed import InFlight, data_sharding, make_mesh
 from lsgd_jax.parallel.failures import decided_together
 from lsgd_jax.training.checkpoint import (
     Checkpoints,
@@ -44,7 +45,7 @@ from lsgd_jax.training.metrics import (
     plural,
 )
 from lsgd_jax.training.plan import make_plan, plan_warnings
-from lsgd_jax.training.preemption import PreemptionWatcher, same_on_every_process
+from lsgd_jax.training.preemption import PreemptionWatcher
 from lsgd_jax.training.recipe import build as build_recipe
 from lsgd_jax.training.recording import LogWindow, NonFiniteError, Saver  # noqa: F401 (re-exported)
 from lsgd_jax.training.run import Run
@@ -88,7 +89,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *,
             note = lock.acquire()
         except WorkdirError as e:
             error = str(e)
-    error = same_on_every_process(error)
+    error = from_process_0(error)
     if error:
         raise WorkdirError(error)
     if note:
@@ -142,7 +143,7 @@ def _prepare(config: TrainConfig, workdir: str, log: Callable[[str], None],
                                input_shape=(1, *train_source.image_shape), mesh=mesh)
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
     error = check_free_space(workdir, state_bytes) if jax.process_index() == 0 else ""
-    error = same_on_every_process(error)
+    error = from_process_0(error)
     if error:
         raise WorkdirError(error)
     ckpts = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
@@ -254,7 +255,7 @@ def _start_without_checkpoint(run: Run, had_steps: bool, restart_from_scratch: b
             verdict = "restart:" + (
                 "restarted with --restart-from-scratch" if restart_from_scratch else
                 f"the earlier attempt stopped at step {last} before saving any checkpoint")
-    verdict = same_on_every_process(verdict)
+    verdict = from_process_0(verdict)
     kind, _, text = verdict.partition(":")
     if kind == "finished":
         run.finished = json.loads(text)
@@ -283,7 +284,7 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, log: Callable[[str], 
     step = int(jax.device_get(run.state.step))
     done = current_records(workdir, "result") if step >= plan.total_steps else []
     # Process 0 writes metrics.jsonl: its reading decides for every process.
-    if same_on_every_process("finished" if done else "") == "finished":
+    if from_process_0("finished" if done else "") == "finished":
         run.ckpts.close()
         return _already_finished(run, step, done[-1] if done else {})
     if run.resuming:

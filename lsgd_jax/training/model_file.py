@@ -54,7 +54,7 @@ def export_model(run, out: str) -> dict:
 
     from lsgd_jax._version import __version__
     from lsgd_jax.training.metrics import eval_history, read_metrics
-    from lsgd_jax.training.preemption import same_on_every_process
+    from lsgd_jax.parallel.agreement import from_process_0
 
     host = jax.tree.map(lambda x: np.asarray(jax.device_get(
         x.addressable_data(0) if isinstance(x, jax.Array) else x)),
@@ -87,7 +87,7 @@ def export_model(run, out: str) -> dict:
             write_pair(out, payload, (json.dumps(meta, indent=2) + "\n").encode())
         except ExportError as e:
             error = str(e)
-    error = same_on_every_process(error)  # every process exits with the writer's verdict
+    error = from_process_0(error)  # every process exits with the writer's verdict
     if error:
         raise ExportError(error)
     return meta

@@ -1,4 +1,4 @@
-"""Preemption and Ctrl-C, agreed on by every process; one value broadcast from process 0."""
+"""Preemption and Ctrl-C, agreed on by every process."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import threading
 from typing import Callable
 
 import jax
-import numpy as np
 
 
 class PreemptionWatcher:
@@ -59,16 +58,3 @@ class PreemptionWatcher:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
-
-
-def same_on_every_process(text: str, size: int = 2048) -> str:
-    """Process 0's ``text`` on every process (so all raise the same error, or none)."""
-    if jax.process_count() == 1:
-        return text
-    from jax.experimental import multihost_utils
-
-    buf = np.zeros(size, np.uint8)
-    raw = text.encode()[:size]
-    buf[:len(raw)] = np.frombuffer(raw, np.uint8)
-    out = np.asarray(multihost_utils.broadcast_one_to_all(buf))
-    return bytes(out[out != 0]).decode(errors="replace")

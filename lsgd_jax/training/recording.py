@@ -17,7 +17,7 @@ import numpy as np
 
 from lsgd_jax.training.checkpoint import CheckpointSaveError, state_sha256
 from lsgd_jax.training.metrics import MetricsWriter, format_duration
-from lsgd_jax.training.preemption import same_on_every_process
+from lsgd_jax.parallel.agreement import from_process_0
 
 if TYPE_CHECKING:
     from lsgd_jax.training.run import Run
@@ -131,7 +131,7 @@ class Saver:
                     type(e).__name__)
         error = self._record_complete(final=True, failure=failure) if is_main else ""
         self.pending.clear()
-        error = same_on_every_process(error)
+        error = from_process_0(error)
         if error:
             raise CheckpointSaveError(error)
 

@@ -9,7 +9,7 @@ from lsgd_jax.training.checkpoint import Checkpoints
 from lsgd_jax.training.config import TrainConfig
 from lsgd_jax.training.library_logs import LibraryLog
 from lsgd_jax.training.plan import Plan
-from lsgd_jax.training.preemption import same_on_every_process
+from lsgd_jax.parallel.agreement import from_process_0
 from lsgd_jax.training.workdir import WorkdirLock
 
 
@@ -44,7 +44,7 @@ class Run:
         if self.lock is not None:
             self.lock.lost_reason()
             error = self.lock.lost
-        error = same_on_every_process(error)
+        error = from_process_0(error)
         if error:
             from lsgd_jax.training.workdir import LockLostError
 
