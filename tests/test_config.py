@@ -136,7 +136,9 @@ def test_the_plan_of_the_papers_8k_run_by_hand():
     (dict(batch_size=100), 8, 1, r"--batch-size 100 does not split over 8 devices × "
                                  r"--grad-accum-steps 1; use a multiple of 256"),
     (dict(batch_size=64, grad_accum_steps=4), 8, 1,
-     r"--bn-group-size 32 does not divide the microbatch of 2 images per device"),
+     r"--bn-group-size 32 is larger than the microbatch of 2 images per device"),
+    (dict(batch_size=96, bn_group_size=8), 8, 1,
+     r"--bn-group-size 8 does not divide the microbatch of 12 images per device"),
     (dict(batch_size=96, bn_group_size=4), 8, 5, r"--batch-size 96 does not split over the 5 "
                                                  r"processes"),
     (dict(batch_size=64, bn_group_size=8, eval_batch_size=12), 8, 1,

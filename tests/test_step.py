@@ -367,7 +367,8 @@ def test_masked_eval_counts_every_example_once(num_examples, batch_size):
     "kwargs, match",
     [
         (dict(global_batch_size=100, num_devices=8, grad_accum_steps=1, bn_group_size=4),
-         r"global_batch_size=100 is not divisible by num_devices \(8\) x grad_accum_steps \(1\)"),
+         r"global_batch_size=100 does not split over 8 devices × grad_accum_steps=1; use a "
+         r"multiple of 32"),
         (dict(global_batch_size=64, num_devices=8, grad_accum_steps=2, bn_group_size=8),
          r"bn_group_size=8 is larger than the microbatch of 4 images"),
         (dict(global_batch_size=96, num_devices=8, grad_accum_steps=1, bn_group_size=8),
@@ -488,6 +489,6 @@ def test_label_smoothing_keeps_the_kn_rule_of_the_step():
 
 
 def test_label_smoothing_out_of_range_is_refused_before_compiling():
-    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\), got 1.0"):
+    with pytest.raises(ValueError, match=r"label_smoothing must be a number in \[0, 1\), got 1.0"):
         make_train_step(tiny_model(2), tiny_tx(), make_mesh(), global_batch_size=16,
                         bn_group_size=2, label_smoothing=1.0)

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 
+import lsgd_jax.checks as checks
 from lsgd_jax.parallel.agreement import everywhere, exchange
 from lsgd_jax.training.checkpoint import (
     CorruptCheckpointError,
@@ -205,8 +206,8 @@ def restore_run(workdir: str, *, step: int | None = None, mesh: Any = None,
     if not os.path.isdir(workdir):
         raise UnreadableCheckpointError(
             f"--workdir {workdir} does not exist; give the --workdir of a training run")
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-        raise UnreadableCheckpointError(f"--step must be a step number >= 0, got {step!r}")
+    if step is not None:
+        checks.integer("--step", step, low=0, error=UnreadableCheckpointError)
     shapes = _checkpoint_shapes(directory, step)
     # The configuration of the newest checkpoint whose meta reads (read_verified
     # re-reads the chosen checkpoint's own meta below).
@@ -239,7 +240,6 @@ def restore_run(workdir: str, *, step: int | None = None, mesh: Any = None,
 
 
 def _checkpoint_config(directory: str, step: int | None) -> TrainConfig | None:
-    from lsgd_jax.training.checkpoint import read_json_item
 
     for candidate in [step] if step is not None else step_dirs(directory):
         try:

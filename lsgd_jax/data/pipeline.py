@@ -17,6 +17,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+import lsgd_jax.checks as checks
 from lsgd_jax.data.sampler import (
     Position,
     check_process_index,
@@ -59,8 +60,7 @@ class TrainIterator:
         self.local_batch_size = local_batch_size(global_batch_size, process_count)
         self.steps_per_epoch = self._epoch_steps(source.num_examples, global_batch_size)
         process_index = check_process_index(process_index, process_count)
-        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        checks.integer("seed", seed, low=0)
         if position is None:
             position = Position()
         elif not isinstance(position, Position):

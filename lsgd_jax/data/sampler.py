@@ -17,10 +17,11 @@ This module is pure numpy so that it imports on hosts without TensorFlow.
 from __future__ import annotations
 
 import dataclasses
-import operator
 from typing import Any, Mapping
 
 import numpy as np
+
+import lsgd_jax.checks as checks
 
 # Distinguishes the permutation stream from the augmentation stream (augment.py),
 # so that the same (seed, epoch) never feeds both.
@@ -28,15 +29,9 @@ _PERMUTATION_STREAM = 0x5EED_0F_E90C
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> int:
-    if isinstance(value, bool):
+    if not checks.is_integer(value):
         raise TypeError(f"{name} must be an integer, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {value!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+    return checks.integer(name, value, low=minimum)
 
 
 def check_process_index(process_index: Any, process_count: int) -> int:

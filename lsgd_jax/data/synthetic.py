@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+import lsgd_jax.checks as checks
 from lsgd_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from lsgd_jax.data.source import identity
 
@@ -36,8 +37,7 @@ class SyntheticSource:
             raise ValueError(f"unknown split {split!r}; valid: 'train', 'validation'")
         for name, value in (("num_classes", num_classes), ("image_size", image_size),
                             ("channels", channels)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            checks.integer(name, value)
         if num_examples is None:
             num_examples = _SPLIT_SIZES[split]
         if not isinstance(num_examples, int) or num_examples < 1:

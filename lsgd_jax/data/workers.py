@@ -59,6 +59,7 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
+import lsgd_jax.checks as checks
 from lsgd_jax.data.pipeline import TrainIterator, num_eval_batches
 from lsgd_jax.data.sampler import Position, eval_indices
 from lsgd_jax.data.source import BadDataError
@@ -312,12 +313,8 @@ class WorkerTrainIterator(TrainIterator):
     def __init__(self, source, *, decode_workers: int, slots: int | None = None,
                  stall_timeout: float = 30.0, start_timeout: float = 120.0, **kwargs):
         super().__init__(source, **kwargs)
-        if not isinstance(decode_workers, int) or isinstance(decode_workers, bool) \
-                or decode_workers < 1:
-            raise ValueError(f"decode_workers must be a positive integer, got {decode_workers!r}")
-        slots = 2 * decode_workers if slots is None else slots
-        if not isinstance(slots, int) or slots < 1:
-            raise ValueError(f"slots must be a positive integer, got {slots!r}")
+        checks.integer("decode_workers", decode_workers)
+        slots = checks.integer("slots", 2 * decode_workers if slots is None else slots)
         if not hasattr(source, "worker_opener"):
             raise ValueError(f"{type(source).__name__} cannot be decoded in worker processes "
                              "(it has no worker_opener); use decode_workers=0")

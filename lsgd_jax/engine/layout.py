@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Sequence
 
+import lsgd_jax.checks as checks
+
 
 class BatchLayout(NamedTuple):
     """How a global minibatch kn is laid out (see :func:`validate_batch_layout`)."""
@@ -24,58 +26,69 @@ class BatchLayout(NamedTuple):
     num_bn_workers: int  # k = kn / n
 
 
-def _check_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+# How an error names each value: the Python argument, or the command line's flag.
+_ARGUMENTS = {"global_batch_size": "global_batch_size={}", "grad_accum_steps":
+              "grad_accum_steps={}", "bn_group_size": "bn_group_size={}"}
+_FLAGS = {"global_batch_size": "--batch-size {}", "grad_accum_steps": "--grad-accum-steps {}",
+          "bn_group_size": "--bn-group-size {}"}
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else ("es" if noun.endswith("s") else "s"))
 
 
 def validate_batch_layout(
-    *, global_batch_size: int, num_devices: int, grad_accum_steps: int, bn_group_size: int
+    *, global_batch_size: int, num_devices: int, grad_accum_steps: int, bn_group_size: int,
+    num_processes: int = 1, flags: bool = False,
 ) -> BatchLayout:
-    """Check that kn splits into devices × K microbatches × BN groups of n.
+    """Check that kn splits into devices × K microbatches × BN groups of n, and over the
+    processes; the one check of a batch layout (``make_plan`` and ``make_train_step`` both
+    call it).
 
     Pure Python on the configuration only, so every process raises the same
     error before anything is compiled.
 
+    Args:
+      flags: name the command line's flags in errors (``--batch-size 100``) rather than
+        the arguments (``global_batch_size=100``).
+
     Raises:
       ValueError: naming the offending values and what would be valid.
     """
-    for name, value in (
-        ("global_batch_size", global_batch_size),
-        ("num_devices", num_devices),
-        ("grad_accum_steps", grad_accum_steps),
-        ("bn_group_size", bn_group_size),
-    ):
-        _check_int(name, value)
-    split = num_devices * grad_accum_steps
-    if global_batch_size % split:
+    for name, value in (("num_devices", num_devices), ("num_processes", num_processes)):
+        checks.integer(name, value)
+    words = _FLAGS if flags else _ARGUMENTS
+    for name, value in (("global_batch_size", global_batch_size),
+                        ("grad_accum_steps", grad_accum_steps), ("bn_group_size", bn_group_size)):
+        checks.integer(words[name].format("").strip(" ="), value)
+    kn, K, n = global_batch_size, grad_accum_steps, bn_group_size
+    batch, accum, group = (words[k].format(v) for k, v in (
+        ("global_batch_size", kn), ("grad_accum_steps", K), ("bn_group_size", n)))
+    split = num_devices * K
+    if kn % split:
         raise ValueError(
-            f"global_batch_size={global_batch_size} is not divisible by num_devices "
-            f"({num_devices}) x grad_accum_steps ({grad_accum_steps}) = {split}; "
-            f"use a multiple of {split * bn_group_size}"
-        )
-    micro = global_batch_size // split
-    if bn_group_size > micro:
-        raise ValueError(
-            f"bn_group_size={bn_group_size} is larger than the microbatch of {micro} images "
-            f"per device (global_batch_size {global_batch_size} / {num_devices} devices / "
-            f"{grad_accum_steps} accumulation steps); use bn_group_size <= {micro} or a "
-            f"global batch of at least {split * bn_group_size}"
-        )
-    if micro % bn_group_size:
-        raise ValueError(
-            f"bn_group_size={bn_group_size} does not divide the microbatch of {micro} images "
-            f"per device (global_batch_size {global_batch_size} / {num_devices} devices / "
-            f"{grad_accum_steps} accumulation steps); valid group sizes divide {micro}"
-        )
+            f"{batch} does not split over {_count(num_devices, 'device')} × {accum}; use a "
+            f"multiple of {split * n} ({split} × {group})")
+    micro = kn // split
+    per_device = (f"the microbatch of {micro} images per device ({batch} / "
+                  f"{_count(num_devices, 'device')} / {accum})")
+    if n > micro:
+        raise ValueError(f"{group} is larger than {per_device}; use a group size of at most "
+                         f"{micro}, or a batch size that is a multiple of {split * n}")
+    if micro % n:
+        raise ValueError(f"{group} does not divide {per_device}; use a group size that "
+                         f"divides {micro}, or a batch size that is a multiple of {split * n}")
+    if kn % num_processes:
+        raise ValueError(f"{batch} does not split over the {_count(num_processes, 'process')}; "
+                         f"use a multiple of {num_processes * n}")
     return BatchLayout(
-        global_batch_size=global_batch_size,
+        global_batch_size=kn,
         num_devices=num_devices,
-        grad_accum_steps=grad_accum_steps,
-        bn_group_size=bn_group_size,
-        per_device=global_batch_size // num_devices,
+        grad_accum_steps=K,
+        bn_group_size=n,
+        per_device=kn // num_devices,
         microbatch=micro,
-        num_bn_workers=global_batch_size // bn_group_size,
+        num_bn_workers=kn // n,
     )
 
 

@@ -41,6 +41,7 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+import lsgd_jax.checks as checks
 from lsgd_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from lsgd_jax.engine.layout import (
     BatchLayout,
@@ -306,9 +307,7 @@ def make_train_step(
         global_batch_size=global_batch_size, num_devices=mesh.devices.size,
         grad_accum_steps=grad_accum_steps, bn_group_size=bn_group_size)
     check_pixel_stats(pixel_mean, pixel_std)
-    if isinstance(label_smoothing, bool) or not (
-            isinstance(label_smoothing, (int, float)) and 0 <= label_smoothing < 1):
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+    checks.real("label_smoothing", label_smoothing, low=0, high=1, open_high=True)
     reduce_fn = _resolve_allreduce(allreduce)
     kn = float(layout.global_batch_size)
 

@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import lsgd_jax.checks as checks
 from lsgd_jax.models.grouped_bn import (
     BN_IMPLS,
     DEFAULT_SPLIT_ROWS,
@@ -73,10 +74,7 @@ class GroupBatchNorm(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         if self.impl not in BN_IMPLS:
             raise ValueError(f"GroupBatchNorm: impl must be one of {BN_IMPLS}, got {self.impl!r}")
-        if isinstance(self.split_rows, bool) or not isinstance(self.split_rows, int) \
-                or self.split_rows < 1:
-            raise ValueError(f"GroupBatchNorm: split_rows must be a positive integer, "
-                             f"got {self.split_rows!r}")
+        checks.integer("GroupBatchNorm: split_rows", self.split_rows)
         features = x.shape[-1]
         ra_mean = self.variable(
             "batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32)

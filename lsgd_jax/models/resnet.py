@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import lsgd_jax.checks as checks
 from lsgd_jax.models.batch_norm import GroupBatchNorm
 from lsgd_jax.models.grouped_bn import BN_IMPLS, DEFAULT_SPLIT_ROWS
 from lsgd_jax.models.pooling import POOL_IMPLS, max_pool
@@ -219,8 +220,7 @@ def check_levers(bn_impl: str, bn_split_rows: int, pool_impl: str, stem_impl: st
                                ("stem_impl", stem_impl, STEM_IMPLS)):
         if value not in valid:
             raise ValueError(f"{name} must be one of {valid}, got {value!r}")
-    if isinstance(bn_split_rows, bool) or not isinstance(bn_split_rows, int) or bn_split_rows < 1:
-        raise ValueError(f"bn_split_rows must be a positive integer, got {bn_split_rows!r}")
+    checks.integer("bn_split_rows", bn_split_rows)
 
 
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block=BasicBlock)
@@ -288,12 +288,9 @@ def get_model(
         dtype = _DTYPES[dtype]
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    if bn_group_size is not None and (
-        isinstance(bn_group_size, bool) or not isinstance(bn_group_size, int) or bn_group_size < 1
-    ):
-        raise ValueError(f"bn_group_size must be a positive integer or None, got {bn_group_size!r}")
+    checks.integer("num_classes", num_classes)
+    if bn_group_size is not None:
+        checks.integer("bn_group_size (or None)", bn_group_size)
     check_levers(kwargs.get("bn_impl", "plain"), kwargs.get("bn_split_rows", DEFAULT_SPLIT_ROWS),
                  kwargs.get("pool_impl", "reduce_window"), kwargs.get("stem_impl", "conv"))
     return _PRESETS[key](

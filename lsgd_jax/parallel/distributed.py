@@ -25,6 +25,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import lsgd_jax.checks as checks
+
 DATA_AXIS = "data"
 CPU_COLLECTIVES = ("gloo", "mpi")
 
@@ -88,20 +90,8 @@ def initialize_distributed(
                 f"(got coordinator_address={coordinator_address!r}, "
                 f"num_processes={num_processes!r}, process_id={process_id!r})"
             )
-        if (
-            isinstance(num_processes, bool)
-            or not isinstance(num_processes, int)
-            or num_processes < 1
-        ):
-            raise ValueError(f"num_processes must be a positive integer, got {num_processes!r}")
-        if (
-            isinstance(process_id, bool)
-            or not isinstance(process_id, int)
-            or not 0 <= process_id < num_processes
-        ):
-            raise ValueError(
-                f"process_id must be an integer in [0, {num_processes}), got {process_id!r}"
-            )
+        checks.integer("num_processes", num_processes)
+        checks.integer("process_id", process_id, low=0, high=num_processes)
     elif _cluster_size_from_env() <= 1:
         return False
 
@@ -269,8 +259,7 @@ class InFlight:
     """
 
     def __init__(self, depth: int = 2):
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"depth must be a positive integer, got {depth!r}")
+        checks.integer("depth", depth)
         self.depth = depth
         self._queue: collections.deque = collections.deque()
 

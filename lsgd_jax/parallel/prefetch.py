@@ -19,6 +19,8 @@ from typing import Any, Iterator
 
 import jax
 
+import lsgd_jax.checks as checks
+
 _END = object()
 
 
@@ -46,8 +48,7 @@ class DevicePrefetcher:
     """A background thread feeding a queue of global batches (see ``prefetch_to_mesh``)."""
 
     def __init__(self, iterator: Iterator[Any], sharding: Any, size: int = 2):
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise ValueError(f"prefetch size must be a positive integer, got {size!r}")
+        checks.integer("prefetch size", size)
         self._iterator = iterator
         self._sharding = sharding
         self._queue: queue.Queue = queue.Queue(maxsize=size)

@@ -26,30 +26,24 @@ the same update (tested).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
+import lsgd_jax.checks as checks
 from lsgd_jax.rules.optim import (
     ScalarOrSchedule,
     _check_form,
     _check_momentum,
-    _concrete_float,
     default_weight_decay_mask,
     momentum_sgd,
 )
 
 
 def _check_non_negative(name: str, value, *, positive: bool = False) -> None:
-    number = _concrete_float(value)
-    bad = isinstance(value, bool) or (number is not None and not (
-        math.isfinite(number) and (number > 0 if positive else number >= 0)))
-    if bad:
-        kind = "a positive finite number" if positive else "a finite number >= 0"
-        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    checks.real(name, value, low=0, open_low=positive, traced_ok=True)
 
 
 def scale_by_lars(

@@ -26,12 +26,13 @@ Goyal et al. 2017, section 2.3 ("Subtleties and Pitfalls of Distributed SGD"):
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
 import optax
+
+import lsgd_jax.checks as checks
 
 MOMENTUM_FORMS = ("eq9", "eq10")  # eqs. (9) and (10) of the paper
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
@@ -61,9 +62,7 @@ def _concrete_float(x) -> float | None:
 
 
 def _check_momentum(momentum) -> None:
-    value = _concrete_float(momentum)
-    if isinstance(momentum, bool) or (value is not None and not 0.0 <= value < 1.0):
-        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    checks.real("momentum", momentum, low=0, high=1, open_high=True, traced_ok=True)
 
 
 def _check_form(form) -> None:
@@ -122,10 +121,9 @@ def momentum_sgd(
     """
     _check_form(form)
     _check_momentum(momentum)
-    threshold = None if correction_threshold is None else _concrete_float(correction_threshold)
-    if isinstance(correction_threshold, bool) or (threshold is not None and not threshold >= 1):
-        raise ValueError(
-            f"correction_threshold must be None or a number >= 1, got {correction_threshold!r}")
+    if correction_threshold is not None:
+        checks.real("correction_threshold (or None)", correction_threshold, low=1,
+                    traced_ok=True)
 
     def init_fn(params):
         return MomentumState(
@@ -259,11 +257,7 @@ def goyal_sgd(
     """
     _check_form(form)
     _check_momentum(momentum)
-    wd = _concrete_float(weight_decay)
-    if isinstance(weight_decay, bool) or (
-        wd is not None and not (math.isfinite(wd) and wd >= 0)
-    ):
-        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    checks.real("weight_decay", weight_decay, low=0, traced_ok=True)
     mask = default_weight_decay_mask if weight_decay_mask is None else weight_decay_mask
     return optax.chain(
         optax.add_decayed_weights(weight_decay, mask),

@@ -22,17 +22,17 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import optax
 
+import lsgd_jax.checks as checks
+
 WARMUP_KINDS = ("gradual", "constant", "none")
 SCHEDULE_KINDS = ("steps", "poly")  # goyal_schedule, poly_schedule
 
 
 def _check_positive(name: str, value, *, integer: bool = False) -> None:
-    bad_type = isinstance(value, bool) or not isinstance(value, (int, float))
-    if integer and not bad_type and not float(value).is_integer():
-        bad_type = True
-    if bad_type or not math.isfinite(value) or value <= 0:
-        kind = "positive integer" if integer else "positive finite number"
-        raise ValueError(f"{name} must be a {kind}, got {value!r}")
+    if integer and not (checks.is_real(value) and math.isfinite(value) and value > 0
+                        and float(value).is_integer()):  # 256.0 is kn = 256
+        raise ValueError(f"{name} must be {checks.describe_integer()}, got {value!r}")
+    checks.real(name, value, low=0, open_low=True)
 
 
 def scaled_learning_rate(
@@ -93,21 +93,10 @@ def _check_schedule_arguments(*, base_lr, batch_size, steps_per_epoch, reference
     _check_positive("reference_batch_size", reference_batch_size, integer=True)
     if warmup not in WARMUP_KINDS:
         raise ValueError(f"warmup must be one of {WARMUP_KINDS}, got {warmup!r}")
-    if (
-        isinstance(warmup_epochs, bool)
-        or not isinstance(warmup_epochs, (int, float))
-        or not math.isfinite(warmup_epochs)
-        or warmup_epochs < 0
-    ):
-        raise ValueError(
-            f"warmup_epochs must be a finite number >= 0, got {warmup_epochs!r}"
-        )
+    checks.real("warmup_epochs", warmup_epochs, low=0)
     decay_epochs = tuple(decay_epochs)
     for e in decay_epochs:
-        if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) or e < 0:
-            raise ValueError(
-                f"decay_epochs must hold finite numbers >= 0, got {decay_epochs!r}"
-            )
+        checks.real(f"each of decay_epochs {decay_epochs!r}", e, low=0)
     if list(decay_epochs) != sorted(decay_epochs):
         raise ValueError(
             f"decay_epochs must be in increasing order, got {decay_epochs!r}"
@@ -265,10 +254,7 @@ def poly_schedule(
     _check_positive("epochs", epochs)
     _check_positive("power", power)
     peak = scaled_learning_rate(base_lr, batch_size, reference_batch_size)
-    if (isinstance(end_lr, bool) or not isinstance(end_lr, (int, float))
-            or not math.isfinite(end_lr) or not 0 <= end_lr <= peak):
-        raise ValueError(f"end_lr must be a number in [0, {peak:g}] (0 to the peak rate kη), "
-                         f"got {end_lr!r}")
+    checks.real("end_lr (0 to the peak rate kη)", end_lr, low=0, high=peak)
     if warmup_steps(batch_size=batch_size, steps_per_epoch=steps_per_epoch,
                     reference_batch_size=reference_batch_size, warmup_epochs=warmup_epochs,
                     warmup=warmup) == 0:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import lsgd_jax.checks as checks
 from lsgd_jax.data.source import SOURCE_NAMES
 from lsgd_jax.models import DTYPES, MODEL_NAMES
 from lsgd_jax.models.grouped_bn import BN_IMPLS, DEFAULT_SPLIT_ROWS
@@ -92,8 +93,7 @@ class Range:
                 + _number_text(self.high) + (")" if self.open_high else "]"))
 
     def contains(self, value: Any) -> bool:
-        kinds = int if self.integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kinds):
+        if not (checks.is_integer(value) if self.integer else checks.is_real(value)):
             return False
         # The bounds are finite, so inf is outside; nan fails every comparison.
         return ((value > self.low if self.open_low else value >= self.low)

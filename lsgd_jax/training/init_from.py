@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lsgd_jax.training.model_file import ModelFileError, check_tree, load_model
 from lsgd_jax.parallel.agreement import from_process_0
+from lsgd_jax.training.model_file import ModelFileError, check_tree, load_model
 
 CLASSIFIER = "fc"  # the last layer of every lsgd_jax ResNet
 

@@ -18,6 +18,8 @@ import sys
 import time
 from typing import Any, Callable, Iterable
 
+import lsgd_jax.checks as checks
+
 
 def _plain(value: Any) -> Any:
     """JSON-friendly scalars (numpy and jax scalars become Python numbers)."""
@@ -71,7 +73,7 @@ class MetricsWriter:
             f.write(json.dumps(record) + "\n")
         if self._tb is not None and kind in ("train", "eval"):
             for name, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if checks.is_real(value):
                     self._tb.add_scalar(f"{kind}/{name}", value, int(step))
 
     def flush(self) -> None:

@@ -53,8 +53,8 @@ def export_model(run, out: str) -> dict:
     from flax import serialization
 
     from lsgd_jax._version import __version__
-    from lsgd_jax.training.metrics import eval_history, read_metrics
     from lsgd_jax.parallel.agreement import from_process_0
+    from lsgd_jax.training.metrics import eval_history, read_metrics
 
     host = jax.tree.map(lambda x: np.asarray(jax.device_get(
         x.addressable_data(0) if isinstance(x, jax.Array) else x)),

@@ -18,7 +18,7 @@ import dataclasses
 import math
 from typing import Any
 
-from lsgd_jax.engine.layout import BatchLayout
+from lsgd_jax.engine.layout import BatchLayout, validate_batch_layout
 from lsgd_jax.rules.schedules import scaled_learning_rate, warmup_steps
 from lsgd_jax.training.config import MAX_STEPS, TrainConfig, evaluation_steps
 from lsgd_jax.training.metrics import plural
@@ -81,25 +81,11 @@ def make_plan(config: TrainConfig, *, num_train_examples: int, num_devices: int,
     Raises:
       ValueError: naming the flag to change and what would be valid.
     """
-    kn, n, K = config.batch_size, config.bn_group_size, config.grad_accum_steps
-    split = num_devices * K
-    if kn % split:
-        raise ValueError(
-            f"--batch-size {kn} does not split over {plural(num_devices, 'device')} × "
-            f"--grad-accum-steps "
-            f"{K}; use a multiple of {split * n} ({split} × --bn-group-size {n})")
-    micro = kn // split
-    if micro % n:
-        raise ValueError(
-            f"--bn-group-size {n} does not divide the microbatch of {micro} images per device "
-            f"(--batch-size {kn} / {plural(num_devices, 'device')} / --grad-accum-steps {K}); "
-            "use a "
-            f"--bn-group-size that divides {micro}, or a --batch-size that is a multiple of "
-            f"{split * n}")
-    if kn % num_processes:
-        raise ValueError(f"--batch-size {kn} does not split over the "
-                         f"{plural(num_processes, 'process')}; use a multiple of "
-                         f"{num_processes * n}")
+    layout = validate_batch_layout(
+        global_batch_size=config.batch_size, num_devices=num_devices,
+        grad_accum_steps=config.grad_accum_steps, bn_group_size=config.bn_group_size,
+        num_processes=num_processes, flags=True)
+    kn, n, K = layout.global_batch_size, layout.bn_group_size, layout.grad_accum_steps
     eval_batch = config.eval_batch_size or kn
     if eval_batch % num_devices or eval_batch % num_processes:
         raise ValueError(
@@ -121,7 +107,7 @@ def make_plan(config: TrainConfig, *, num_train_examples: int, num_devices: int,
     return Plan(
         global_batch_size=kn, bn_group_size=n, num_bn_workers=kn // n, grad_accum_steps=K,
         num_devices=num_devices, num_processes=num_processes, per_device_batch=kn // num_devices,
-        per_process_batch=kn // num_processes, microbatch=micro,
+        per_process_batch=kn // num_processes, microbatch=layout.microbatch,
         num_train_examples=num_train_examples, examples_left_out_per_epoch=num_train_examples % kn,
         steps_per_epoch=spe, planned_steps=planned, total_steps=total,
         warmup_steps=warm, decay_steps=decays,

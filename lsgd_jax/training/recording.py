@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
+from lsgd_jax.parallel.agreement import from_process_0
 from lsgd_jax.training.checkpoint import CheckpointSaveError, state_sha256
 from lsgd_jax.training.metrics import MetricsWriter, format_duration
-from lsgd_jax.parallel.agreement import from_process_0
 
 if TYPE_CHECKING:
     from lsgd_jax.training.run import Run

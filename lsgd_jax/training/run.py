@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from lsgd_jax.parallel.agreement import from_process_0
 from lsgd_jax.training.checkpoint import Checkpoints
 from lsgd_jax.training.config import TrainConfig
 from lsgd_jax.training.library_logs import LibraryLog
 from lsgd_jax.training.plan import Plan
-from lsgd_jax.parallel.agreement import from_process_0
 from lsgd_jax.training.workdir import WorkdirLock
 
 
