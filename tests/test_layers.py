@@ -3,7 +3,7 @@ layer and the package root import no jax, and the public API stays what it was.
 
 The order, lowest first (README, "Architecture"; ``lsgd_jax/__init__.py``):
 
-    checks | _version  <  data  <  rules | models | collectives | parallel  <  engine  <  training
+    checks | host | _version  <  data  <  rules | models | collectives | parallel  <  engine  <  training
           <  artifacts  <  cli  <  bench | study
 
 A module may import modules of its own subpackage and of lower layers; subpackages of
@@ -23,7 +23,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "lsgd_jax"
 LAYERS = [
-    {"checks", "_version"},
+    {"checks", "host", "_version"},
     {"data"},
     {"rules", "models", "collectives", "parallel"},
     {"engine"},
@@ -138,7 +138,7 @@ def test_each_subpackage_says_its_role_in_one_line():
     for group in sorted(RANK):
         init = PACKAGE / group / "__init__.py"
         if not init.exists():
-            continue  # a module, not a package (checks, _version)
+            continue  # a module, not a package (checks, host, _version)
         doc = ast.get_docstring(ast.parse(init.read_text())) or ""
         assert doc and len(doc.splitlines()[0]) <= 100, f"{init}: no one-line role"
 

@@ -59,6 +59,9 @@ class FakeSource:
     def note_bad(self, i, name, error, shard=None):
         self.bad.append((i, name, error, shard))
 
+    def report_bad_to(self, report):
+        self.note_bad = report
+
     def close(self):
         pass
 

@@ -30,6 +30,7 @@ import concurrent.futures
 import logging
 import os
 import threading
+from typing import Callable
 
 import numpy as np
 
@@ -410,6 +411,12 @@ class ImageNetSource:
                 + " or raise --max-bad-fraction")
 
     _on_bad = note_bad
+
+    def report_bad_to(self, report: Callable[[int, str, str, str | None], None]) -> None:
+        """Send each bad example found from now on to ``report(i, name, error, shard)``
+        instead of :meth:`note_bad` (a decoding worker passes its finds to the training
+        process, whose source counts them against ``max_bad_fraction``)."""
+        self._on_bad = report
 
     def _replacement(self, i: int, u):
         """The next decodable example after ``i``: (image, label)."""

@@ -38,8 +38,10 @@ every example once over all processes, the same masks) through the same ring, wo
 failure reports and shutdown, with the eval transform, for one pass.
 
 A source supports workers when it has ``worker_opener()`` (returning a callable and
-its kwargs that open the same split in a worker), ``decode_into(...)`` and
-``note_bad(i, name, error, shard)`` (see ``imagenet.ImageNetSource``).
+its kwargs that open the same split in a worker), ``decode_into(...)``,
+``report_bad_to(report)`` (a worker's copy sends its bad examples to ``report``) and
+``note_bad(i, name, error, shard)`` (the training process's copy counts them; see
+``imagenet.ImageNetSource``).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ import lsgd_jax.checks as checks
 from lsgd_jax.data.pipeline import TrainIterator, num_eval_batches
 from lsgd_jax.data.sampler import Position, eval_indices
 from lsgd_jax.data.source import BadDataError
+from lsgd_jax.host import pid_alive
 
 
 class DecodeWorkerError(RuntimeError):
@@ -186,16 +189,6 @@ def _create_ring(layout: _Layout) -> shared_memory.SharedMemory:
     return shm
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 def _die_with_parent(trainer_pid: int):
     """Dies with the fork server (which exits when the training process does) and returns
     a check that the training process and the server still run."""
@@ -204,9 +197,9 @@ def _die_with_parent(trainer_pid: int):
     except (OSError, AttributeError):
         pass
     server = os.getppid()
-    if not _alive(trainer_pid):
+    if not pid_alive(trainer_pid):
         os._exit(1)
-    return lambda: os.getppid() == server and _alive(trainer_pid)
+    return lambda: os.getppid() == server and pid_alive(trainer_pid)
 
 
 def _context():
@@ -227,7 +220,7 @@ def _worker_main(index, opener, options, shm_name, layout, conn, trainer_pid) ->
         return
     found: list = []
     images = labels = None
-    source._on_bad = lambda i, name, error, shard=None: found.append((i, name, error, shard))
+    source.report_bad_to(lambda i, name, error, shard=None: found.append((i, name, error, shard)))
 
     def serial_map(fn, *iterables):
         for args in zip(*iterables):

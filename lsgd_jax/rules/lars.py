@@ -35,8 +35,7 @@ import optax
 import lsgd_jax.checks as checks
 from lsgd_jax.rules.optim import (
     ScalarOrSchedule,
-    _check_form,
-    _check_momentum,
+    check_momentum,
     default_weight_decay_mask,
     momentum_sgd,
 )
@@ -148,8 +147,7 @@ def lars(
       You, Gitman and Ginsburg 2017, "Large Batch Training of Convolutional Networks",
       eqs. for the local learning rate; Goyal et al. 2017, eqs. (9), (10), Remark 1.
     """
-    _check_form(form)
-    _check_momentum(momentum)
+    check_momentum(momentum, form)
     return optax.chain(
         scale_by_lars(weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps,
                       mask=weight_decay_mask),

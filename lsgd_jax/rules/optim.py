@@ -61,13 +61,12 @@ def _concrete_float(x) -> float | None:
         return None
 
 
-def _check_momentum(momentum) -> None:
-    checks.real("momentum", momentum, low=0, high=1, open_high=True, traced_ok=True)
-
-
-def _check_form(form) -> None:
+def check_momentum(momentum, form: str) -> None:
+    """The momentum μ in [0, 1) (or traced) and its form, eq. (9) or (10): the check of
+    every optimizer built on :func:`momentum_sgd` (``goyal_sgd``, ``lars``)."""
     if form not in MOMENTUM_FORMS:
         raise ValueError(f"form must be one of {MOMENTUM_FORMS}, got {form!r}")
+    checks.real("momentum", momentum, low=0, high=1, open_high=True, traced_ok=True)
 
 
 def momentum_sgd(
@@ -119,8 +118,7 @@ def momentum_sgd(
     References:
       Goyal et al. 2017, section 2.3, eqs. (9) and (10), Remark 2.
     """
-    _check_form(form)
-    _check_momentum(momentum)
+    check_momentum(momentum, form)
     if correction_threshold is not None:
         checks.real("correction_threshold (or None)", correction_threshold, low=1,
                     traced_ok=True)
@@ -255,8 +253,7 @@ def goyal_sgd(
     References:
       Goyal et al. 2017, sections 2.1 (Remark 1), 2.3 and 5.1.
     """
-    _check_form(form)
-    _check_momentum(momentum)
+    check_momentum(momentum, form)
     checks.real("weight_decay", weight_decay, low=0, traced_ok=True)
     mask = default_weight_decay_mask if weight_decay_mask is None else weight_decay_mask
     return optax.chain(

@@ -14,6 +14,7 @@ with progress but no usable checkpoint is never silently restarted
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import os
 import time
@@ -218,6 +219,31 @@ def _compare(what: str, values: list[dict]) -> None:
                 "is fine); nothing was written")
 
 
+class Start(enum.Enum):
+    """What a run does when no checkpoint can be resumed (``_start_without_checkpoint``)."""
+
+    FRESH = "fresh"          # nothing was saved: start from step 0
+    RESTART = "restart"      # an earlier attempt saved nothing (or --restart-from-scratch)
+    FINISHED = "finished"    # the run had finished: its result stands
+    REFUSE = "refuse"        # progress was saved and would be lost: stop, change nothing
+
+
+@dataclasses.dataclass(frozen=True)
+class StartVerdict:
+    """Process 0's reading of the workdir, shared with every process."""
+
+    start: Start
+    why: str = ""                 # RESTART's reason, REFUSE's error
+    result: dict | None = None    # FINISHED's result record
+
+    def to_json(self) -> dict:
+        return {"start": self.start.value, "why": self.why, "result": self.result}
+
+    @classmethod
+    def from_json(cls, value: dict) -> StartVerdict:
+        return cls(Start(value["start"]), value["why"], value["result"])
+
+
 def _start_without_checkpoint(run: Run, had_steps: bool, restart_from_scratch: bool) -> None:
     """No checkpoint can be resumed: start from scratch only when that loses nothing.
 
@@ -228,47 +254,53 @@ def _start_without_checkpoint(run: Run, had_steps: bool, restart_from_scratch: b
     Process 0 reads the files; every process acts on its verdict.
     """
     directory = run.ckpts.directory
-    verdict = ""
+    verdict = StartVerdict(Start.FRESH)
     if jax.process_index() == 0:
-        records = current_records(run.workdir)
-        corrupt = list_corrupt(directory)
-        result = [r for r in records if r.get("kind") == "result"]
-        saved = had_steps or corrupt or result or any(
-            r.get("kind") == "checkpoint" for r in records)
-        if result and int(result[-1]["step"]) >= run.plan.total_steps and not (
-                restart_from_scratch):
-            verdict = "finished:" + json.dumps(result[-1])
-        elif saved and not restart_from_scratch:
-            last = max((int(r["step"]) for r in records if r.get("kind") == "checkpoint"),
-                       default=None)
-            verdict = "refuse:" + (
-                f"no checkpoint in {directory} can be resumed, but this workdir holds a run's "
-                "progress (" + (f"checkpoints up to step {last} were recorded" if last else
-                                "it had checkpoints")
-                + (f"; damaged ones were moved to {', '.join(corrupt)} in {directory}"
-                   if corrupt else "")
-                + "). Nothing was deleted. To train again from step 0 in this workdir, "
-                "keeping the old records, add --restart-from-scratch; or give a new "
-                "--workdir")
-        elif records:
-            last = max((int(r["step"]) for r in records), default=0)
-            verdict = "restart:" + (
-                "restarted with --restart-from-scratch" if restart_from_scratch else
-                f"the earlier attempt stopped at step {last} before saving any checkpoint")
-    verdict = from_process_0(verdict)
-    kind, _, text = verdict.partition(":")
-    if kind == "finished":
-        run.finished = json.loads(text)
-        return
-    if kind == "refuse":
+        verdict = _read_workdir(run, had_steps, restart_from_scratch)
+    verdict = StartVerdict.from_json(from_process_0(verdict.to_json(), "start_verdict"))
+    if verdict.start is Start.FINISHED:
+        run.finished = verdict.result
+    elif verdict.start is Start.REFUSE:
         run.ckpts.close()
-        raise NoUsableCheckpointError(text)
-    if kind == "restart":
-        run.restart = text
-        run.log(f"no checkpoint in {directory}: {text}; starting from scratch (the earlier "
-                "records are kept in metrics.jsonl)")
+        raise NoUsableCheckpointError(verdict.why)
+    elif verdict.start is Start.RESTART:
+        run.restart = verdict.why
+        run.log(f"no checkpoint in {directory}: {verdict.why}; starting from scratch (the "
+                "earlier records are kept in metrics.jsonl)")
     else:
         run.log(f"no checkpoint in {directory}: starting from scratch")
+
+
+def _read_workdir(run: Run, had_steps: bool, restart_from_scratch: bool) -> StartVerdict:
+    """Process 0's verdict on a workdir without a checkpoint to resume."""
+    directory = run.ckpts.directory
+    records = current_records(run.workdir)
+    corrupt = list_corrupt(directory)
+    result = [r for r in records if r.get("kind") == "result"]
+    saved = had_steps or corrupt or result or any(
+        r.get("kind") == "checkpoint" for r in records)
+    if restart_from_scratch:
+        return StartVerdict(Start.RESTART, "restarted with --restart-from-scratch") if (
+            records) else StartVerdict(Start.FRESH)
+    if result and int(result[-1]["step"]) >= run.plan.total_steps:
+        return StartVerdict(Start.FINISHED, result=result[-1])
+    if saved:
+        last = max((int(r["step"]) for r in records if r.get("kind") == "checkpoint"),
+                   default=None)
+        return StartVerdict(Start.REFUSE, (
+            f"no checkpoint in {directory} can be resumed, but this workdir holds a run's "
+            "progress (" + (f"checkpoints up to step {last} were recorded" if last else
+                            "it had checkpoints")
+            + (f"; damaged ones were moved to {', '.join(corrupt)} in {directory}"
+               if corrupt else "")
+            + "). Nothing was deleted. To train again from step 0 in this workdir, "
+            "keeping the old records, add --restart-from-scratch; or give a new "
+            "--workdir"))
+    if records:
+        last = max((int(r["step"]) for r in records), default=0)
+        return StartVerdict(Start.RESTART, f"the earlier attempt stopped at step {last} "
+                                           "before saving any checkpoint")
+    return StartVerdict(Start.FRESH)
 
 
 def _train_and_evaluate(config: TrainConfig, workdir: str, log: Callable[[str], None],

@@ -31,6 +31,8 @@ import threading
 import time
 import uuid
 
+from lsgd_jax.host import pid_alive, process_start_time
+
 LOCK_NAME = ".lock"
 HEARTBEAT_S = 30.0
 STALE_S = 300.0
@@ -47,30 +49,6 @@ class WorkdirError(ValueError):
 
 class LockLostError(WorkdirError):
     """Another run took the workdir's lock over from this one: stop, write nothing more."""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def process_start_time(pid: int) -> float | None:
-    """When process ``pid`` started (seconds since the epoch, to about a second), from
-    /proc; None where /proc is not there or the process is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            # The command name (field 2) may hold spaces: count fields after its ')'.
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
-    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _describe(holder: dict) -> str:
@@ -148,7 +126,7 @@ class WorkdirLock:
                 if holder.get("token") in _HELD_HERE:
                     return ""
                 return "it names this very process (left by an earlier run whose pid it got)"
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 return "its process is gone"
             started = process_start_time(pid)
             saved = holder.get("process_started")
