@@ -18,7 +18,7 @@ HAVE_FMNIST = os.path.exists(os.path.join(ss.FMNIST_DIR, "train-labels-idx1-ubyt
 def _config(run):
     from lsgd_jax.cli.train import build_parser, config_from_args
 
-    return config_from_args(build_parser().parse_args(ss.command(run)[1:]))
+    return config_from_args(build_parser().parse_args(ss.train_flags(run)))
 
 
 def _plan(run, scale):

@@ -26,6 +26,7 @@ from lsgd_jax.study.definitions import (
     order,
     store_large_kn,
     stored_large_kn,
+    train_flags,
     unique_runs,
     write_subset,
 )
@@ -59,5 +60,5 @@ __all__ = [
     "command", "define_studies", "execute", "finish", "git_commit", "keep_record", "main",
     "mark_diverged", "metrics_dir", "order",
     "run_error", "run_seconds", "start", "status", "store_large_kn", "stored_large_kn",
-    "study_table", "unique_runs", "update_readme", "write_reports", "write_subset",
+    "study_table", "train_flags", "unique_runs", "update_readme", "write_reports", "write_subset",
 ]

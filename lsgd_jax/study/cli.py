@@ -18,7 +18,7 @@ Studies (Goyal et al. 2017): 1. linear scaling with gradual warmup across kn
 η·√k, η·k × ½, 1, 2 (table 2a); 4. zero-γ against γ = 1 (table 2b); 5. eq. (10)
 with and without the momentum correction against eq. (9) (section 2.2).
 
-Every run is one ``experiments/imagenet_resnet50.py`` command (``--list`` prints
+Every run is one ``python -m lsgd_jax train`` command (``--list`` prints
 them), run as its own process in its own workdir under ``--out``. A finished run's
 ``metrics.jsonl`` and ``config.json`` are copied into the results folder
 (``<results>/runs/<name>/``), which is what counts as done: a fresh clone with the
@@ -41,7 +41,6 @@ from lsgd_jax.cli.train import HelpFormatter
 from lsgd_jax.study.definitions import (
     FMNIST_DIR,
     MODES,
-    ROOT,
     STUDY_KEYS,
     Paths,
     Run,
@@ -126,7 +125,7 @@ def _settings(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Sca
     suffix = "" if mode == "cpu" else f"_{mode}"
     out = args.out or f"runs/small_scale{suffix}"
     results = args.results or (os.path.join(out, "results") if mode == "quick"
-                               else os.path.join(ROOT, "experiments", "results",
+                               else os.path.join("experiments", "results",
                                                  f"small_scale{suffix}"))
     if args.large_kn is not None and args.large_kn not in scale.kn_sweep:
         p.error(f"--large-kn must be one of the sweep's kn {scale.kn_sweep}, got {args.large_kn}")

@@ -16,8 +16,8 @@ import math
 import os
 
 # The repository (the trainer script and the default results folder are in it).
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRAINER = os.path.join("experiments", "imagenet_resnet50.py")
+# Every run is the package's own train command, wherever the package is installed.
+TRAINER = ("-m", "lsgd_jax", "train")
 PAPER_EPOCHS = 90
 PAPER_WARMUP_EPOCHS = 5
 PAPER_DECAY_EPOCHS = (30, 60, 80)
@@ -262,7 +262,13 @@ def unique_runs(studies: list[Study]) -> list[Run]:
 
 
 def command(run: Run) -> list[str]:
-    return [TRAINER] + [x for kv in run.flags for x in kv]
+    """The run's command after ``python``: the train command and the run's flags."""
+    return [*TRAINER, *train_flags(run)]
+
+
+def train_flags(run: Run) -> list[str]:
+    """The run's flags of ``lsgd-jax train``, as typed."""
+    return [x for kv in run.flags for x in kv]
 
 
 

@@ -11,7 +11,6 @@ import time
 
 from lsgd_jax.study.definitions import (
     DIVERGED,
-    ROOT,
     TRAINER,
     Paths,
     Run,
@@ -54,7 +53,6 @@ def start(run: Run, scale: Scale, log: str | None = None) -> subprocess.Popen:
     """Start training (or resuming) one run as its own process."""
     os.makedirs(run.workdir, exist_ok=True)
     env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     # Runs of one kn and schedule (the seeds) share their compiled programs.
     env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(run.workdir),
                                                              "jax_cache"))
@@ -62,7 +60,7 @@ def start(run: Run, scale: Scale, log: str | None = None) -> subprocess.Popen:
         env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU's memory
     out = open(log, "a") if log else None
     try:
-        return subprocess.Popen([sys.executable] + command(run), cwd=ROOT, env=env,
+        return subprocess.Popen([sys.executable, *command(run)], env=env,
                                 stdout=out, stderr=subprocess.STDOUT if out else None)
     finally:
         if out:
