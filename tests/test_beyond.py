@@ -4,7 +4,10 @@ import dataclasses
 import json
 
 import pytest
-from test_small_scale import _config, _fake_metrics, _paths, _plan
+from helpers import fake_metrics as _fake_metrics
+from helpers import study_config as _config
+from helpers import study_paths as _paths
+from helpers import study_plan as _plan
 
 import lsgd_jax.study as ss
 from lsgd_jax.study import beyond, runner

@@ -8,10 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import free_port, run_together
+from helpers import free_port, run_together, subprocess_env
 from tiny_images import CLASSES, write_folder
-
-from lsgd_jax.parallel.distributed import cpu_device_env
 
 REPO = Path(__file__).parent.parent
 ENTRY = REPO / "experiments" / "imagenet_resnet50.py"
@@ -21,12 +19,6 @@ FLAGS = ["--data", "folder", "--model", "resnet8", "--image-size", "16", "--batc
          "--max-bad-fraction", "0.1", "--decode-workers", "0", "--decode-threads", "1"]
 
 
-def _env(devices):
-    env = cpu_device_env(devices)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    return env
-
-
 def _two_processes(tmp_path, data_dir, timeout=300):
     port = free_port()
     commands = [[sys.executable, str(ENTRY), "--workdir", str(tmp_path / "run"), *FLAGS,
@@ -34,7 +26,7 @@ def _two_processes(tmp_path, data_dir, timeout=300):
                  "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
                  "--process-id", str(i), "--heartbeat-timeout", "30",
                  "--shutdown-timeout", "10"] for i in range(2)]
-    return run_together(commands, [_env(1)] * 2, tmp_path, timeout=timeout)
+    return run_together(commands, [subprocess_env(1)] * 2, tmp_path, timeout=timeout)
 
 
 @pytest.mark.slow
@@ -72,7 +64,7 @@ def test_a_resume_on_changed_files_is_refused_and_a_moved_copy_resumes(tmp_path)
         return subprocess.run([sys.executable, str(ENTRY), "--workdir", str(workdir), *FLAGS,
                                "--data-dir", str(data_dir), "--num-steps", str(steps),
                                "--cpu-devices", "2", "--checkpoint-every-steps", "2"],
-                              env=_env(2), capture_output=True, text=True, timeout=300)
+                              env=subprocess_env(2), capture_output=True, text=True, timeout=300)
 
     first = train(data, 2)
     assert first.returncode == 0, first.stderr[-3000:]

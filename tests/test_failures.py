@@ -12,9 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import free_port, run_together
-
-from lsgd_jax.parallel.distributed import cpu_device_env
+from helpers import TESTS, free_port, run_together, subprocess_env
 
 HERE = Path(__file__).parent
 REPO = HERE.parent
@@ -23,10 +21,7 @@ ABORTS = ("Terminating process", "EnforceNotMet", "Check failure stack trace")
 
 
 def _env(devices: int = 1) -> dict:
-    env = cpu_device_env(devices)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(HERE), env.get("PYTHONPATH", "")])
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    return env
+    return subprocess_env(devices, TESTS)
 
 
 def test_a_single_process_publishes_nothing():

@@ -11,12 +11,10 @@ import types
 
 import numpy as np
 import pytest
-from helpers import env_without
+from helpers import ROOT, env_without
 
 from lsgd_jax.training.config import TrainConfig
 from lsgd_jax.training.metrics import MetricsWriter
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _python(env, *args, timeout=120):

@@ -7,18 +7,17 @@ ALLOWED). Parsing and checking run in-process; a few cases run the real commands
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 
 import pytest
+from helpers import ROOT, subprocess_env
 
 from lsgd_jax.cli.main import curves_parser, evaluate_parser, export_parser, predict_parser
 from lsgd_jax.cli.train import _bool, build_parser, parse_flags, train_flags
 from lsgd_jax.training.config import FREE_FIELDS, TrainConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VALUES = ("nan", "inf", "-1", "0", "1e30", "abc")
 # The fuzzed values that are valid, per flag; every other one must be refused.
 ALLOWED = {
@@ -236,7 +235,7 @@ def test_the_plan_keeps_every_length_within_the_step_counter():
 
 # ---------------------------------------------------------------- real commands
 def _command(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = subprocess_env(None)
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
                           timeout=120, cwd=ROOT)
 

@@ -12,9 +12,7 @@ import re
 import sys
 
 import pytest
-from helpers import in_small_dev_shm, run_bounded
-
-from lsgd_jax.parallel.distributed import cpu_device_env
+from helpers import ROOT, in_small_dev_shm, run_bounded, subprocess_env
 
 pytest.importorskip("tensorflow_datasets")
 from tiny_imagenet import (  # noqa: E402
@@ -28,7 +26,6 @@ from tiny_imagenet import (  # noqa: E402
 )
 
 pytestmark = pytest.mark.slow
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--data", "imagenet", "--tfds-name", BUILDER, "--model", "resnet8", "--image-size",
          "16", "--batch-size", "8", "--bn-group-size", "4", "--eval-batch-size", "8",
          "--dtype", "float32", "--epochs", "1", "--warmup-epochs", "0", "--decay-epochs=",
@@ -40,16 +37,10 @@ def data_dir(tmp_path_factory):
     return build(tmp_path_factory.mktemp("tfds"))
 
 
-def _env(devices=1):
-    env = cpu_device_env(devices)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def train(workdir, data_dir, *flags, prefix=(), timeout=300):
     command = [*prefix, sys.executable, "-m", "lsgd_jax", "train", "--workdir", str(workdir),
                "--data-dir", data_dir, *FLAGS, "--cpu-devices", "1", *flags]
-    return run_bounded(command, timeout=timeout, env=_env(), cwd=ROOT)
+    return run_bounded(command, timeout=timeout, env=subprocess_env(), cwd=ROOT)
 
 
 def error_lines(done) -> list[str]:
@@ -157,7 +148,7 @@ def test_two_processes_that_do_not_both_fit_in_dev_shm_fail_cleanly(data_dir, tm
     naming /dev/shm, instead of a worker dying of SIGBUS once the pages are touched; the
     other process ends with the same line instead of waiting for it."""
     launcher = ["bash", os.path.join(ROOT, "launch", "local.sh"), "2", "1"]
-    env = _env() | {"PYTHON": sys.executable}
+    env = subprocess_env() | {"PYTHON": sys.executable}
     command = [*in_small_dev_shm("80k"), *launcher, "--workdir", str(tmp_path / "run"),
                "--data-dir", data_dir, *FLAGS, *SHM_FLAGS]
     done = run_bounded(command, timeout=300, env=env, cwd=ROOT)

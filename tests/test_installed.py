@@ -14,13 +14,9 @@ import sysconfig
 
 import numpy as np
 import pytest
+from helpers import ROOT, TINY, as_flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_FLAGS = ["--data", "synthetic", "--model", "resnet8", "--image-size", "32",
-              "--batch-size", "32", "--bn-group-size", "4", "--synthetic-examples", "128",
-              "--synthetic-eval-examples", "40", "--eval-batch-size", "16", "--dtype", "float32",
-              "--epochs", "1", "--warmup-epochs", "0", "--num-classes", "10",
-              "--median-evals", "1"]
+TINY_FLAGS = as_flags(TINY | dict(epochs=1, warmup_epochs=0, median_evals=1))
 
 
 def _run(command, cwd, env, timeout=240):

@@ -5,13 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import max_rel_diff
-
-# The schedule, parameters and gradients of the SGD tests, so the two compare alike.
-from test_optim import SCHEDULE, STEPS, _params  # noqa: E402
-from test_optim import _grads as _random_grads  # noqa: E402
+from helpers import OPT_STEPS as STEPS
+from helpers import max_rel_diff, opt_schedule
+from helpers import opt_grads as _random_grads
+from helpers import opt_params as _params
 
 from lsgd_jax import default_weight_decay_mask, goyal_sgd, lars, scale_by_lars
+
+# The schedule, parameters and gradients of the SGD tests, so the two compare alike.
+SCHEDULE = opt_schedule()
 
 
 def _parallel_grads(step, params):

@@ -18,9 +18,10 @@ import pathlib
 import subprocess
 import sys
 
+import helpers
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(helpers.ROOT)
 PACKAGE = ROOT / "lsgd_jax"
 LAYERS = [
     {"checks", "host", "_version"},

@@ -1,7 +1,5 @@
 """A real 2-process run (2 × 2 CPU devices, Gloo) equals 1 process × 4 devices."""
 
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -9,29 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from lsgd_jax.parallel.distributed import cpu_device_env
+from helpers import free_port, subprocess_env
 
 WORKER = Path(__file__).with_name("multiprocess_worker.py")
 REPO = WORKER.parent.parent
 TIMEOUT_S = 180
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(devices: int) -> dict:
-    env = cpu_device_env(devices)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    return env
-
-
 @pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path):
-    coordinator = f"127.0.0.1:{_free_port()}"
+    coordinator = f"127.0.0.1:{free_port()}"
     runs = [  # (args, devices per process, log name)
         (["--num-processes", "1", "--process-id", "0", "--out", str(tmp_path / "one.npz")], 4,
          "one"),
@@ -45,7 +30,7 @@ def test_two_processes_equal_one_process(tmp_path):
         for args, devices, name in runs:
             log = open(tmp_path / f"{name}.log", "w")
             logs.append(log)
-            procs.append(subprocess.Popen([sys.executable, str(WORKER), *args], env=_env(devices),
+            procs.append(subprocess.Popen([sys.executable, str(WORKER), *args], env=subprocess_env(devices),
                                           stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
         deadline = time.monotonic() + TIMEOUT_S
         for p in procs:

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import compilations, max_rel_diff
+from helpers import OPT_STEPS, compilations, max_rel_diff, opt_grads, opt_params, opt_schedule
 from hypothesis import given, settings
 
 from lsgd_jax import (
@@ -18,24 +18,7 @@ from lsgd_jax import (
 )
 
 # Warmup for 5 epochs of 2 steps, then decays at epochs 8, 12, 14: steps 16, 24, 28.
-SCHEDULE = goyal_schedule(batch_size=8192, steps_per_epoch=2, decay_epochs=(8, 12, 14))
-STEPS = 34
-
-
-def _params(key):
-    k1, k2, k3 = jax.random.split(key, 3)
-    return {
-        "conv": {"kernel": jax.random.normal(k1, (3, 3, 2, 4))},
-        "bn": {"scale": jnp.ones((4,)), "bias": jnp.zeros((4,))},
-        "dense": {"kernel": jax.random.normal(k2, (4, 5)), "bias": jax.random.normal(k3, (5,))},
-    }
-
-
-def _grads(step, params):
-    key = jax.random.fold_in(jax.random.key(7), step)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    return treedef.unflatten([jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+SCHEDULE, STEPS, _params, _grads = opt_schedule(), OPT_STEPS, opt_params, opt_grads
 
 
 def _run(tx, params, steps=STEPS):

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+from helpers import free_port
 from jax.sharding import PartitionSpec as P
 
 from lsgd_jax.parallel.distributed import (
@@ -103,14 +104,6 @@ def test_cpu_device_env_replaces_an_earlier_device_count():
 
 # --- the coordinator, checked before jax.distributed (which aborts the process) ---
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("address", ["localhost", "localhost:", ":1234", "host:99999",
                                      "host:http"])
 def test_coordinator_address_must_be_host_port(address):
@@ -125,7 +118,7 @@ def test_process_0_needs_its_coordinator_port_free():
 
     from lsgd_jax.parallel.distributed import check_coordinator
 
-    port = _free_port()
+    port = free_port()
     check_coordinator(f"127.0.0.1:{port}", 0, 2, timeout=0.1)  # free: nothing to say
     with socket.socket() as held:
         held.bind(("127.0.0.1", port))
@@ -142,7 +135,7 @@ def test_other_processes_wait_for_the_coordinator_then_say_who_they_could_not_re
 
     from lsgd_jax.parallel.distributed import check_coordinator
 
-    port = _free_port()
+    port = free_port()
     t0 = time.monotonic()
     with pytest.raises(ValueError, match=f"process 1 of 2 could not reach the coordinator at "
                                          f"--coordinator-address 127.0.0.1:{port} within 0.6 s"):
@@ -174,7 +167,7 @@ def test_an_unreachable_coordinator_is_one_line_and_status_2(tmp_path, command):
 
     from lsgd_jax.parallel.distributed import cpu_device_env
 
-    port = _free_port()
+    port = free_port()
     flags = {"train": ["--data", "fashion_mnist", "--model", "resnet8"], "evaluate": []}
     env = cpu_device_env(1)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

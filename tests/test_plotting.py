@@ -6,11 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ROOT
 
 from lsgd_jax.artifacts.plotting import curves
 from lsgd_jax.training.metrics import paper_error
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _fake_run(path, errors, resumed_step=None):

@@ -6,15 +6,14 @@ import logging
 import sys
 import threading
 
+import helpers
 import pytest
 
 from lsgd_jax.training.config import TrainConfig
 from lsgd_jax.training.library_logs import NOISY_LOGGERS, diverted
 
-TINY = dict(data="synthetic", model="resnet8", image_size=32, batch_size=32, bn_group_size=4,
-            synthetic_examples=64, synthetic_eval_examples=16, eval_batch_size=16,
-            dtype="float32", epochs=1, warmup_epochs=0.5, decay_epochs=(), log_every_steps=1,
-            median_evals=1)
+TINY = helpers.TINY | dict(synthetic_examples=64, synthetic_eval_examples=16, epochs=1,
+                           warmup_epochs=0.5, decay_epochs=(), log_every_steps=1, median_evals=1)
 
 
 def _process_state():

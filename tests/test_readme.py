@@ -7,10 +7,9 @@ import jax
 import numpy as np
 import optax
 import pytest
+from helpers import ROOT
 
 import lsgd_jax
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _python_blocks() -> list[str]:

@@ -8,30 +8,31 @@ import subprocess
 import sys
 
 import pytest
-from test_train import (
-    TINY_FLAGS,
-    TOTAL_STEPS,
-    _complete_checkpoints,
-    _final_sha,
-    _run,
-    _start,
-    _wait_for,
+from helpers import (
+    ROOT,
+    TINY,
+    TINY_RUN,
+    TINY_RUN_STEPS,
+    as_flags,
+    complete_checkpoints,
+    final_sha,
+    run_trainer,
+    start_trainer,
+    subprocess_env,
+    wait_for_record,
 )
 
 from lsgd_jax.training.metrics import read_metrics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = os.path.join(ROOT, "experiments", "imagenet_resnet50.py")
 # ResNet-8 on 32-pixel synthetic images, kn = 32 on 4 fake devices, 4 steps per epoch.
-FLAGS = ["--data", "synthetic", "--model", "resnet8", "--image-size", "32", "--batch-size", "32",
-         "--bn-group-size", "4", "--synthetic-examples", "128", "--synthetic-eval-examples", "32",
-         "--eval-batch-size", "16", "--dtype", "float32", "--epochs", "2",
-         "--reference-batch-size", "8", "--base-lr", "0.05", "--warmup-epochs", "0.5",
-         "--log-every-steps", "1", "--cpu-devices", "4"]
+FLAGS = [*as_flags(TINY | dict(synthetic_eval_examples=32, epochs=2, reference_batch_size=8,
+                               base_lr=0.05, warmup_epochs=0.5, log_every_steps=1)),
+         "--cpu-devices", "4"]
 
 
 def test_a_lars_poly_smoothed_run_follows_its_schedule_and_names_its_recipe(tmp_path):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = subprocess_env(None)
     out = subprocess.run([sys.executable, ENTRY, *FLAGS, "--workdir", str(tmp_path),
                           "--optimizer", "lars", "--trust-coefficient", "0.02",
                           "--schedule", "poly", "--poly-power", "2", "--end-lr", "0.01",
@@ -66,23 +67,23 @@ def _losses(workdir):
 def test_a_lars_or_poly_run_killed_mid_run_resumes_bit_identical(tmp_path, recipe):
     """Resuming restores the run's own optimizer state (its momentum, its last rate) and
     schedule: the final state's SHA-256 and every logged loss equal an uninterrupted run's."""
-    flags = [*TINY_FLAGS, *RECIPES[recipe]]
+    flags = [*as_flags(TINY_RUN | dict(checkpoint_every_steps=2)), *RECIPES[recipe]]
     reference = str(tmp_path / "reference")
-    result = _run(["--workdir", reference, *flags])
+    result = run_trainer(["--workdir", reference, *flags])
     assert result.returncode == 0, result.stderr[-3000:]
     workdir = str(tmp_path / "killed")
-    proc = _start(["--workdir", workdir, *flags])
+    proc = start_trainer(["--workdir", workdir, *flags])
     try:  # past step 5, with a checkpoint to resume from (one every 2 steps)
-        _wait_for(workdir, proc, lambda r: r["kind"] == "train" and r["step"] >= 5
-                  and _complete_checkpoints(workdir))
+        wait_for_record(workdir, proc, lambda r: r["kind"] == "train" and r["step"] >= 5
+                  and complete_checkpoints(workdir))
     finally:
         proc.kill()  # SIGKILL
         proc.wait(timeout=30)
-    complete = _complete_checkpoints(workdir)
-    assert complete and complete[-1] < TOTAL_STEPS
-    result = _run(["--workdir", workdir, *flags])
+    complete = complete_checkpoints(workdir)
+    assert complete and complete[-1] < TINY_RUN_STEPS
+    result = run_trainer(["--workdir", workdir, *flags])
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming from {os.path.join(workdir, 'checkpoints', str(complete[-1]))}" in (
         result.stdout)
-    assert _final_sha(workdir) == _final_sha(reference)
-    assert _losses(workdir) == _losses(reference) and len(_losses(reference)) == TOTAL_STEPS
+    assert final_sha(workdir) == final_sha(reference)
+    assert _losses(workdir) == _losses(reference) and len(_losses(reference)) == TINY_RUN_STEPS

@@ -4,21 +4,29 @@ its workdir. Each case reproduces a way a run could lose its work with exit stat
 
 import errno
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
-from helpers import small_tmpfs
-from test_train import ENTRY, TINY, TINY_FLAGS, _env, _run, _wait_for
+from helpers import (
+    TINY_RUN,
+    TRAINER,
+    as_flags,
+    run_trainer,
+    small_tmpfs,
+    subprocess_env,
+    wait_for_record,
+    write_lock,
+)
 
 from lsgd_jax.training.config import FREE_FIELDS, RESUME_FIELDS, TrainConfig
 from lsgd_jax.training.metrics import current_records, eval_history, read_metrics
-from lsgd_jax.training.workdir import LOCK_NAME, LockLostError, WorkdirError, WorkdirLock
+from lsgd_jax.training.workdir import LOCK_NAME, LockLostError
+
+TINY, TINY_FLAGS = TINY_RUN, as_flags(TINY_RUN | dict(checkpoint_every_steps=2))
 
 # TINY with a checkpoint every 2 steps and a one-evaluation median (fast).
 BASE = TrainConfig(**TINY | dict(checkpoint_every_steps=2, median_evals=1))
@@ -108,28 +116,6 @@ def test_a_transient_read_error_is_retried_and_the_run_resumes(workdir, monkeypa
     assert any(m.startswith(f"resuming from {workdir / 'checkpoints'}/6 ") for m in messages)
     assert summary["step"] == 8
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["4", "6", "8"]
-
-
-def test_only_proven_damage_counts_as_damage():
-    from lsgd_jax.training.checkpoint import CorruptCheckpointError, proven_damage
-
-    def wrapped(inner):
-        try:
-            raise Exception("Encountered error while reading array index") from inner
-        except Exception as e:  # noqa: BLE001
-            return e
-
-    damaged = [CorruptCheckpointError(6, None, "SHA"), json.JSONDecodeError("x", "{", 0),
-               FileNotFoundError(errno.ENOENT, "No such file"),
-               wrapped(ValueError('OUT_OF_RANGE: Requested byte range [0, 40) is not valid')),
-               wrapped(ValueError("FAILED_PRECONDITION: Truncated Zstd-compressed stream")),
-               ValueError("DATA_LOSS: checksum mismatch")]
-    not_damaged = [OSError(errno.EIO, "Input/output error"), PermissionError(errno.EACCES, "x"),
-                   MemoryError(), wrapped(ValueError("UNKNOWN: Input/output error")),
-                   ValueError("RESOURCE_EXHAUSTED: out of memory"),
-                   wrapped(ValueError("PERMISSION_DENIED: x")), RuntimeError("anything else")]
-    assert [proven_damage(e) for e in damaged] == [True] * len(damaged)
-    assert [proven_damage(e) for e in not_damaged] == [False] * len(not_damaged)
 
 
 # ---------------------------------------------------------------- 2. no silent restart
@@ -251,7 +237,7 @@ def small_disk(tmp_path):
 @pytest.mark.slow
 def test_a_disk_that_fills_mid_save_is_one_line_and_no_false_record(small_disk):
     workdir = small_disk / "w"
-    result = _run(["--workdir", str(workdir), *TINY_FLAGS], timeout=240)
+    result = run_trainer(["--workdir", str(workdir), *TINY_FLAGS], timeout=240)
     assert result.returncode == 2, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
@@ -308,81 +294,11 @@ def test_epochs_are_part_of_a_poly_recipe(workdir):
 def test_a_changed_recipe_exits_2_and_keeps_config_json(workdir):
     before = _files(workdir)
     flags = [*TINY_FLAGS, "--median-evals", "1", "--num-steps", "8", "--bn-group-size", "2"]
-    result = _run(["--workdir", str(workdir), *flags], timeout=120)
+    result = run_trainer(["--workdir", str(workdir), *flags], timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "bn_group_size: checkpoint has 4, this run has 2" in result.stderr
     after = _files(workdir)
     assert {k: v for k, v in after.items() if k != "orbax.log"} == before
-
-
-# ---------------------------------------------------------------- 5. the lock
-def _write_lock(path, **holder):
-    path.write_text(json.dumps({"host": socket.gethostname(), "started": time.time()} | holder))
-
-
-def test_a_lock_naming_this_very_process_is_stale(tmp_path):
-    """A restarted container's entrypoint often gets the pid of the run that left the lock."""
-    _write_lock(tmp_path / LOCK_NAME, pid=os.getpid(), started=time.time() - 3600,
-                token="from-before-the-restart")
-    lock = WorkdirLock(str(tmp_path))
-    assert "names this very process" in lock.acquire()
-    lock.release()
-
-
-def test_a_lock_whose_pid_is_now_a_younger_process_is_stale(tmp_path):
-    younger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        time.sleep(0.5)
-        # Written by "pid N" an hour ago; pid N is now a process that started just now.
-        _write_lock(tmp_path / LOCK_NAME, pid=younger.pid, started=time.time() - 3600)
-        lock = WorkdirLock(str(tmp_path))
-        assert "is now a process started after the lock" in lock.acquire()
-        lock.release()
-        # With the holder's own start time recorded, any other start time is reuse.
-        _write_lock(tmp_path / LOCK_NAME, pid=younger.pid, process_started=time.time() - 3600)
-        lock = WorkdirLock(str(tmp_path))
-        assert "is now another process" in lock.acquire()
-        lock.release()
-        # A lock that this very process holds (its start time matches) is live.
-        from lsgd_jax.host import process_start_time
-
-        _write_lock(tmp_path / LOCK_NAME, pid=younger.pid,
-                    process_started=process_start_time(younger.pid))
-        with pytest.raises(WorkdirError, match=f"in use by another run .host [^,]+, pid "
-                                               f"{younger.pid},"):
-            WorkdirLock(str(tmp_path)).acquire()
-    finally:
-        younger.kill()
-        younger.wait()
-
-
-def test_an_unreadable_lock_is_stale_after_a_few_seconds(tmp_path):
-    (tmp_path / LOCK_NAME).write_text("")
-    with pytest.raises(WorkdirError, match="an unreadable lock file, last written 0 s ago"):
-        WorkdirLock(str(tmp_path)).acquire()
-    old = time.time() - 30
-    os.utime(tmp_path / LOCK_NAME, (old, old))
-    lock = WorkdirLock(str(tmp_path))
-    assert "unreadable" in lock.acquire()
-    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
-    lock.release()
-
-
-def test_a_lock_taken_over_is_noticed_and_never_kept_fresh(tmp_path):
-    lock = WorkdirLock(str(tmp_path), heartbeat_s=0.05)
-    lock.acquire()
-    try:
-        lock.check()  # still ours
-        old = time.time() - 1000
-        _write_lock(tmp_path / LOCK_NAME, host="elsewhere", pid=7, token="theirs")
-        os.utime(tmp_path / LOCK_NAME, (old, old))
-        time.sleep(0.3)
-        assert abs(os.stat(tmp_path / LOCK_NAME).st_mtime - old) < 1
-        with pytest.raises(LockLostError, match="now held by another run .host elsewhere, pid 7"):
-            lock.check()
-    finally:
-        lock.release()
-    assert (tmp_path / LOCK_NAME).exists()  # the new holder's lock is left alone
 
 
 # ---------------------------------------------------------------- 6. a torn last line
@@ -409,7 +325,7 @@ def test_a_run_that_lost_its_lock_stops_and_writes_nothing_more(tmp_path):
 
     def log(message):
         if message.startswith("step 3/"):  # another host takes the workdir over here
-            _write_lock(lock_path, host="elsewhere", pid=1, token="theirs")
+            write_lock(lock_path, host="elsewhere", pid=1, token="theirs")
 
     with pytest.raises(LockLostError, match="no longer holds the lock"):
         train_and_evaluate(BASE.replace(num_steps=8), str(tmp_path), log=log)
@@ -425,15 +341,16 @@ def test_a_run_that_lost_its_lock_stops_and_writes_nothing_more(tmp_path):
 @pytest.mark.slow
 def test_a_frozen_holder_that_wakes_after_a_takeover_exits_2_silently(tmp_path):
     workdir = str(tmp_path)
-    proc = subprocess.Popen([sys.executable, ENTRY, "--workdir", workdir, *TINY_FLAGS,
+    proc = subprocess.Popen([sys.executable, TRAINER, "--workdir", workdir, *TINY_FLAGS,
                              "--epochs", "50", "--cpu-devices", "8"],
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=subprocess_env(None), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(workdir, proc, lambda r: r["kind"] == "train" and r["step"] >= 3)
+        wait_for_record(workdir, proc, lambda r: r["kind"] == "train" and r["step"] >= 3)
         proc.send_signal(signal.SIGSTOP)
         time.sleep(0.5)
         records = len(read_metrics(workdir))
-        _write_lock(tmp_path / LOCK_NAME, host="elsewhere", pid=1, token="theirs")
+        write_lock(tmp_path / LOCK_NAME, host="elsewhere", pid=1, token="theirs")
         proc.send_signal(signal.SIGCONT)
         out, err = proc.communicate(timeout=120)
     finally:

@@ -7,6 +7,7 @@ import os
 import sys
 
 import pytest
+from helpers import fake_metrics, study_config, study_paths, study_plan
 
 import lsgd_jax.study as ss
 from lsgd_jax.study import runner
@@ -15,35 +16,7 @@ from lsgd_jax.training.metrics import read_metrics
 HAVE_FMNIST = os.path.exists(os.path.join(ss.FMNIST_DIR, "train-labels-idx1-ubyte.gz"))
 
 
-def _config(run):
-    from lsgd_jax.cli.train import build_parser, config_from_args
-
-    return config_from_args(build_parser().parse_args(ss.train_flags(run)))
-
-
-def _plan(run, scale):
-    from lsgd_jax.training.plan import make_plan
-
-    return make_plan(_config(run), num_train_examples=scale.train_examples,
-                     num_devices=scale.devices(int(run.flag("--batch-size")))).to_dict()
-
-
-def _fake_metrics(workdir, errors, *, result=True):
-    """A run's metrics.jsonl: one train and one eval record per epoch, then the result."""
-    os.makedirs(workdir, exist_ok=True)
-    records = []
-    for epoch, err in enumerate(errors, start=1):
-        records.append({"kind": "train", "step": 10 * epoch, "epoch": epoch, "lr": 0.1,
-                        "loss": 1.0 / epoch, "top1_error": err})
-        records.append({"kind": "eval", "step": 10 * epoch, "epoch": epoch, "top1_error": err})
-    if result:
-        records.append({"kind": "result", "step": 10 * len(errors)})
-    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
-        f.write("\n".join(json.dumps(r) for r in records) + "\n")
-
-
-def _paths(tmp_path):
-    return ss.Paths(out=str(tmp_path / "runs"), results=str(tmp_path / "results"))
+_config, _plan, _fake_metrics, _paths = study_config, study_plan, fake_metrics, study_paths
 
 
 @pytest.mark.parametrize("scale", [ss.FULL, ss.GPU, ss.LONG, ss.QUICK],

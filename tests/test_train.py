@@ -9,71 +9,34 @@ import subprocess
 import sys
 import time
 
+import helpers
 import jax
 import numpy as np
 import pytest
-from helpers import small_tmpfs
+from helpers import (
+    ROOT,
+    as_flags,
+    complete_checkpoints,
+    final_sha,
+    run_trainer,
+    small_tmpfs,
+    start_trainer,
+    subprocess_env,
+    wait_for_record,
+)
 
 from lsgd_jax.training.config import TrainConfig
 from lsgd_jax.training.metrics import read_metrics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = os.path.join(ROOT, "experiments", "imagenet_resnet50.py")
 
 # A run small enough for a 2-core CPU: ResNet-8 on 32-pixel synthetic images,
 # kn = 32 over 8 fake devices with BN groups of 4; 4 steps per epoch.
-TINY = dict(data="synthetic", model="resnet8", image_size=32, batch_size=32, bn_group_size=4,
-            synthetic_examples=128, synthetic_eval_examples=40, eval_batch_size=16,
-            dtype="float32", epochs=3, warmup_epochs=1, decay_epochs=(2,), log_every_steps=1)
-TINY_FLAGS = ["--data", "synthetic", "--model", "resnet8", "--image-size", "32",
-              "--batch-size", "32", "--bn-group-size", "4", "--synthetic-examples", "128",
-              "--synthetic-eval-examples", "40", "--eval-batch-size", "16", "--dtype", "float32",
-              "--epochs", "3", "--warmup-epochs", "1", "--decay-epochs", "2",
-              "--log-every-steps", "1", "--checkpoint-every-steps", "2"]
-TOTAL_STEPS = 12
-
-
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def _run(args, timeout=240, devices=8):
-    return subprocess.run([sys.executable, ENTRY, *args, "--cpu-devices", str(devices)],
-                          env=_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def _final_sha(workdir):
-    records = [r for r in read_metrics(workdir, "checkpoint") if r["step"] == TOTAL_STEPS]
-    assert records, f"no checkpoint at step {TOTAL_STEPS} in {workdir}"
-    return records[-1]["state_sha256"]
-
-
-def _complete_checkpoints(workdir):
-    """Steps of the finished checkpoints (orbax renames a checkpoint to its step when done)."""
-    path = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(path):
-        return []
-    return sorted(int(name) for name in os.listdir(path) if name.isdigit())
-
-
-def _start(args, devices=8):
-    return subprocess.Popen([sys.executable, ENTRY, *args, "--cpu-devices", str(devices)],
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-
-
-def _wait_for(workdir, proc, predicate, timeout=180):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if any(predicate(r) for r in read_metrics(workdir)):
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"run ended early with status {proc.returncode}:\n{proc.stdout.read()}")
-        time.sleep(0.2)
-    proc.kill()
-    pytest.fail("timed out waiting for the run to reach the expected point")
+TINY = helpers.TINY_RUN
+TINY_FLAGS = as_flags(TINY | dict(checkpoint_every_steps=2))
+TOTAL_STEPS = helpers.TINY_RUN_STEPS
+_run, _start, _wait_for = run_trainer, start_trainer, wait_for_record
+_final_sha, _complete_checkpoints = final_sha, complete_checkpoints
 
 
 def _launch_and_interrupt(command, env, workdir, interrupt):
@@ -321,7 +284,7 @@ def test_two_processes_preempted_through_the_local_launcher_then_resumed(tmp_pat
     step and exit 0; the rerun resumes and matches 1 process × 4 devices step by step."""
     launcher = os.path.join(ROOT, "launch", "local.sh")
     workdir, single = str(tmp_path / "two"), str(tmp_path / "one")
-    env = _env() | {"PYTHON": sys.executable}
+    env = subprocess_env(None) | {"PYTHON": sys.executable}
     command = ["bash", launcher, "2", "2", "--workdir", workdir, *TINY_FLAGS, "--num-steps", "8"]
     returncode, out = _launch_and_interrupt(command, env, workdir,
                                             lambda p: p.send_signal(signal.SIGTERM))
@@ -451,7 +414,7 @@ def test_trains_on_a_host_without_tensorflow(tmp_path):
         f"sys.exit(main(['--workdir', {str(tmp_path)!r}, *{TINY_FLAGS!r}, '--num-steps', '2',"
         " '--cpu-devices', '2']))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True,
+    result = subprocess.run([sys.executable, "-c", code], env=subprocess_env(None), capture_output=True,
                             text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["step"] for r in read_metrics(str(tmp_path), "checkpoint")] == [2]
@@ -742,7 +705,7 @@ def test_a_killed_process_stops_the_other_within_the_heartbeat_timeout(tmp_path)
         [sys.executable, ENTRY, "--workdir", workdir, *TINY_FLAGS, "--epochs", "50",
          "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
          "--process-id", str(i), "--cpu-devices", "2", "--heartbeat-timeout", "5"],
-        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(2)]
+        env=subprocess_env(None), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(2)]
     try:
         _wait_for(workdir, procs[0], lambda r: r["kind"] == "train" and r["step"] >= 2)
         procs[1].kill()
@@ -783,7 +746,7 @@ def test_ctrl_c_in_a_terminal_stops_two_processes_at_one_checkpoint(tmp_path):
     they agree on one step, both save it, and everything exits 0."""
     launcher = os.path.join(ROOT, "launch", "local.sh")
     workdir = str(tmp_path)
-    env = _env() | {"PYTHON": sys.executable}
+    env = subprocess_env(None) | {"PYTHON": sys.executable}
     command = ["bash", launcher, "2", "2", "--workdir", workdir, *TINY_FLAGS, "--epochs", "50"]
     # SIGINT to the whole process group, as a terminal does.
     returncode, out = _launch_and_interrupt(command, env, workdir,
