@@ -47,3 +47,13 @@ def model_path(run_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("model") / "model.msgpack")
     assert export_main(["--workdir", run_dir, "--out", out]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tfds(tmp_path_factory):
+    """The tiny tfds ImageNet of tiny_imagenet.py, built once per session (tests that damage
+    it work on a copy: tiny_imagenet.damaged_copy)."""
+    pytest.importorskip("tensorflow_datasets")
+    from tiny_imagenet import build
+
+    return build(tmp_path_factory.mktemp("tfds"))

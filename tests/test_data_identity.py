@@ -119,11 +119,10 @@ def test_processes_with_other_flags_or_data_stop_before_anything_is_written(tmp_
     assert not (run / "config.json").exists()
 
 
-def test_a_tfds_split_is_identified_by_its_prepared_record(tmp_path):
-    pytest.importorskip("tensorflow_datasets")
-    from tiny_imagenet import BUILDER, build
+def test_a_tfds_split_is_identified_by_its_prepared_record(tmp_path, tiny_tfds):
+    from tiny_imagenet import BUILDER
 
-    root = build(tmp_path / "tfds")
+    root = tiny_tfds
     moved = shutil.copytree(root, tmp_path / "moved")
     opts = dict(builder_name=BUILDER, image_size=16, eval_resize=20, decode_threads=1)
     ids = []

@@ -19,7 +19,6 @@ from tiny_imagenet import (  # noqa: E402
     CORRUPT,
     NUM,
     TRUNCATED,
-    build,
     color,
     damaged_copy,
     unreadable_ids,
@@ -29,8 +28,8 @@ from lsgd_jax.data import Position, TrainIterator, eval_batches, get_source  # n
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return build(tmp_path_factory.mktemp("tfds"))
+def data_dir(tiny_tfds):
+    return tiny_tfds
 
 
 def open_source(data_dir, split="train", **kwargs):

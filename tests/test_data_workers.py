@@ -31,11 +31,8 @@ def gone(pid):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    pytest.importorskip("tensorflow_datasets")
-    from tiny_imagenet import build
-
-    return build(tmp_path_factory.mktemp("tfds"))
+def data_dir(tiny_tfds):
+    return tiny_tfds
 
 
 def open_imagenet(data_dir, **kwargs):

@@ -20,7 +20,6 @@ from tiny_imagenet import (  # noqa: E402
     CORRUPT,
     NUM,
     TRUNCATED,
-    build,
     damaged_copy,
     unreadable_ids,
 )
@@ -33,8 +32,8 @@ FLAGS = ["--data", "imagenet", "--tfds-name", BUILDER, "--model", "resnet8", "--
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return build(tmp_path_factory.mktemp("tfds"))
+def data_dir(tiny_tfds):
+    return tiny_tfds
 
 
 def train(workdir, data_dir, *flags, prefix=(), timeout=300):
