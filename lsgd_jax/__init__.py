@@ -7,7 +7,7 @@ decoding workers import) loads no jax, and nothing here imports TensorFlow.
 The layers, lowest first; a module imports only from its own layer's package and
 lower ones (``tests/test_layers.py`` keeps it so):
 
-    checks | host | _version               argument checks (never a bool); this host's processes; the version
+    base | _version                        argument checks (never a bool), this host's processes; the version
     data                                   host-side input: sampler, sources, transforms, workers
     rules | models | collectives | parallel   the paper's rules; ResNets; §4's all-reduces;
                                            processes, mesh, feed, agreement

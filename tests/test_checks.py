@@ -1,11 +1,11 @@
-"""lsgd_jax.checks: the one integer and number check of every layer."""
+"""lsgd_jax.base.checks: the one integer and number check of every layer."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lsgd_jax import checks
+from lsgd_jax.base import checks
 
 
 @pytest.mark.parametrize("value", [True, False, np.bool_(True), 1.0, "1", None, 0, -3])

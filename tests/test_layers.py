@@ -3,7 +3,7 @@ layer and the package root import no jax, and the public API stays what it was.
 
 The order, lowest first (README, "Architecture"; ``lsgd_jax/__init__.py``):
 
-    checks | host | _version  <  data  <  rules | models | collectives | parallel  <  engine  <  training
+    base | _version  <  data  <  rules | models | collectives | parallel  <  engine  <  training
           <  artifacts  <  cli  <  bench | study
 
 A module may import modules of its own subpackage and of lower layers; subpackages of
@@ -24,7 +24,7 @@ import pytest
 ROOT = pathlib.Path(helpers.ROOT)
 PACKAGE = ROOT / "lsgd_jax"
 LAYERS = [
-    {"checks", "host", "_version"},
+    {"base", "_version"},
     {"data"},
     {"rules", "models", "collectives", "parallel"},
     {"engine"},
@@ -139,7 +139,7 @@ def test_each_subpackage_says_its_role_in_one_line():
     for group in sorted(RANK):
         init = PACKAGE / group / "__init__.py"
         if not init.exists():
-            continue  # a module, not a package (checks, host, _version)
+            continue  # a module, not a package (_version)
         doc = ast.get_docstring(ast.parse(init.read_text())) or ""
         assert doc and len(doc.splitlines()[0]) <= 100, f"{init}: no one-line role"
 

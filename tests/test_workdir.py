@@ -99,7 +99,7 @@ def test_a_lock_whose_pid_is_now_a_younger_process_is_stale(tmp_path):
         assert "is now another process" in lock.acquire()
         lock.release()
         # A lock that this very process holds (its start time matches) is live.
-        from lsgd_jax.host import process_start_time
+        from lsgd_jax.base.host import process_start_time
 
         write_lock(tmp_path / LOCK_NAME, pid=younger.pid,
                     process_started=process_start_time(younger.pid))

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 
-import lsgd_jax.checks as checks
+import lsgd_jax.base.checks as checks
 from lsgd_jax.parallel.agreement import everywhere, exchange
 from lsgd_jax.training.checkpoint import (
     CorruptCheckpointError,

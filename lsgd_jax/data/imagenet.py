@@ -369,7 +369,7 @@ class ImageNetSource:
         with self._lock:
             self._bad[int(i)] = name
         text = str(error) if shard else f"{type(error).__name__}: {error}"
-        self._on_bad(int(i), name, text, shard)
+        (self._report or self.note_bad)(int(i), name, text, shard)
 
     def note_bad(self, i: int, name: str, error: str, shard: str | None = None) -> None:
         """Records, logs and counts bad example ``i``: an undecodable image (``name``, its
@@ -410,13 +410,13 @@ class ImageNetSource:
                    "Check those files in the original archives")
                 + " or raise --max-bad-fraction")
 
-    _on_bad = note_bad
+    _report: Callable[[int, str, str, str | None], None] | None = None
 
     def report_bad_to(self, report: Callable[[int, str, str, str | None], None]) -> None:
         """Send each bad example found from now on to ``report(i, name, error, shard)``
         instead of :meth:`note_bad` (a decoding worker passes its finds to the training
         process, whose source counts them against ``max_bad_fraction``)."""
-        self._on_bad = report
+        self._report = report
 
     def _replacement(self, i: int, u):
         """The next decodable example after ``i``: (image, label)."""

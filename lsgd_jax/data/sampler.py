@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-import lsgd_jax.checks as checks
+import lsgd_jax.base.checks as checks
 
 # Distinguishes the permutation stream from the augmentation stream (augment.py),
 # so that the same (seed, epoch) never feeds both.

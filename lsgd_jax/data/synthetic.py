@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-import lsgd_jax.checks as checks
+import lsgd_jax.base.checks as checks
 from lsgd_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from lsgd_jax.data.source import identity
 

@@ -61,11 +61,11 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-import lsgd_jax.checks as checks
+import lsgd_jax.base.checks as checks
+from lsgd_jax.base.host import pid_alive
 from lsgd_jax.data.pipeline import TrainIterator, num_eval_batches
 from lsgd_jax.data.sampler import Position, eval_indices
 from lsgd_jax.data.source import BadDataError
-from lsgd_jax.host import pid_alive
 
 
 class DecodeWorkerError(RuntimeError):

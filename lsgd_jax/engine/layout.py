@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Sequence
 
-import lsgd_jax.checks as checks
+import lsgd_jax.base.checks as checks
 
 
 class BatchLayout(NamedTuple):

@@ -41,7 +41,7 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-import lsgd_jax.checks as checks
+import lsgd_jax.base.checks as checks
 from lsgd_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from lsgd_jax.engine.layout import (
     BatchLayout,

@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-import lsgd_jax.checks as checks
+import lsgd_jax.base.checks as checks
 from lsgd_jax.models.grouped_bn import (
     BN_IMPLS,
     DEFAULT_SPLIT_ROWS,

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-import lsgd_jax.checks as checks
+import lsgd_jax.base.checks as checks
 from lsgd_jax.models.batch_norm import GroupBatchNorm
 from lsgd_jax.models.grouped_bn import BN_IMPLS, DEFAULT_SPLIT_ROWS
 from lsgd_jax.models.pooling import POOL_IMPLS, max_pool

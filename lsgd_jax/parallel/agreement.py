@@ -41,6 +41,9 @@ def exchange(name: str, value: Any, *, timeout: float = 300.0) -> list[Any]:
     from jax._src import distributed
 
     client = distributed.global_state.client
+    if client is None:
+        raise RuntimeError(f"{jax.process_count()} processes but no jax.distributed client: "
+                           "start them with lsgd_jax.initialize_distributed")
     _CALLS[name] += 1
     call = _CALLS[name]
     me = jax.process_index()

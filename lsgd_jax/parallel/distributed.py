@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import lsgd_jax.checks as checks
+import lsgd_jax.base.checks as checks
 
 DATA_AXIS = "data"
 CPU_COLLECTIVES = ("gloo", "mpi")

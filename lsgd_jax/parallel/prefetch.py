@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import jax
 
-import lsgd_jax.checks as checks
+import lsgd_jax.base.checks as checks
 
 _END = object()
 

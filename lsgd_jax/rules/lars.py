@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-import lsgd_jax.checks as checks
+import lsgd_jax.base.checks as checks
 from lsgd_jax.rules.optim import (
     ScalarOrSchedule,
     check_momentum,

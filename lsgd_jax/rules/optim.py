@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-import lsgd_jax.checks as checks
+import lsgd_jax.base.checks as checks
 
 MOMENTUM_FORMS = ("eq9", "eq10")  # eqs. (9) and (10) of the paper
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import optax
 
-import lsgd_jax.checks as checks
+import lsgd_jax.base.checks as checks
 
 WARMUP_KINDS = ("gradual", "constant", "none")
 SCHEDULE_KINDS = ("steps", "poly")  # goyal_schedule, poly_schedule

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import lsgd_jax.checks as checks
+import lsgd_jax.base.checks as checks
 from lsgd_jax.data.source import SOURCE_NAMES
 from lsgd_jax.models import DTYPES, MODEL_NAMES
 from lsgd_jax.models.grouped_bn import BN_IMPLS, DEFAULT_SPLIT_ROWS

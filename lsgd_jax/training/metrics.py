@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any, Callable, Iterable
 
-import lsgd_jax.checks as checks
+import lsgd_jax.base.checks as checks
 
 
 def _plain(value: Any) -> Any:

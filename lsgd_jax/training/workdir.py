@@ -31,7 +31,7 @@ import threading
 import time
 import uuid
 
-from lsgd_jax.host import pid_alive, process_start_time
+from lsgd_jax.base.host import pid_alive, process_start_time
 
 LOCK_NAME = ".lock"
 HEARTBEAT_S = 30.0
