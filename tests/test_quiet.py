@@ -87,3 +87,21 @@ def test_other_exceptions_still_reach_the_previous_hook(tmp_path):
     finally:
         sys.excepthook = previous
     assert len(got) == 1 and isinstance(got[0], KeyError)
+
+
+def test_a_call_on_a_closed_loop_is_recorded_inside_and_silent_after(tmp_path, monkeypatch,
+                                                                      caplog):
+    """Orbax's threads may call back on a closed loop after a failed save, even once the run
+    has left its diversion: the command's one error line must stay the only line."""
+    from lsgd_jax.training import library_logs
+
+    loop = asyncio.new_event_loop()
+    loop.close()
+    path = tmp_path / "orbax.log"
+    with diverted(str(path)):
+        assert library_logs._call_soon_threadsafe_or_drop(loop, print) is None
+    assert "its event loop is closed" in path.read_text()
+    monkeypatch.setattr(library_logs, "_exit_is_quiet", True)  # the command line's exit
+    with caplog.at_level(logging.DEBUG, logger="asyncio"):
+        assert library_logs._call_soon_threadsafe_or_drop(loop, print) is None
+    assert not caplog.records

@@ -78,9 +78,10 @@ _exit_is_quiet = False
 
 def _call_soon_threadsafe_or_drop(loop, callback, *args, context=None):
     if loop.is_closed() and (_current is not None or _exit_is_quiet):
-        logging.getLogger("asyncio").warning(
-            "dropped %r: its event loop is closed (a write callback after a failed save)",
-            callback)
+        if _current is not None:  # into the diversion's file; after it, the command's
+            logging.getLogger("asyncio").warning(  # own last line is the only one
+                "dropped %r: its event loop is closed (a write callback after a failed save)",
+                callback)
         return None
     return _call_soon_threadsafe(loop, callback, *args, context=context)
 
