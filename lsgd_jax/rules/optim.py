@@ -53,14 +53,6 @@ class MomentumState(NamedTuple):
     last_lr: jax.Array
 
 
-def _concrete_float(x) -> float | None:
-    """``float(x)`` if x is known now, None if it is traced (inject_hyperparams)."""
-    try:
-        return float(x)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-        return None
-
-
 def check_momentum(momentum, form: str) -> None:
     """The momentum μ in [0, 1) (or traced) and its form, eq. (9) or (10): the check of
     every optimizer built on :func:`momentum_sgd` (``goyal_sgd``, ``lars``)."""
