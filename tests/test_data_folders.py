@@ -226,7 +226,7 @@ def test_the_index_is_kept_checked_cheaply_and_relisted_when_the_folders_change(
     index_dir = str(tmp_path / "work" / "data_index")
     with open_folder(root, index_dir=index_dir) as src:
         first = src.identity
-    assert os.path.isfile(os.path.join(index_dir, "folder_index_train.npz"))
+    assert os.path.isfile(os.path.join(index_dir, "folder_index_train.bin"))
     listings = []
     real = F.build_index
     monkeypatch.setattr(F, "build_index", lambda *a, **k: listings.append(1) or real(*a, **k))
@@ -242,6 +242,70 @@ def test_the_index_is_kept_checked_cheaply_and_relisted_when_the_folders_change(
     with open_folder(root, index_dir=index_dir) as src:  # a folder changed: listed again
         assert listings == [1, 1]
         assert src.num_examples == NUM + 1 and src.identity["fingerprint"] != first["fingerprint"]
+
+
+def test_the_kept_index_is_one_file_whose_arrays_are_mapped_and_checked(tmp_path):
+    root = write_folder(tmp_path / "d")
+    listed = F.build_index(root, "train", classes=F.train_classes(root))
+    kept = str(tmp_path / "index.bin")
+    listed.save(kept)
+    loaded = F.FolderIndex.load(kept)
+    assert loaded is not None and loaded.file == kept
+    for name in ("paths", "labels", "sizes"):
+        array = getattr(loaded, name)
+        assert isinstance(array, np.memmap) and not array.flags.writeable
+        np.testing.assert_array_equal(array, getattr(listed, name))
+        assert array.dtype == getattr(listed, name).dtype
+    assert (loaded.classes, loaded.root, loaded.stamps, loaded.skipped) == (
+        listed.classes, listed.root, listed.stamps, listed.skipped)
+    assert loaded.fingerprint() == listed.fingerprint() == loaded._digest()
+    # Damaged files are not an index: the run lists the folders again.
+    data = open(kept, "rb").read()
+    for name, damaged in (("truncated", data[:-3]), ("empty", b""),
+                          ("flipped label", data[:-12] + bytes([data[-12] ^ 1]) + data[-11:]),
+                          ("another format", b"PK\x03\x04" + data[4:])):
+        with open(kept, "wb") as f:
+            f.write(damaged)
+        assert F.FolderIndex.load(kept) is None, name
+    assert F.FolderIndex.load(str(tmp_path / "absent.bin")) is None
+
+
+def test_workers_map_the_kept_index_instead_of_receiving_it_pickled(tmp_path):
+    import pickle
+
+    from lsgd_jax.data.pipeline import TrainIterator
+    from lsgd_jax.data.workers import WorkerTrainIterator
+
+    root = write_folder(tmp_path / "d")
+    index_dir = str(tmp_path / "work" / "data_index")
+    with open_folder(root, index_dir=index_dir) as src:
+        opener, options = src.worker_opener()
+        assert isinstance(options["index"], F.KeptIndex)
+        assert options["index"].file == os.path.join(index_dir, "folder_index_train.bin")
+        assert len(pickle.dumps(options)) < 2000  # no array travels; the file is mapped
+        with opener(**options) as opened:  # what a worker does
+            assert isinstance(opened.index.paths, np.memmap)
+            assert opened.identity == src.identity
+        reference = TrainIterator(src, global_batch_size=8, seed=3)
+        expected = [next(reference) for _ in range(4)]
+        it = WorkerTrainIterator(src, decode_workers=2, global_batch_size=8, seed=3)
+        try:
+            for want in expected:
+                got = next(it)
+                np.testing.assert_array_equal(got["image"], want["image"])
+                np.testing.assert_array_equal(got["label"], want["label"])
+        finally:
+            it.close()
+        # The file replaced under the run by another listing: the worker says so.
+        os.remove(os.path.join(root, "train", sorted_examples()[0][2]))
+        with open_folder(root, index_dir=index_dir):  # listed again, kept in its place
+            pass
+        with pytest.raises(FileNotFoundError, match=r"folder_index_train\.bin is gone, damaged "
+                                                    r"or no longer the one this run opened"):
+            opener(**options)
+    with open_folder(root) as src:  # no index_dir: the index lives in memory, and travels
+        _, options = src.worker_opener()
+        assert isinstance(options["index"], F.FolderIndex) and options["index"].file is None
 
 
 def test_a_moved_copy_has_the_same_identity(tmp_path):
@@ -326,7 +390,7 @@ def test_the_run_opens_the_folder_keeps_its_index_and_names_its_classes(data_dir
     lines = []
     with open_source(config, "train", workdir=str(tmp_path), log=lines.append) as src:
         assert src.num_examples == NUM
-    assert os.path.isfile(tmp_path / "data_index" / "folder_index_train.npz")
+    assert os.path.isfile(tmp_path / "data_index" / "folder_index_train.bin")
     assert any(line.startswith(f"data: folder {data_dir}, read from its folders (no TensorFlow)"
                                f": {NUM} training images of 4 classes") for line in lines)
     assert class_names(config) == list(CLASSES)

@@ -36,8 +36,8 @@ def test_two_processes_train_on_one_folder_listing(tmp_path):
     assert statuses == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "read from its folders (no TensorFlow)" in outputs[0]
     index = tmp_path / "run" / "data_index"
-    assert sorted(os.listdir(index)) == ["folder_index_train.npz",
-                                         "folder_index_validation.npz"]
+    assert sorted(os.listdir(index)) == ["folder_index_train.bin",
+                                         "folder_index_validation.bin"]
 
 
 @pytest.mark.slow
