@@ -253,6 +253,9 @@ class MemoryJpegSource:
     def worker_opener(self):
         return MemoryJpegSource, {"blobs": self.blobs, "resizer": self.resizer}
 
+    def report_bad_to(self, report) -> None:
+        """The workers' interface; these generated files are all decodable."""
+
     def decode_into(self, ids, *, seed, epoch, train, images, labels, map_fn=None):
         uniforms = example_uniforms(seed, epoch, ids, NUM_TRAIN_UNIFORMS)
 
