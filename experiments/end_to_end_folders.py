@@ -188,7 +188,7 @@ def main():
     t = time.perf_counter()
     result = evaluate_run(run)
     out["eval_img_per_s"] = result["count"] / (time.perf_counter() - t)
-    out["eval_decoding"] = f"{workers} worker processes"
+    out["eval_decoding"] = f"{workers} worker process{'es' * (workers != 1)}"
 
     step = out["step_alone_img_per_s"]
     e2e = out["end_to_end_img_per_s"]

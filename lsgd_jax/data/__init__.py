@@ -122,8 +122,8 @@ def train_stream(source: Source, config, *, global_batch_size: int, process_inde
         processes = local_process_count()
         share = (f"{cores} cores of this host's {os.cpu_count()} for each of its "
                  f"{processes} processes" if processes > 1 else f"{cores} cores")
-        log(f"input: {workers} decoding worker processes per process ({share}; "
-            f"--decode-workers {flag}), resize {resize}")
+        log(f"input: {workers} decoding worker process{'es' * (workers != 1)} per process "
+            f"({share}; --decode-workers {flag}), resize {resize}")
         return _started_everywhere(lambda: WorkerTrainIterator(source, decode_workers=workers,
                                                                **kwargs), process_count,
                                   exchange)
