@@ -128,6 +128,26 @@ def test_flat_val_labelled_one_class_a_line_in_sorted_file_order(tmp_path):
         _check_flat(src)
 
 
+def test_class_descriptions_come_from_a_synset_file_beside_the_data(tmp_path):
+    from lsgd_jax.data import class_descriptions
+    from lsgd_jax.training.config import TrainConfig
+
+    root = write_folder(tmp_path / "ILSVRC" / "Data" / "CLS-LOC")
+    config = TrainConfig(data="folder", data_dir=root)
+    assert class_descriptions(config) is None  # nothing beside it: wnids only
+    kaggle = tmp_path / "LOC_synset_mapping.txt"  # where Kaggle's download keeps it
+    kaggle.write_text("".join(f"{c} the class {c}, a synonym\n" for c in reversed(CLASSES)))
+    assert class_descriptions(config) == [f"the class {c}, a synonym" for c in CLASSES]
+    # One class not described: none are (a partial list would misname the rest).
+    kaggle.write_text("".join(f"{c} the class {c}\n" for c in CLASSES[1:]))
+    assert class_descriptions(config) is None
+    (tmp_path / "ILSVRC" / "Data" / "CLS-LOC" / "synset_words.txt").write_text(
+        "".join(f"{c} words {c}\n" for c in CLASSES))  # nearer the data: found first
+    assert class_descriptions(config) == [f"words {c}" for c in CLASSES]
+    assert class_descriptions(config.replace(data_dir=str(tmp_path / "gone"))) is None
+    assert class_descriptions(TrainConfig(data="fashion_mnist")) is None
+
+
 def test_tfds_validation_labels_are_found_without_importing_tfds():
     code = ("import sys; from lsgd_jax.data.folders import tfds_validation_labels as t; "
             "p = t(); print(p); assert 'tensorflow_datasets' not in sys.modules; "

@@ -43,6 +43,7 @@ def test_export_writes_the_weights_and_their_description(run_dir, model_path):
     last_checkpoint = read_metrics(run_dir, "checkpoint")[-1]
     assert meta["model"] == "resnet8" and meta["num_classes"] == 10 and meta["step"] == 12
     assert meta["image_size"] == 32 and meta["eval_resize"] == 32 and meta["channels"] == 3
+    assert meta["class_descriptions"] is None  # synthetic data: nothing describes its classes
     assert meta["result"]["median_top1_error"] == result["median_top1_error"]
     assert meta["state_sha256"] == last_checkpoint["state_sha256"]
     assert meta["eval"]["top1_error"] == eval_history(run_dir)[12]["top1_error"]

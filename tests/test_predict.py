@@ -156,3 +156,18 @@ def test_images_unlike_the_training_data_are_told_apart():
         path = os.path.join(folder, "big.png")
         Image.fromarray(np.full((1200, 1600, 3), 200, np.uint8)).save(path)
         assert unlike_training(path, load_image(path, imagenet), imagenet) == ""
+
+
+def test_top_k_names_the_classes_and_their_descriptions_where_known():
+    from lsgd_jax.artifacts.predict import top_k
+
+    probs = np.array([[0.1, 0.6, 0.3]])
+    assert top_k(probs, {"classes": None}, k=2) == [[("1", 0.6), ("2", 0.3)]]
+    meta = {"classes": ["n01440764", "n01443537", "n01484850"],
+            "class_descriptions": ["tench, Tinca tinca", "goldfish, Carassius auratus",
+                                   "great white shark"]}
+    assert [name for name, _ in top_k(probs, meta)[0]] == [
+        "n01443537 (goldfish)", "n01484850 (great white shark)", "n01440764 (tench)"]
+    # A model with more outputs than named classes (--num-classes): the rest by index.
+    wide = np.array([[0.1, 0.2, 0.3, 0.4]])
+    assert top_k(wide, meta, k=2)[0][0][0] == "3"

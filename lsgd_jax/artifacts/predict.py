@@ -120,13 +120,22 @@ def make_predict(model: Any, variables: dict, meta: dict):
 
 
 def top_k(probabilities: np.ndarray, meta: dict, k: int = TOP_K) -> list[list[tuple[str, float]]]:
-    """Per image, the ``k`` most probable classes (names when known) with probabilities;
-    ties go to the lower class index."""
+    """Per image, the ``k`` most probable classes (names when known, with the first words
+    of their description when the model has them: ``n01440764 (tench)``) with
+    probabilities; ties go to the lower class index."""
     names = meta.get("classes")
+    described = meta.get("class_descriptions")
+
+    def name(i: int) -> str:
+        text = names[i] if names and i < len(names) else str(i)  # --num-classes past them
+        if described and i < len(described):
+            text += f" ({described[i].split(',')[0].strip()})"
+        return text
+
     out = []
     for row in probabilities:
         order = np.argsort(-row, kind="stable")[:k]
-        out.append([(names[i] if names else str(int(i)), float(row[i])) for i in order])
+        out.append([(name(int(i)), float(row[i])) for i in order])
     return out
 
 

@@ -205,6 +205,23 @@ def class_names(config) -> list[str] | None:
     return None
 
 
+def class_descriptions(config) -> list[str] | None:
+    """Human-readable names of the run's classes where a file beside the data gives them
+    (``folders.class_descriptions``: Kaggle's ``LOC_synset_mapping.txt`` or a
+    ``synset_words.txt``, for a data set read from its folders), else None."""
+    if config.data not in ("folder", "imagenet") or not config.data_dir:
+        return None
+    from lsgd_jax.data.folders import class_descriptions as described
+    from lsgd_jax.data.folders import has_class_folders, train_classes
+
+    try:
+        if config.data == "folder" or has_class_folders(config.data_dir):
+            return described(config.data_dir, train_classes(config.data_dir))
+    except (OSError, ValueError):  # the folder is not on this host
+        pass
+    return None
+
+
 __all__ = [
     "BadDataError",
     "IMAGENET_MEAN",
@@ -213,6 +230,7 @@ __all__ = [
     "SOURCE_NAMES",
     "Source",
     "TrainIterator",
+    "class_descriptions",
     "class_names",
     "decode_workers_of",
     "eval_batches",

@@ -42,6 +42,9 @@ WNID = re.compile(r"n\d{8}")
 IMAGENET_CLASSES = 1000
 VAL_DIRS = ("val", "validation")
 KAGGLE_VAL_LABELS = "LOC_val_solution.csv"
+# `wnid description` a line: Kaggle's download, and the `synset_words.txt` that Caffe's
+# and many ImageNet scripts ship ("n01440764 tench, Tinca tinca").
+DESCRIPTION_FILES = ("LOC_synset_mapping.txt", "synset_words.txt")
 INDEX_VERSION = 2
 
 
@@ -142,14 +145,44 @@ def find_val_labels(data_dir: str, val_labels: str | None, *, imagenet: bool) ->
         if not os.path.isfile(val_labels):
             raise FileNotFoundError(f"--val-labels {val_labels!r} is not a file")
         return val_labels
-    # Kaggle's download keeps it three levels above the folders (ILSVRC/Data/CLS-LOC/).
+    kaggle = _near(data_dir, (KAGGLE_VAL_LABELS,))
+    if kaggle:
+        return kaggle
+    return tfds_validation_labels() if imagenet else None
+
+
+def _near(data_dir: str, names) -> str | None:
+    """The first of ``names`` in ``data_dir`` or up to three folders above it (where
+    Kaggle's download keeps its files: three levels above ILSVRC/Data/CLS-LOC/)."""
     here = os.path.abspath(data_dir)
     for _ in range(4):
-        kaggle = os.path.join(here, KAGGLE_VAL_LABELS)
-        if os.path.isfile(kaggle):
-            return kaggle
+        for name in names:
+            if os.path.isfile(os.path.join(here, name)):
+                return os.path.join(here, name)
         here = os.path.dirname(here)
-    return tfds_validation_labels() if imagenet else None
+    return None
+
+
+def class_descriptions(data_dir: str, classes: list[str]) -> list[str] | None:
+    """Human-readable names of ``classes`` (e.g. ``tench, Tinca tinca`` for n01440764),
+    from a ``wnid description`` file found beside the data (``DESCRIPTION_FILES``, in
+    ``data_dir`` or up to three folders above it); ``None`` when there is none, or when it
+    does not describe every class."""
+    path = _near(data_dir, DESCRIPTION_FILES)
+    if path is None:
+        return None
+    described = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                name, _, text = line.strip().partition(" ")
+                if name and text.strip():
+                    described[name] = text.strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not all(c in described for c in classes):
+        return None
+    return [described[c] for c in classes]
 
 
 def read_val_labels(path: str, files: list[str]) -> list[str]:

@@ -7,7 +7,8 @@
 
 the parameters and the BN running averages that evaluation uses, as float32 arrays.
 ``MODEL.json`` beside it says how to use them: the model's name, classes (names when
-the data set's metadata has them), image size, channels and eval transform, the
+the data set's metadata has them; human-readable ones in ``class_descriptions`` when a
+file beside the data gives them), image size, channels and eval transform, the
 pixel mean and std, the compute dtype, the checkpoint's step and ``state_sha256``,
 the run's result (the paper's metric) from ``metrics.jsonl``, and the SHA-256 of
 the msgpack file, checked by every load. ``load_model`` needs nothing else: any
@@ -26,7 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from lsgd_jax.data import class_names
+from lsgd_jax.data import class_descriptions, class_names
 
 FORMAT = "lsgd-jax model"
 FORMAT_VERSION = 1
@@ -68,7 +69,8 @@ def export_model(run, out: str) -> dict:
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "lsgd_jax_version": __version__,
         "model": facts.model, "num_classes": facts.num_classes,
-        "classes": class_names(run.config), "image_size": facts.image_size,
+        "classes": class_names(run.config),
+        "class_descriptions": class_descriptions(run.config), "image_size": facts.image_size,
         "channels": facts.channels, "eval_resize": facts.eval_resize,
         "pixel_mean": list(facts.pixel_mean), "pixel_std": list(facts.pixel_std),
         "dtype": facts.dtype, "data": facts.data,
