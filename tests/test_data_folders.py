@@ -244,8 +244,12 @@ def test_the_index_is_kept_checked_cheaply_and_relisted_when_the_folders_change(
                                                                                monkeypatch):
     root = write_folder(tmp_path / "d")
     index_dir = str(tmp_path / "work" / "data_index")
+    os.makedirs(index_dir)
+    with open(os.path.join(index_dir, "folder_index_train.npz"), "wb") as f:
+        f.write(b"PK")  # the earlier format's file: replaced
     with open_folder(root, index_dir=index_dir) as src:
         first = src.identity
+    assert os.listdir(index_dir) == ["folder_index_train.bin"]
     assert os.path.isfile(os.path.join(index_dir, "folder_index_train.bin"))
     listings = []
     real = F.build_index
