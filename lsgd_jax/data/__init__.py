@@ -212,14 +212,12 @@ def class_descriptions(config) -> list[str] | None:
     if config.data not in ("folder", "imagenet") or not config.data_dir:
         return None
     from lsgd_jax.data.folders import class_descriptions as described
-    from lsgd_jax.data.folders import has_class_folders, train_classes
+    from lsgd_jax.data.folders import has_class_folders
 
-    try:
-        if config.data == "folder" or has_class_folders(config.data_dir):
-            return described(config.data_dir, train_classes(config.data_dir))
-    except (OSError, ValueError):  # the folder is not on this host
-        pass
-    return None
+    if config.data == "imagenet" and not has_class_folders(config.data_dir):
+        return None  # tfds: its metadata names the classes by wnid only
+    names = class_names(config)  # the class folders' names; None: not on this host
+    return described(config.data_dir, names) if names else None
 
 
 __all__ = [

@@ -330,7 +330,7 @@ def open_index(data_dir: str, split: str, *, index_dir: str | None = None,
         os.makedirs(os.path.dirname(kept), exist_ok=True)
         index.save(kept)
         try:  # the earlier format's file (its fingerprint is the same: resumes still match)
-            os.remove(os.path.join(index_dir, f"folder_index_{split}.npz"))
+            os.remove(os.path.join(os.path.dirname(kept), f"folder_index_{split}.npz"))
         except FileNotFoundError:
             pass
     return index
