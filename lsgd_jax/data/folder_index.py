@@ -3,7 +3,7 @@
 ``FolderIndex`` holds a split's sorted relative paths, labels and sizes, and what the cheap
 check compares; ``folders.build_index`` lists it, ``folders.open_index`` keeps it in the
 run's workdir. The file is a magic line, a JSON header (with the fingerprint), then each
-array raw at a 64-byte boundary, so that loading maps the arrays instead of reading them,
+array raw at a 64-byte boundary (``ALIGN``), so that loading maps the arrays instead of reading them,
 and the decoding workers of a host, handed a ``KeptIndex`` (the file's name and its
 fingerprint), share one copy of its pages.
 """
@@ -18,6 +18,11 @@ from typing import Any, NamedTuple
 import numpy as np
 
 INDEX_VERSION = 2
+ALIGN = 64  # each array starts at a multiple of this many bytes
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
 
 
 class FolderIndex:
@@ -25,7 +30,7 @@ class FolderIndex:
     what the cheap check compares (each listed folder's modification time).
 
     Kept as one file (:meth:`save`): a magic line, the JSON header, then each array raw
-    at a 64-byte boundary, so :meth:`load` maps the arrays (``np.memmap``, read-only)
+    at a 64-byte boundary (``ALIGN``), so :meth:`load` maps the arrays (``np.memmap``, read-only)
     instead of reading them. Every decoding worker of a host opens the same file and
     shares its pages (ImageNet's train index is about 56 MB), where a pickled index
     would cost each worker its own copy. ``file`` is the file it was saved to or loaded
@@ -73,11 +78,11 @@ class FolderIndex:
             "arrays": {name: {"dtype": a.dtype.str, "shape": list(a.shape)}
                        for name, a in arrays.items()}}
         header = json.dumps(meta).encode()  # offsets are a function of the header's length
-        start = -(-(len(self.MAGIC) + 8 + len(header)) // 64) * 64
+        start = _aligned(len(self.MAGIC) + 8 + len(header))
         offsets = []
         for a in arrays.values():
             offsets.append(start)
-            start = -(-(start + a.nbytes) // 64) * 64
+            start = _aligned(start + a.nbytes)
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
             f.write(self.MAGIC + len(header).to_bytes(8, "little") + header)
@@ -105,7 +110,7 @@ class FolderIndex:
             if meta.get("version") != INDEX_VERSION:
                 return None
             size, arrays = os.path.getsize(path), {}
-            start = -(-start // 64) * 64
+            start = _aligned(start)
             for name in cls.ARRAYS:
                 spec = meta["arrays"][name]
                 dtype, shape = np.dtype(spec["dtype"]), tuple(spec["shape"])
@@ -114,7 +119,7 @@ class FolderIndex:
                     return None
                 arrays[name] = (np.memmap(path, dtype, mode="r", offset=start, shape=shape)
                                 if nbytes else np.zeros(shape, dtype))
-                start = -(-(start + nbytes) // 64) * 64
+                start = _aligned(start + nbytes)
             index = cls(root=meta["root"], classes=meta["classes"], skipped=meta["skipped"],
                         stamps=meta["stamps"], file=path, fingerprint=meta["fingerprint"],
                         **arrays)

@@ -230,7 +230,9 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) & bool(mallopt(M_TRIM_THRESHOLD, 64 << 20))
+    mapped = mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    trimmed = mallopt(M_TRIM_THRESHOLD, 64 << 20)
+    return bool(mapped and trimmed)
 
 
 def _worker_main(index, opener, options, shm_name, layout, conn, trainer_pid) -> None:
