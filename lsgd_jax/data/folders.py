@@ -21,6 +21,7 @@ handling), so neither TensorFlow nor tfds is imported.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import importlib.util
 import logging
 import os
@@ -329,10 +330,10 @@ def open_index(data_dir: str, split: str, *, index_dir: str | None = None,
     if kept:
         os.makedirs(os.path.dirname(kept), exist_ok=True)
         index.save(kept)
-        try:  # the earlier format's file (its fingerprint is the same: resumes still match)
+        # The earlier format's file (its fingerprint is the same: resumes still match);
+        # tidying it up never stops a run that has just kept its index.
+        with contextlib.suppress(OSError):
             os.remove(os.path.join(os.path.dirname(kept), f"folder_index_{split}.npz"))
-        except FileNotFoundError:
-            pass
     return index
 
 
